@@ -1,0 +1,1 @@
+"""The project's Kedro pipelines; each folder holds wiring (pipeline.py) and thin nodes (nodes.py)."""
