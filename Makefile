@@ -24,7 +24,7 @@ run: setup
 	$(BIN)/kedro run
 
 test: setup
-	$(BIN)/python scripts/install_test_tools.py
+	bash scripts/install_test_tools.sh
 	$(BIN)/python -m pytest
 
 benchmark: setup

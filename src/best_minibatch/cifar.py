@@ -103,7 +103,12 @@ def _list_names(path: Path) -> list[str]:
             return [n for n in archive.namelist() if not n.endswith("/")]
     if path.name.endswith((".tar.gz", ".tgz", ".tar")):
         with _open_tar(path) as archive:
-            return [m.name for m in archive.getmembers() if m.isfile()]
+            try:
+                return [m.name for m in archive.getmembers() if m.isfile()]
+            except (tarfile.TarError, EOFError, OSError) as error:
+                raise DatasetInputError(
+                    f"Corrupt or truncated tar archive '{path}': {error}. Re-download cifar-10-python.tar.gz."
+                ) from error
     raise DatasetInputError(
         f"Cannot read '{path}': it is neither a folder, a zip archive nor a tar archive "
         "(a corrupt or truncated archive looks like this too). Re-download or rebuild it."
