@@ -1,0 +1,742 @@
+"""Distance analysis: training phases, noise units, the paper's claims as tests, confounds.
+
+Knows nothing of Kedro. The inputs are the per-ordering tables described in
+``docs/data_flow.md`` (``gradient_distances``, ``batch_summary``,
+``training_history``); ``docs/analysis.md`` explains every quantity computed here.
+
+Vocabulary:
+
+* an *ordering* is one metric's fixed batching of the training set (``random`` is
+  the null control: the same batch size, images assigned at random);
+* a *phase* is a run of consecutive epochs with the same learning rate (section
+  3.1 of the paper), derived from the tables, never assumed;
+* *noise units*: a batch's distance ``||g_k - g_full||`` at epoch ``e`` expressed
+  against the null ordering's batches at the same epoch, as a z-score
+  ``(d - mean_null(e)) / sd_null(e)`` and as a ratio ``d / mean_null(e)``. Phases
+  whose gradient scales differ by orders of magnitude become comparable, and
+  ``z = 0`` means "as close as a random batch of the same size".
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import combinations
+from typing import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+#: The three measures of ``gradient_distances`` summarised per phase.
+DISTANCE_MEASURES = ("distance", "cosine_similarity", "relative_distance")
+#: Noise-unit versions of ``distance``.
+NOISE_MEASURES = ("noise_z", "noise_ratio")
+
+DISTANCE_COLUMNS = ("ordering", "epoch", "learning_rate", "batch", *DISTANCE_MEASURES)
+SUMMARY_COLUMNS = ("batch", "metric_mean", "class_entropy")
+
+UPPER_QUARTILE = "upper_quartile_vs_rest"
+EXTREMES = "extremes_vs_middle80"
+COMPARISONS = (UPPER_QUARTILE, EXTREMES)
+COMPARISON_GROUPS = {
+    UPPER_QUARTILE: ("upper quartile of the metric", "the other 75%"),
+    EXTREMES: ("outer 10% on each side", "middle 80%"),
+}
+
+SUPPORTED, CONTRADICTED, UNDECIDED = "supported", "contradicted", "undecided"
+
+
+class AnalysisInputError(ValueError):
+    """An input table or parameter of the distance analysis is unusable; the message says how to fix it."""
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def phases_from_learning_rates(epochs: Iterable[int], learning_rates: Iterable[float]) -> np.ndarray:
+    """Phase number (1-based) of each epoch: a new phase starts whenever the learning rate changes.
+
+    ``epochs`` must be unique; the result is aligned with the inputs (not with the
+    sorted epochs). Learning rates are compared after rounding to 12 significant
+    digits so that a value that went through a text file stays the same phase.
+    """
+    epochs = np.asarray(list(epochs), dtype=np.int64)
+    rates = np.asarray(list(learning_rates), dtype=np.float64)
+    if len(epochs) != len(rates):
+        raise AnalysisInputError("epochs and learning_rates must have the same length.")
+    if len(np.unique(epochs)) != len(epochs):
+        raise AnalysisInputError("Each epoch must appear once when deriving phases from learning rates.")
+    if len(epochs) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(epochs, kind="stable")
+    rounded = np.array([float(f"{r:.12g}") for r in rates[order]])
+    changes = np.concatenate([[1], (rounded[1:] != rounded[:-1]).astype(np.int64)])
+    phases_sorted = np.cumsum(changes)
+    phases = np.empty_like(phases_sorted)
+    phases[order] = phases_sorted
+    return phases
+
+
+def epoch_phase_table(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """One row per epoch of ``table`` (``epoch``, ``learning_rate``) with its derived ``phase``.
+
+    ``name`` names the table in errors. An epoch with two learning rates is an error.
+    """
+    per_epoch = table.groupby("epoch")["learning_rate"].agg(["nunique", "first"]).reset_index()
+    mixed = per_epoch.loc[per_epoch["nunique"] > 1, "epoch"].tolist()
+    if mixed:
+        raise AnalysisInputError(
+            f"{name}: epochs {mixed} have rows with different learning rates; a phase is a run of "
+            "epochs with one learning rate. Fix the table that produced it (gradient_training)."
+        )
+    epochs = per_epoch["epoch"].astype(np.int64).to_numpy()
+    rates = per_epoch["first"].astype(np.float64).to_numpy()
+    return pd.DataFrame(
+        {"epoch": epochs, "learning_rate": rates, "phase": phases_from_learning_rates(epochs, rates)}
+    )
+
+
+def phase_spans(epoch_phases: pd.DataFrame) -> pd.DataFrame:
+    """``phase``, ``first_epoch``, ``last_epoch``, ``n_epochs``, ``learning_rate`` of each phase."""
+    grouped = epoch_phases.groupby("phase")
+    return pd.DataFrame(
+        {
+            "first_epoch": grouped["epoch"].min(),
+            "last_epoch": grouped["epoch"].max(),
+            "n_epochs": grouped["epoch"].size(),
+            "learning_rate": grouped["learning_rate"].first(),
+        }
+    ).reset_index()
+
+
+# --------------------------------------------------------------------------- noise units
+
+
+def _require_columns(table: pd.DataFrame, columns: Iterable[str], name: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise AnalysisInputError(
+            f"{name} lacks the columns {missing} (has {list(table.columns)}); see the schema in "
+            "docs/data_flow.md."
+        )
+
+
+def noise_unit_distances(
+    distances_by_ordering: Mapping[str, pd.DataFrame], null_ordering: str
+) -> pd.DataFrame:
+    """All orderings' distance rows in one table, with derived phases and noise units.
+
+    Each ordering's phases come from its own learning rates. Added columns:
+    ``phase`` (derived; replaces any ``phase`` in the input), ``null_mean`` and
+    ``null_std`` (mean and sample standard deviation of ``distance`` over the
+    null ordering's batches of the same epoch), ``noise_z`` and ``noise_ratio``.
+    Orderings with zero rows (skipped metrics) contribute nothing. Epochs the null
+    ordering lacks get NaN noise units.
+    """
+    if null_ordering not in distances_by_ordering:
+        raise AnalysisInputError(
+            f"distance_analysis.null_ordering is '{null_ordering}', which is not among the orderings "
+            f"{list(distances_by_ordering)}; set it to the ordering whose batches are random."
+        )
+    frames = []
+    for ordering, table in distances_by_ordering.items():
+        if len(table) == 0:
+            continue
+        _require_columns(table, DISTANCE_COLUMNS, f"{ordering}.gradient_distances")
+        epoch_phases = epoch_phase_table(table, f"{ordering}.gradient_distances")
+        frame = table.drop(columns=["phase"], errors="ignore").copy()
+        frame["ordering"] = ordering
+        frame = frame.merge(epoch_phases[["epoch", "phase"]], on="epoch", how="left")
+        frames.append(frame)
+    if not any(len(f) and f["ordering"].iat[0] == null_ordering for f in frames):
+        raise AnalysisInputError(
+            f"The null ordering '{null_ordering}' (distance_analysis.null_ordering) has no distance "
+            "rows, so distances cannot be put in noise units. Run gradient_training for it."
+        )
+    combined = pd.concat(frames, ignore_index=True)
+    null_rows = combined[combined["ordering"] == null_ordering]
+    null_stats = (
+        null_rows.groupby("epoch")["distance"].agg(null_mean="mean", null_std="std").reset_index()
+    )
+    combined = combined.merge(null_stats, on="epoch", how="left")
+    combined["noise_z"] = (combined["distance"] - combined["null_mean"]) / combined["null_std"]
+    combined["noise_ratio"] = combined["distance"] / combined["null_mean"]
+    columns = [
+        "ordering", "epoch", "phase", "learning_rate", "batch", *DISTANCE_MEASURES,
+        "null_mean", "null_std", *NOISE_MEASURES,
+    ]
+    extra = [c for c in combined.columns if c not in columns]
+    return combined[columns + extra].sort_values(["ordering", "epoch", "batch"], kind="stable").reset_index(
+        drop=True
+    )
+
+
+def batch_phase_statistics(
+    noise_units: pd.DataFrame, batch_summaries: Mapping[str, pd.DataFrame]
+) -> pd.DataFrame:
+    """Per ordering, phase and batch: mean and spread over the phase's epochs of every measure.
+
+    Columns: ``ordering``, ``phase``, ``batch``, ``n_epochs``, ``first_epoch``,
+    ``last_epoch``, ``learning_rate``, ``<measure>_mean`` and ``<measure>_std``
+    (sample standard deviation over epochs; NaN for a one-epoch phase) for the
+    three distance measures and the two noise units, ``batch_position`` (the
+    batch's quantile position ``(batch + 0.5) / K`` in ascending metric order), and
+    the batch's ``metric_mean`` and ``class_entropy`` from its ``batch_summary``.
+    """
+    measures = [*DISTANCE_MEASURES, *NOISE_MEASURES]
+    grouped = noise_units.groupby(["ordering", "phase", "batch"], sort=True)
+    stats_table = grouped[measures].agg(["mean", "std"])
+    stats_table.columns = [f"{measure}_{stat}" for measure, stat in stats_table.columns]
+    spans = grouped["epoch"].agg(n_epochs="size", first_epoch="min", last_epoch="max")
+    rates = grouped["learning_rate"].first()
+    table = pd.concat([spans, rates, stats_table], axis=1).reset_index()
+    n_batches = table.groupby(["ordering", "phase"])["batch"].transform("size")
+    table["batch_position"] = (table["batch"] + 0.5) / n_batches
+    summaries = []
+    for ordering, summary in batch_summaries.items():
+        if len(summary) == 0:
+            continue
+        _require_columns(summary, SUMMARY_COLUMNS, f"{ordering}.batch_summary")
+        part = summary[list(SUMMARY_COLUMNS)].copy()
+        part["ordering"] = ordering
+        summaries.append(part)
+    if summaries:
+        table = table.merge(pd.concat(summaries, ignore_index=True), on=["ordering", "batch"], how="left")
+    else:
+        table["metric_mean"] = np.nan
+        table["class_entropy"] = np.nan
+    return table
+
+
+# --------------------------------------------------------------------------- group comparisons
+
+
+def group_mask(batch_position: np.ndarray, comparison: str) -> np.ndarray:
+    """Which batches form the group of ``comparison``, from their quantile positions in ``(0, 1)``.
+
+    ``upper_quartile_vs_rest``: position above 0.75. ``extremes_vs_middle80``:
+    position below 0.10 or above 0.90 (the outer 10% on each side).
+    """
+    position = np.asarray(batch_position, dtype=np.float64)
+    if comparison == UPPER_QUARTILE:
+        return position > 0.75
+    if comparison == EXTREMES:
+        return (position < 0.10) | (position > 0.90)
+    raise AnalysisInputError(f"Unknown comparison '{comparison}'; use one of {COMPARISONS}.")
+
+
+def permutation_test(
+    values: np.ndarray, in_group: np.ndarray, n_permutations: int, rng: np.random.Generator
+) -> tuple[float, float, str]:
+    """Two-sided permutation test of ``mean(group) - mean(rest)``; batches are the exchangeable units.
+
+    Enumerates every relabelling when there are at most ``n_permutations`` of them
+    (an exact test), otherwise draws ``n_permutations`` random relabellings and
+    uses ``(count + 1) / (n + 1)``. Returns the observed difference, the p-value
+    and ``"exact"`` or ``"monte carlo"``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    in_group = np.asarray(in_group, dtype=bool)
+    n, k = len(values), int(in_group.sum())
+    if k == 0 or k == n:
+        raise AnalysisInputError(f"A comparison needs batches on both sides; got {k} of {n} in the group.")
+    total = values.sum()
+
+    def differences(group_sums: np.ndarray) -> np.ndarray:
+        return group_sums / k - (total - group_sums) / (n - k)
+
+    observed = float(differences(np.array([values[in_group].sum()]))[0])
+    # Tolerance so that relabellings equal to the observed one up to rounding count as "as extreme".
+    threshold = abs(observed) * (1 - 1e-9) - 1e-12
+    if math.comb(n, k) <= n_permutations:
+        group_sums = values[_all_subsets(n, k)].sum(axis=1)
+        p_value = float(np.mean(np.abs(differences(group_sums)) >= threshold))
+        return observed, p_value, "exact"
+    keys = rng.random((n_permutations, n))
+    chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
+    group_sums = values[chosen].sum(axis=1)
+    count = int(np.sum(np.abs(differences(group_sums)) >= threshold))
+    return observed, (count + 1) / (n_permutations + 1), "monte carlo"
+
+
+@lru_cache(maxsize=32)
+def _all_subsets(n: int, k: int) -> np.ndarray:
+    """Every ``k``-subset of ``range(n)`` as rows of an index array."""
+    return np.array(list(combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
+
+
+def cohens_d(group: np.ndarray, rest: np.ndarray) -> float:
+    """``(mean(group) - mean(rest)) / pooled sample standard deviation``; NaN when undefined."""
+    n1, n2 = len(group), len(rest)
+    if n1 < 2 or n2 < 2:
+        return float("nan")
+    pooled = ((n1 - 1) * np.var(group, ddof=1) + (n2 - 1) * np.var(rest, ddof=1)) / (n1 + n2 - 2)
+    if pooled <= 0:
+        return float("nan")
+    return float((np.mean(group) - np.mean(rest)) / np.sqrt(pooled))
+
+
+def rank_biserial(group: np.ndarray, rest: np.ndarray) -> float:
+    """``P(group > rest) - P(group < rest)`` over all pairs (Mann-Whitney based), in ``[-1, 1]``."""
+    difference = np.subtract.outer(np.asarray(group, float), np.asarray(rest, float))
+    return float(np.mean(np.sign(difference)))
+
+
+def holm_adjust(p_values: Iterable[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error), NaN entries left out of the family."""
+    p = np.asarray(list(p_values), dtype=np.float64)
+    adjusted = np.full_like(p, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    if len(valid) == 0:
+        return adjusted
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for i, index in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def residualise(values: np.ndarray, covariate: np.ndarray) -> np.ndarray:
+    """``values`` minus their least-squares line on ``covariate``, plus the mean of ``values``.
+
+    Keeping the mean leaves differences between groups on the original scale. A
+    constant or missing covariate leaves ``values`` unchanged.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    covariate = np.asarray(covariate, dtype=np.float64)
+    if np.any(np.isnan(covariate)) or np.ptp(covariate) == 0:
+        return values.copy()
+    slope, intercept = np.polyfit(covariate, values, 1)
+    return values - (slope * covariate + intercept) + values.mean()
+
+
+def _stable_seed(seed: int, *names: object) -> np.random.Generator:
+    """A generator that depends on ``seed`` and the names only, not on iteration order."""
+    return np.random.default_rng([seed, zlib.crc32("/".join(map(str, names)).encode())])
+
+
+def compare_batch_groups(
+    batch_stats: pd.DataFrame,
+    measure: str = "noise_z_mean",
+    n_permutations: int = 20000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """For every ordering, phase and comparison: the group difference, effect sizes and p-values.
+
+    The units are batches; each batch contributes its mean of ``measure`` over the
+    phase's epochs. The ``difference`` is ``mean(group) - mean(rest)``: negative
+    means the group's gradients are closer to the full gradient. The same test is
+    repeated on values residualised on ``class_entropy`` (``adjusted_*``), so an
+    effect that comes from the batches' class mix shows up as a shrinking
+    ``adjusted_difference``. ``p_holm`` / ``adjusted_p_holm`` are Holm-adjusted
+    over all rows of the table.
+    """
+    rows = []
+    for (ordering, phase), part in batch_stats.groupby(["ordering", "phase"], sort=True):
+        part = part.sort_values("batch")
+        values = part[measure].to_numpy(dtype=np.float64)
+        adjusted = residualise(values, part["class_entropy"].to_numpy(dtype=np.float64))
+        for comparison in COMPARISONS:
+            in_group = group_mask(part["batch_position"].to_numpy(), comparison)
+            if not np.all(np.isfinite(values)):
+                # e.g. the null ordering's batches had no spread at some epoch: no noise units
+                rows.append({"ordering": ordering, "phase": int(phase), "comparison": comparison,
+                             "measure": measure, "n_group": int(in_group.sum()),
+                             "n_rest": int((~in_group).sum()), "test": "not computable (non-finite values)"})
+                continue
+            rng = _stable_seed(seed, ordering, phase, comparison)
+            difference, p_value, method = permutation_test(values, in_group, n_permutations, rng)
+            adjusted_difference, adjusted_p, _ = permutation_test(
+                adjusted, in_group, n_permutations, _stable_seed(seed, ordering, phase, comparison, "adj")
+            )
+            group_batches = part["batch"].to_numpy()[in_group]
+            rows.append(
+                {
+                    "ordering": ordering,
+                    "phase": int(phase),
+                    "comparison": comparison,
+                    "group": COMPARISON_GROUPS[comparison][0],
+                    "rest": COMPARISON_GROUPS[comparison][1],
+                    "group_batches": " ".join(map(str, group_batches)),
+                    "n_group": int(in_group.sum()),
+                    "n_rest": int((~in_group).sum()),
+                    "measure": measure,
+                    "mean_group": float(values[in_group].mean()),
+                    "mean_rest": float(values[~in_group].mean()),
+                    "difference": difference,
+                    "cohens_d": cohens_d(values[in_group], values[~in_group]),
+                    "rank_biserial": rank_biserial(values[in_group], values[~in_group]),
+                    "p_value": p_value,
+                    "test": f"permutation ({method})",
+                    "adjusted_difference": adjusted_difference,
+                    "adjusted_cohens_d": cohens_d(adjusted[in_group], adjusted[~in_group]),
+                    "adjusted_p_value": adjusted_p,
+                }
+            )
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["p_holm"] = holm_adjust(table["p_value"])
+        table["adjusted_p_holm"] = holm_adjust(table["adjusted_p_value"])
+    return table
+
+
+# --------------------------------------------------------------------------- the paper's claims
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One conclusion of the paper's section 5, as a directional group comparison.
+
+    ``expected_sign`` is the sign of ``mean(group) - mean(rest)`` (in noise units)
+    that the claim predicts: -1 when the group should be closer to the full
+    gradient, +1 when it should be farther. ``phases`` is ``"first"`` or
+    ``"after_first"`` (every phase after the first, each tested on its own).
+    """
+
+    claim_id: str
+    statement: str
+    metrics: tuple[str, ...]
+    phases: str
+    comparison: str
+    expected_sign: int
+
+
+PAPER_METRICS = ("intensity", "color", "edges", "perceptual")
+
+PAPER_CLAIMS = (
+    Claim(
+        "first_phase_upper_quartile_closest",
+        "First phase: batches in the upper quartile of the metric are closest to the full gradient",
+        ("intensity", "perceptual"), "first", UPPER_QUARTILE, -1,
+    ),
+    Claim(
+        "first_phase_color_extremes_better",
+        "First phase: batches outside the middle 80% of colour are better than the middle 80%",
+        ("color",), "first", EXTREMES, -1,
+    ),
+    Claim(
+        "first_phase_edges_middle_better",
+        "First phase: the middle 80% of edge batches is better than the extremes",
+        ("edges",), "first", EXTREMES, +1,
+    ),
+    Claim(
+        "later_phases_extremes_worse",
+        "After the first phase: batches at the extremes of every metric are worst",
+        PAPER_METRICS, "after_first", EXTREMES, +1,
+    ),
+)
+
+
+def verdict(difference: float, p_holm: float, expected_sign: int, alpha: float) -> str:
+    """``supported`` / ``contradicted`` when significant at ``alpha`` in / against the claimed direction."""
+    if np.isnan(p_holm) or np.isnan(difference) or p_holm >= alpha or difference == 0:
+        return UNDECIDED
+    return SUPPORTED if np.sign(difference) == expected_sign else CONTRADICTED
+
+
+def claim_verdicts(
+    comparisons: pd.DataFrame,
+    ordering_status: pd.DataFrame,
+    alpha: float = 0.05,
+    claims: Iterable[Claim] = PAPER_CLAIMS,
+) -> pd.DataFrame:
+    """Each claim, per metric and phase, with the numbers behind it and a verdict.
+
+    ``ordering_status`` has ``ordering``, ``status`` (``ok`` / ``skipped`` /
+    ``no data``) and ``reason``. Holm's correction runs over the tested rows of
+    this table (one family: the paper's claims), separately for the raw and the
+    class-balance-adjusted test. Rows that could not be tested say why in
+    ``verdict`` (``not tested (...)``).
+    """
+    status = ordering_status.set_index("ordering")
+    n_phases = comparisons.groupby("ordering")["phase"].max().to_dict() if len(comparisons) else {}
+    indexed = comparisons.set_index(["ordering", "phase", "comparison"]) if len(comparisons) else None
+    number_columns = (
+        "group_batches", "n_group", "n_rest", "mean_group", "mean_rest", "difference", "cohens_d",
+        "rank_biserial", "p_value", "test", "adjusted_difference", "adjusted_cohens_d", "adjusted_p_value",
+    )
+    rows = []
+    for claim in claims:
+        for metric in claim.metrics:
+            base = {
+                "claim_id": claim.claim_id,
+                "claim": claim.statement,
+                "ordering": metric,
+                "comparison": claim.comparison,
+                "group": COMPARISON_GROUPS[claim.comparison][0],
+                "expected": "group closer" if claim.expected_sign < 0 else "group farther",
+                "expected_sign": claim.expected_sign,
+                "not_tested": "",
+            }
+            first_untested_phase = 1 if claim.phases == "first" else 2
+            if metric not in status.index:
+                reason = "not tested (metric not in this run)"
+            elif status.at[metric, "status"] == "skipped":
+                reason = f"not tested (metric skipped: {status.at[metric, 'reason']})"
+            elif metric not in n_phases:
+                reason = f"not tested (no distances: {status.at[metric, 'reason'] or 'empty table'})"
+            elif claim.phases != "first" and n_phases[metric] < 2:
+                reason = "not tested (the run has only one phase)"
+            else:
+                reason = ""
+            if reason:
+                rows.append({**base, "phase": first_untested_phase, "not_tested": reason})
+                continue
+            phases = [1] if claim.phases == "first" else list(range(2, n_phases[metric] + 1))
+            for phase in phases:
+                numbers = indexed.loc[(metric, phase, claim.comparison)]
+                rows.append({**base, "phase": phase, **{key: numbers[key] for key in number_columns}})
+    table = pd.DataFrame(rows)
+    for column in number_columns:
+        if column not in table:
+            table[column] = np.nan
+    tested = (table["not_tested"] == "").to_numpy()
+    table["p_holm"] = np.nan
+    table["adjusted_p_holm"] = np.nan
+    table.loc[tested, "p_holm"] = holm_adjust(table.loc[tested, "p_value"].astype(float))
+    table.loc[tested, "adjusted_p_holm"] = holm_adjust(table.loc[tested, "adjusted_p_value"].astype(float))
+    verdicts, adjusted_verdicts = [], []
+    for row in table.itertuples():
+        if row.not_tested:
+            verdicts.append(row.not_tested)
+            adjusted_verdicts.append(row.not_tested)
+        else:
+            verdicts.append(verdict(row.difference, row.p_holm, row.expected_sign, alpha))
+            adjusted_verdicts.append(
+                verdict(row.adjusted_difference, row.adjusted_p_holm, row.expected_sign, alpha)
+            )
+    table["verdict"] = verdicts
+    table["adjusted_verdict"] = adjusted_verdicts
+    table["alpha"] = alpha
+    table["phase"] = table["phase"].astype(np.int64)
+    return table.drop(columns=["not_tested"])
+
+
+# --------------------------------------------------------------------------- confounds
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``x`` with the same row of ``y`` (NaN when a row is constant)."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    yc = y - y.mean(axis=-1, keepdims=True)
+    denominator = np.sqrt((xc**2).sum(axis=-1) * (yc**2).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (xc * yc).sum(axis=-1) / denominator, np.nan)
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+    """Spearman (or, with ``z``, partial Spearman given ``z``) correlation per row."""
+    rx, ry = stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1)
+    r_xy = _pearson_rows(rx, ry)
+    if z is None:
+        return r_xy
+    rz = stats.rankdata(z, axis=-1)
+    r_xz, r_yz = _pearson_rows(rx, rz), _pearson_rows(ry, rz)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (r_xy - r_xz * r_yz) / np.sqrt((1 - r_xz**2) * (1 - r_yz**2))
+
+
+def spearman_with_ci(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_bootstrap: int,
+    rng: np.random.Generator,
+    confidence: float = 0.95,
+    given: np.ndarray | None = None,
+) -> tuple[float, float, float]:
+    """Spearman's rho of ``x`` with ``y`` (partial, given ``given``) and a percentile bootstrap interval.
+
+    Batches are resampled with replacement; resamples where a variable is constant
+    are dropped. Returns ``(rho, low, high)``; NaN when undefined.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    z = None if given is None else np.asarray(given, float)
+    rho = float(_spearman_rows(x[None], y[None], None if z is None else z[None])[0])
+    if np.isnan(rho):
+        return rho, float("nan"), float("nan")
+    index = rng.integers(0, len(x), size=(n_bootstrap, len(x)))
+    boot = _spearman_rows(x[index], y[index], None if z is None else z[index])
+    boot = boot[np.isfinite(boot)]
+    if len(boot) == 0:
+        return rho, float("nan"), float("nan")
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    return rho, float(low), float(high)
+
+
+def confound_correlations(
+    batch_stats: pd.DataFrame,
+    measure: str = "noise_z_mean",
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Per ordering and phase: rank correlations of the batch's distance with its metric and class mix.
+
+    Three rows per ordering and phase: ``metric_mean`` vs distance, ``class_entropy``
+    vs distance, and ``metric_mean`` vs distance given ``class_entropy`` (partial
+    Spearman), each with a bootstrap confidence interval. A metric effect that is
+    really a class-mix effect shows as a partial correlation near zero.
+    """
+    pairs = (
+        ("metric_mean", None, "Spearman(batch metric mean, distance)"),
+        ("class_entropy", None, "Spearman(batch class entropy, distance)"),
+        ("metric_mean", "class_entropy", "partial Spearman(batch metric mean, distance | class entropy)"),
+    )
+    rows = []
+    for (ordering, phase), part in batch_stats.groupby(["ordering", "phase"], sort=True):
+        y = part[measure].to_numpy(float)
+        for variable, given, description in pairs:
+            x = part[variable].to_numpy(float)
+            z = None if given is None else part[given].to_numpy(float)
+            rng = _stable_seed(seed, ordering, phase, variable, given)
+            if np.any(np.isnan(x)) or (z is not None and np.any(np.isnan(z))):
+                rho = low = high = float("nan")
+            else:
+                rho, low, high = spearman_with_ci(x, y, n_bootstrap, rng, confidence, given=z)
+            rows.append(
+                {
+                    "ordering": ordering,
+                    "phase": int(phase),
+                    "variable": variable,
+                    "given": given or "",
+                    "description": description,
+                    "measure": measure,
+                    "n_batches": len(part),
+                    "spearman": rho,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "confidence": confidence,
+                    "ci_excludes_zero": bool(np.isfinite(low) and (low > 0 or high < 0)),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- best and worst batches
+
+
+def best_and_worst_batches(batch_stats: pd.DataFrame, n_per_side: int = 3) -> pd.DataFrame:
+    """The ``n_per_side`` batches with the lowest and the highest mean noise-unit distance per ordering and phase."""
+    if n_per_side < 1:
+        raise AnalysisInputError(f"distance_analysis.n_best_worst must be at least 1, got {n_per_side}.")
+    rows = []
+    keep = ["batch", "noise_z_mean", "noise_ratio_mean", "distance_mean", "cosine_similarity_mean",
+            "metric_mean", "class_entropy", "first_epoch", "last_epoch", "learning_rate"]
+    for (ordering, phase), part in batch_stats.groupby(["ordering", "phase"], sort=True):
+        ranked = part.sort_values(["noise_z_mean", "batch"], kind="stable")
+        n = min(n_per_side, len(ranked))
+        for kind, chosen in (("best", ranked.head(n)), ("worst", ranked.iloc[::-1].head(n))):
+            for rank, (_, row) in enumerate(chosen.iterrows(), start=1):
+                rows.append({"ordering": ordering, "phase": int(phase), "kind": kind, "rank": rank,
+                             **{k: row[k] for k in keep}})
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["batch"] = table["batch"].astype(np.int64)
+    return table
+
+
+# --------------------------------------------------------------------------- gradient noise trace
+
+
+def per_example_gradient_trace(per_example_gradients: np.ndarray) -> float:
+    """``tr(Sigma)`` of per-example gradients (rows), with the population normalisation ``1/N``.
+
+    That is the mean over examples of ``||g_i - g_mean||^2``; it is the
+    normalisation for which :func:`expected_batch_distance_sq` is exact.
+    """
+    g = np.asarray(per_example_gradients, dtype=np.float64)
+    return float(((g - g.mean(axis=0)) ** 2).sum(axis=1).mean())
+
+
+def expected_batch_distance_sq(trace: float, n_examples: int, batch_size: int) -> float:
+    """``E ||g_batch - g_full||^2`` for a batch drawn without replacement: ``tr(Sigma)/m * (N-m)/(N-1)``.
+
+    ``trace`` must use the ``1/N`` normalisation (:func:`per_example_gradient_trace`);
+    with the ``1/(N-1)`` sample covariance the factor would be ``(N-m)/N``.
+    Exact when the batch gradient is the mean of the per-example gradients (no
+    BatchNorm in training mode) and ``g_full`` is the mean over all ``N``.
+    """
+    if not 1 <= batch_size <= n_examples:
+        raise AnalysisInputError(f"batch size {batch_size} must lie in [1, N={n_examples}].")
+    if n_examples == 1:
+        return 0.0
+    return trace / batch_size * (n_examples - batch_size) / (n_examples - 1)
+
+
+TRACE_COLUMNS = ("gradient_variance_trace", "n_train", "batch_size")
+
+
+def gradient_noise_trace_check(null_noise_units: pd.DataFrame, null_history: pd.DataFrame) -> pd.DataFrame:
+    """Per epoch of the null ordering: observed ``mean ||g_k - g_full||^2`` against the sampling formula.
+
+    ``null_history`` is the null ordering's ``training_history``; when it carries
+    ``gradient_variance_trace`` (``tr Sigma`` at the epoch start), ``n_train`` and
+    ``batch_size``, ``expected`` is :func:`expected_batch_distance_sq` and
+    ``ratio = observed / expected``; otherwise ``status`` is ``not measured``.
+    """
+    observed = (
+        null_noise_units.assign(distance_sq=null_noise_units["distance"] ** 2)
+        .groupby("epoch")
+        .agg(phase=("phase", "first"), learning_rate=("learning_rate", "first"),
+             n_batches=("batch", "size"), observed_mean_sq_distance=("distance_sq", "mean"))
+        .reset_index()
+    )
+    has_columns = all(c in null_history.columns for c in TRACE_COLUMNS)
+    if has_columns:
+        history = null_history[["epoch", *TRACE_COLUMNS]]
+        table = observed.merge(history, on="epoch", how="left")
+    else:
+        table = observed.assign(**{c: np.nan for c in TRACE_COLUMNS})
+    expected = []
+    for _, row in table.iterrows():
+        values = [row[c] for c in TRACE_COLUMNS]
+        if any(pd.isna(v) for v in values):
+            expected.append(np.nan)
+        else:
+            expected.append(expected_batch_distance_sq(float(values[0]), int(values[1]), int(values[2])))
+    table["expected_mean_sq_distance"] = expected
+    table["ratio"] = table["observed_mean_sq_distance"] / table["expected_mean_sq_distance"]
+    table["status"] = np.where(table["expected_mean_sq_distance"].notna(), "measured", "not measured")
+    return table
+
+
+def summarise_trace_check(trace_check: pd.DataFrame) -> pd.DataFrame:
+    """Per phase (and ``all``): epochs measured and the median, min and max of the observed/expected ratio."""
+    measured = trace_check[trace_check["status"] == "measured"]
+    rows = []
+    for phase, part in [*measured.groupby("phase"), ("all", measured)]:
+        if len(part) == 0:
+            continue
+        rows.append({"phase": str(phase), "n_epochs": len(part), "median_ratio": part["ratio"].median(),
+                     "min_ratio": part["ratio"].min(), "max_ratio": part["ratio"].max()})
+    return pd.DataFrame(rows, columns=["phase", "n_epochs", "median_ratio", "min_ratio", "max_ratio"])
+
+
+# --------------------------------------------------------------------------- orderings
+
+
+def ordering_status_table(
+    statuses: Mapping[str, Mapping], distances_by_ordering: Mapping[str, pd.DataFrame]
+) -> pd.DataFrame:
+    """One row per ordering: ``status`` (``ok`` / ``skipped`` / ``no data``), ``reason``, epochs, batches, phases."""
+    rows = []
+    for ordering, distances in distances_by_ordering.items():
+        status = dict(statuses.get(ordering) or {})
+        state = status.get("status", "ok")
+        reason = status.get("reason")
+        if state != "skipped" and len(distances) == 0:
+            state, reason = "no data", reason or "the gradient_distances table has no rows"
+        if len(distances):
+            phases = epoch_phase_table(distances, f"{ordering}.gradient_distances")
+            n_epochs, n_phases, n_batches = len(phases), int(phases["phase"].max()), distances["batch"].nunique()
+        else:
+            n_epochs = n_phases = n_batches = 0
+        rows.append({"ordering": ordering, "status": state, "reason": reason or "", "n_epochs": n_epochs,
+                     "n_phases": n_phases, "n_batches": int(n_batches)})
+    return pd.DataFrame(rows)
