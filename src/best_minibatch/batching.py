@@ -1,0 +1,166 @@
+"""Fixed-order mini-batches: sort the training set by a metric and cut it into equal batches.
+
+Knows nothing of Kedro. Images sort ascending by the metric's ``sort_columns``
+(registered in :mod:`best_minibatch.metrics`), ties broken by ``image_id``, and
+the sorted sequence is cut into ``K = floor(N / m)`` batches of exactly ``m``
+images; the ``N - K m`` images with the largest sort keys are dropped (as in the
+paper: 50,000 / 256 gives 195 batches and drops 80).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from best_minibatch.metrics import METRICS
+
+logger = logging.getLogger(__name__)
+
+ASSIGNMENT_COLUMNS = ("metric", "batch", "position", "image_id", "metric_value")
+SUMMARY_STAT_COLUMNS = ("metric", "batch", "metric_min", "metric_mean", "metric_max", "class_entropy")
+
+
+class BatchingError(ValueError):
+    """Scores or parameters that cannot be cut into batches; the message names the problem and the fix."""
+
+
+def batch_size_from_params(params: Mapping[str, Any]) -> int:
+    """``sort_batches.batch_size`` checked: a positive integer."""
+    if "batch_size" not in params:
+        raise BatchingError("sort_batches.batch_size is missing; set it in conf/<env>/parameters_sort_batches.yml.")
+    size = params["batch_size"]
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise BatchingError(
+            f"sort_batches.batch_size must be a positive integer, got {size!r}; "
+            "fix it in conf/<env>/parameters_sort_batches.yml."
+        )
+    return int(size)
+
+
+def sort_order(scores: pd.DataFrame, sort_columns: tuple[str, ...]) -> np.ndarray:
+    """Row positions of ``scores`` in ascending order of ``sort_columns`` (most significant first), ties by ``image_id``."""
+    # np.lexsort sorts by its last key first, so the keys go in reverse significance.
+    keys = [scores["image_id"].to_numpy()] + [scores[column].to_numpy() for column in reversed(sort_columns)]
+    return np.lexsort(keys)
+
+
+def training_classes(image_index: pd.DataFrame) -> pd.DataFrame:
+    """``label`` and ``class_name`` of every training image, indexed by ``image_id``."""
+    train = image_index[image_index["split"] == "train"]
+    return train.set_index("image_id")[["label", "class_name"]]
+
+
+def class_names_in_label_order(image_index: pd.DataFrame) -> list[str]:
+    """Class names ordered by label (the column order of the ``class_count_*`` columns)."""
+    pairs = image_index[["label", "class_name"]].drop_duplicates().sort_values("label")
+    return [str(name) for name in pairs["class_name"]]
+
+
+def _check_scores(scores: pd.DataFrame, metric: str, sort_columns: tuple[str, ...], train_ids: pd.Index) -> None:
+    missing = [column for column in ("image_id", "score", *sort_columns) if column not in scores.columns]
+    if missing:
+        raise BatchingError(
+            f"The '{metric}' score table lacks column(s) {missing}; rerun score_metrics for this metric."
+        )
+    ids = scores["image_id"]
+    if ids.duplicated().any():
+        raise BatchingError(
+            f"The '{metric}' score table lists image_id {int(ids[ids.duplicated()].iloc[0])} more than once; "
+            "rerun score_metrics."
+        )
+    unknown = ~ids.isin(train_ids)
+    if unknown.any():
+        raise BatchingError(
+            f"The '{metric}' score table has image_id {int(ids[unknown].iloc[0])}, which is not a training "
+            "image of image_index; score and index come from different ingest runs - rerun score_metrics."
+        )
+    values = scores[list(dict.fromkeys(("score", *sort_columns)))].to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise BatchingError(f"The '{metric}' score table holds NaN or infinite scores; rerun score_metrics.")
+
+
+def assign_batches(scores: pd.DataFrame, metric: str, batch_size: int) -> pd.DataFrame:
+    """Sort ``scores`` by ``metric``'s sort columns and cut them into ``floor(N / batch_size)`` full batches."""
+    sort_columns = METRICS[metric].sort_columns
+    order = sort_order(scores, sort_columns)
+    n_batches = len(scores) // batch_size
+    kept = order[: n_batches * batch_size]
+    return pd.DataFrame(
+        {
+            "metric": pd.Series([metric] * len(kept), dtype="str"),
+            "batch": np.repeat(np.arange(n_batches, dtype=np.int64), batch_size),
+            "position": np.tile(np.arange(batch_size, dtype=np.int64), n_batches),
+            "image_id": scores["image_id"].to_numpy(dtype=np.int64)[kept],
+            "metric_value": scores["score"].to_numpy(dtype=np.float64)[kept],
+        }
+    )
+
+
+def class_entropy(counts: np.ndarray) -> np.ndarray:
+    """Shannon entropy in nats of each row of class counts (0 log 0 = 0)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    p = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    logs = np.log(p, out=np.zeros_like(p), where=p > 0)
+    return -(p * logs).sum(axis=1)
+
+
+def summarize_batches(assignments: pd.DataFrame, image_index: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per batch: min / mean / max metric value, class entropy (nats) and one ``class_count_<name>`` per class."""
+    class_names = class_names_in_label_order(image_index)
+    labels = assignments["image_id"].map(training_classes(image_index)["label"]).to_numpy(dtype=np.int64)
+    batches = assignments["batch"].to_numpy(dtype=np.int64)
+    n_batches = int(batches.max()) + 1 if len(batches) else 0
+    counts = np.zeros((n_batches, len(class_names)), dtype=np.int64)
+    np.add.at(counts, (batches, labels), 1)
+    stats = assignments.groupby("batch", sort=True)["metric_value"].agg(["min", "mean", "max"])
+    summary = pd.DataFrame(
+        {
+            "metric": pd.Series([metric] * n_batches, dtype="str"),
+            "batch": np.arange(n_batches, dtype=np.int64),
+            "metric_min": stats["min"].to_numpy(dtype=np.float64),
+            "metric_mean": stats["mean"].to_numpy(dtype=np.float64),
+            "metric_max": stats["max"].to_numpy(dtype=np.float64),
+            "class_entropy": class_entropy(counts),
+        }
+    )
+    for label, name in enumerate(class_names):
+        summary[f"class_count_{name}"] = counts[:, label]
+    return summary
+
+
+def sort_into_batches(
+    scores: pd.DataFrame, image_index: pd.DataFrame, metric: str, batch_size: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Batch assignments and per-batch summary of ``metric``'s ordering (see the module docstring).
+
+    A zero-row score table (a skipped metric) gives zero-row outputs with the same
+    columns. Every check happens before anything is returned.
+    """
+    if metric not in METRICS:
+        raise BatchingError(f"Unknown metric '{metric}'; registered metrics: {', '.join(METRICS)}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise BatchingError(f"sort_batches.batch_size must be a positive integer, got {batch_size!r}.")
+    train_ids = pd.Index(image_index.loc[image_index["split"] == "train", "image_id"])
+    _check_scores(scores, metric, METRICS[metric].sort_columns, train_ids)
+    if len(scores) == 0:
+        logger.warning(
+            "Metric '%s' has no scores (it was skipped in score_metrics; see its metric_status): "
+            "its batch tables are empty.", metric,
+        )
+    elif len(scores) < batch_size:
+        raise BatchingError(
+            f"sort_batches.batch_size={batch_size} exceeds the {len(scores)} images scored by '{metric}', "
+            "so not one full batch fits; lower sort_batches.batch_size."
+        )
+    assignments = assign_batches(scores, metric, int(batch_size))
+    summary = summarize_batches(assignments, image_index, metric)
+    if len(scores):
+        logger.info(
+            "'%s': %d images -> %d batches of %d (%d dropped)",
+            metric, len(scores), len(summary), batch_size, len(scores) - len(assignments),
+        )
+    return assignments, summary

@@ -1,0 +1,49 @@
+"""Wiring of ``score_metrics``: one namespace per registered metric, plus the combined table."""
+
+import warnings
+from functools import partial
+
+from kedro.pipeline import Pipeline, node, pipeline
+
+from best_minibatch.metrics import METRICS
+
+from .nodes import combine_metric_scores, score_training_images
+
+SHARED_INPUTS = {"train_images", "image_index"}
+SHARED_PARAMETERS = {"params:score_metrics": "params:score_metrics"}
+
+
+def ordering_template(metric: str) -> Pipeline:
+    """The per-metric template; the metric's name is bound to the node function, everything else is shared."""
+    return Pipeline(
+        [
+            node(
+                partial(score_training_images, metric),
+                inputs=["train_images", "image_index", "params:score_metrics"],
+                outputs=["image_scores", "metric_status"],
+                name="score_images",
+            )
+        ]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    orderings = [
+        pipeline(ordering_template(metric), namespace=metric, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS)
+        for metric in METRICS
+    ]
+    with warnings.catch_warnings():
+        # This node reads every namespace's table by its namespaced name on purpose (the data
+        # contract); Kedro's advice against dots in dataset names does not apply.
+        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
+        combined = Pipeline(
+            [
+                node(
+                    combine_metric_scores,
+                    inputs=["image_index", *(f"{metric}.image_scores" for metric in METRICS)],
+                    outputs="metric_scores",
+                    name="combine_metric_scores",
+                )
+            ]
+        )
+    return sum(orderings, Pipeline([])) + combined

@@ -1,0 +1,34 @@
+"""Wiring of ``sort_batches``: one namespace per registered metric."""
+
+from functools import partial
+
+from kedro.pipeline import Pipeline, node, pipeline
+
+from best_minibatch.metrics import METRICS
+
+from .nodes import sort_scores_into_batches
+
+SHARED_INPUTS = {"image_index"}
+SHARED_PARAMETERS = {"params:sort_batches": "params:sort_batches"}
+
+
+def ordering_template(metric: str) -> Pipeline:
+    """The per-metric template; the metric's name is bound to the node function, everything else is shared."""
+    return Pipeline(
+        [
+            node(
+                partial(sort_scores_into_batches, metric),
+                inputs=["image_scores", "image_index", "params:sort_batches"],
+                outputs=["batch_assignments", "batch_summary"],
+                name="sort_into_batches",
+            )
+        ]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    orderings = [
+        pipeline(ordering_template(metric), namespace=metric, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS)
+        for metric in METRICS
+    ]
+    return sum(orderings, Pipeline([]))
