@@ -6,7 +6,10 @@ selection oracle (``selection.py``) both probe through these functions.
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -59,3 +62,183 @@ def distance_measures(gradients: torch.Tensor | np.ndarray) -> dict[str, np.ndar
         "grad_norm": norms.numpy(),
         "full_grad_norm": float(full_norm),
     }
+
+
+# --------------------------------------------------------------------------- one epoch's gradients
+
+GRADIENT_MEASURES = ("distance", "cosine_similarity", "relative_distance", "grad_norm")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A mini-batch gradient holds NaN or infinity; the message names the batch."""
+
+
+class EpochGradients:
+    """The K mini-batch gradients of one epoch, kept until the full gradient is known.
+
+    Distances need every ``g_k`` once ``g_full`` (their mean) is known, so the epoch's
+    gradients are buffered: in one ``K x P`` tensor (on ``device``) when it fits in
+    ``memory_cap_bytes``, otherwise appended row by row to a raw scratch file in
+    ``scratch_dir`` that :meth:`close` deletes. Either way the rows are stored
+    exactly, in the gradients' own dtype.
+
+    While rows arrive, their float64 sum and norms are accumulated in arrival
+    order, so :meth:`measures` needs one more pass over the rows. Both storage
+    modes run the same float64 arithmetic in the same order and give identical
+    results. Peak memory beyond the stored rows: three float64 vectors of length P.
+    """
+
+    def __init__(
+        self,
+        num_batches: int,
+        num_params: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        memory_cap_bytes: float = float("inf"),
+        scratch_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if num_batches < 1 or num_params < 1:
+            raise ValueError(f"Need at least one batch and one parameter, got {num_batches} x {num_params}.")
+        self.num_batches = num_batches
+        self.num_params = num_params
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.nbytes = num_batches * num_params * torch.empty((), dtype=dtype).element_size()
+        self._count = 0
+        self._sum = torch.zeros(num_params, dtype=torch.float64, device=self.device)
+        self._norms = torch.zeros(num_batches, dtype=torch.float64, device=self.device)
+        self._rows: torch.Tensor | None = None
+        self._scratch_path: Path | None = None
+        self._scratch_file = None
+        if self.nbytes <= memory_cap_bytes:
+            self._rows = torch.empty(num_batches, num_params, dtype=dtype, device=self.device)
+        else:
+            if dtype not in _NUMPY_DTYPES:
+                raise ValueError(f"Scratch files hold float32 or float64 gradients, not {dtype}.")
+            folder = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(prefix="epoch-gradients-", suffix=".scratch", dir=folder)
+            self._scratch_path = Path(name)
+            self._scratch_file = os.fdopen(handle, "wb")
+
+    @property
+    def in_memory(self) -> bool:
+        return self._rows is not None
+
+    @property
+    def scratch_path(self) -> Path | None:
+        return self._scratch_path
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, gradient: torch.Tensor) -> None:
+        """Store the next batch's flattened gradient (copied; the caller may reuse its tensor)."""
+        if self._count >= self.num_batches:
+            raise IndexError(f"All {self.num_batches} gradients of the epoch are already stored.")
+        if gradient.shape != (self.num_params,):
+            raise ValueError(f"Expected a gradient of {self.num_params} values, got {tuple(gradient.shape)}.")
+        row64 = gradient.to(device=self.device, dtype=torch.float64)
+        self._sum += row64
+        self._norms[self._count] = torch.linalg.vector_norm(row64)
+        if self._rows is not None:
+            self._rows[self._count].copy_(gradient)
+        else:
+            gradient.detach().to("cpu", self.dtype).numpy().tofile(self._scratch_file)
+        self._count += 1
+
+    def _stored_rows(self) -> Iterator[torch.Tensor]:
+        if self._rows is not None:
+            yield from self._rows[: self._count]
+            return
+        self._scratch_file.flush()
+        rows = np.memmap(self._scratch_path, dtype=_NUMPY_DTYPES[self.dtype], mode="r",
+                         shape=(self._count, self.num_params))
+        for k in range(self._count):
+            yield torch.from_numpy(np.array(rows[k])).to(self.device)
+        del rows
+
+    def measures(self) -> dict[str, np.ndarray | float]:
+        """Exact float64 measures of every stored gradient against their mean (see :func:`distance_measures`).
+
+        Raises :class:`NonFiniteGradientError` naming the first batch whose gradient
+        is not finite.
+        """
+        if self._count != self.num_batches:
+            raise RuntimeError(f"Only {self._count} of {self.num_batches} gradients were stored.")
+        norms = self._norms.cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(norms))
+        if bad.size:
+            raise NonFiniteGradientError(f"The gradient of batch {int(bad[0])} is not finite (norm {norms[bad[0]]}).")
+        full = self._sum / self._count
+        full_norm = torch.linalg.vector_norm(full)
+        distance = torch.empty(self._count, dtype=torch.float64, device=self.device)
+        dot = torch.empty(self._count, dtype=torch.float64, device=self.device)
+        for k, row in enumerate(self._stored_rows()):
+            row64 = row.to(torch.float64)
+            distance[k] = torch.linalg.vector_norm(row64 - full)
+            dot[k] = torch.dot(row64, full)
+        distance_np = distance.cpu().numpy()
+        full_norm_value = float(full_norm)
+        return {
+            "distance": distance_np,
+            "cosine_similarity": dot.cpu().numpy() / (norms * full_norm_value),
+            "relative_distance": distance_np / full_norm_value,
+            "grad_norm": norms,
+            "full_grad_norm": full_norm_value,
+        }
+
+    def close(self) -> None:
+        """Free the stored rows and delete the scratch file, if any."""
+        self._rows = None
+        if self._scratch_file is not None:
+            self._scratch_file.close()
+            self._scratch_file = None
+        if self._scratch_path is not None:
+            self._scratch_path.unlink(missing_ok=True)
+            self._scratch_path = None
+
+    def __enter__(self) -> "EpochGradients":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+class FlatGradient:
+    """Points every parameter's ``.grad`` of a model at a view of one flat vector.
+
+    ``backward()`` then accumulates straight into :attr:`vector` (in
+    ``model.parameters()`` order, the order of :func:`batch_gradient`), so reading
+    a batch's flattened gradient copies nothing. Call :meth:`zero` before each
+    backward pass. Parameters that get no gradient keep zeros.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("The model has no trainable parameters.")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(f"All parameters must share one dtype and device, got {dtypes} on {devices}.")
+        self.vector = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        offset = 0
+        for p in params:
+            p.grad = self.vector[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self._params = params
+
+    def zero(self) -> None:
+        self.vector.zero_()
+
+    def check_attached(self) -> None:
+        """Raise if something replaced a parameter's ``.grad`` (then the vector would miss it)."""
+        offset = 0
+        for p in self._params:
+            if p.grad is None or p.grad.data_ptr() != self.vector[offset:].data_ptr():
+                raise RuntimeError("A parameter's .grad no longer views the flat gradient vector.")
+            offset += p.numel()

@@ -1,0 +1,46 @@
+"""Wiring of ``gradient_training``: one namespaced copy per ordering."""
+
+from functools import partial
+
+from kedro.pipeline import Pipeline, node, pipeline
+
+from best_minibatch.metrics import METRICS
+
+from .nodes import publish_probe_results, train_with_gradient_probe
+
+SHARED_INPUTS = {"image_index", "train_images", "test_images"}
+
+
+def _ordering_template(ordering: str) -> Pipeline:
+    return Pipeline(
+        [
+            node(
+                partial(train_with_gradient_probe, ordering=ordering),
+                inputs=["batch_assignments", "image_index", "train_images", "test_images",
+                        "params:gradient_training"],
+                outputs=["batch_gradients", "probe_results"],
+                name="train_with_gradient_probe",
+            ),
+            node(
+                publish_probe_results,
+                inputs="probe_results",
+                outputs=["gradient_distances", "distance_matrix", "training_history", "trained_model"],
+                name="publish_probe_results",
+            ),
+        ]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return sum(
+        (
+            pipeline(
+                _ordering_template(ordering),
+                namespace=ordering,
+                inputs=SHARED_INPUTS,
+                parameters={"params:gradient_training": "params:gradient_training"},
+            )
+            for ordering in METRICS
+        ),
+        Pipeline([]),
+    )
