@@ -328,15 +328,15 @@ class TrainingData:
         if rows.max() >= train_images.shape[0] or len(np.unique(ids)) != len(ids):
             raise TrainingDataError("batch_assignments repeats images or points past train_images. Rerun sort_batches.")
         labels = torch.zeros(train_images.shape[0], dtype=torch.int64)
-        labels[torch.from_numpy(train["row"].to_numpy(np.int64))] = torch.from_numpy(train["label"].to_numpy(np.int64))
+        labels[torch.tensor(train["row"].to_numpy(np.int64))] = torch.tensor(train["label"].to_numpy(np.int64))
         test_labels = None
         if test_images is not None:
             test = image_index[image_index["split"] == "test"].sort_values("row")
             if len(test) != test_images.shape[0]:
                 raise TrainingDataError(f"image_index lists {len(test)} test images, test_images holds "
                                         f"{test_images.shape[0]}. Rerun ingest_cifar.")
-            test_labels = torch.from_numpy(test["label"].to_numpy(np.int64))
-        return cls(train_images, labels, torch.from_numpy(rows).view(num_batches, batch_size),
+            test_labels = torch.tensor(test["label"].to_numpy(np.int64))
+        return cls(train_images, labels, torch.tensor(rows).view(num_batches, batch_size),
                    test_images, test_labels)
 
     def fingerprint(self) -> str:
@@ -477,9 +477,9 @@ class GradientProbeRun:
         if needed > config.disk_cap_gb * GIB:
             raise _config_error(
                 "disk_cap_gb",
-                f"the kept gradients need {needed / GIB:.3f} GiB ({len(self.kept_epochs)} epochs x "
+                f"the kept gradients need {needed / GIB:.3g} GiB ({len(self.kept_epochs)} epochs x "
                 f"{data.num_batches} batches x {self.num_params:,} parameters in {config.spill_dtype}), more than "
-                f"the cap of {config.disk_cap_gb} GiB",
+                f"the cap of {config.disk_cap_gb:.3g} GiB",
                 "Keep fewer epochs (keep_gradients), use a smaller spill_dtype, or raise disk_cap_gb.")
         identity = {**config.identity(), "ordering": ordering, "probe": probe,
                     "num_params": self.num_params, "param_dtype": str(self.param_dtype),
@@ -653,8 +653,8 @@ class GradientProbeRun:
         free = shutil.disk_usage(probe).free
         if free < self.epoch_spill_bytes:
             raise DiskSpaceError(
-                f"Epoch {epoch}'s kept gradients need {self.epoch_spill_bytes / GIB:.3f} GiB in '{folder}', but only "
-                f"{free / GIB:.3f} GiB are free. Free space there (the last complete epoch's checkpoint is kept; "
+                f"Epoch {epoch}'s kept gradients need {self.epoch_spill_bytes / GIB:.3g} GiB in '{folder}', but only "
+                f"{free / GIB:.3g} GiB are free. Free space there (the last complete epoch's checkpoint is kept; "
                 "rerun to resume), or keep fewer epochs (gradient_training.keep_gradients)."
             )
 

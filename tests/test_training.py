@@ -1,0 +1,289 @@
+"""The gradient-probe training loop (``best_minibatch.training``) on a tiny model and real images."""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from best_minibatch.checkpoints import RunConflictError
+from best_minibatch.datasets import load_tensors
+from best_minibatch.images import to_model_input
+from best_minibatch.probing import batch_gradient
+from best_minibatch.training import (
+    DISTANCE_COLUMNS,
+    HISTORY_COLUMNS,
+    DiskSpaceError,
+    DivergenceError,
+    GradientProbeRun,
+    TrainingConfig,
+    TrainingConfigError,
+    TrainingData,
+    TrainingDataError,
+)
+
+NUM_TRAIN, BATCH, NUM_TEST = 240, 20, 60
+
+
+def tiny_model() -> nn.Module:
+    """Float64, with BatchNorm (so the probe's batch statistics and buffers matter): 286 parameters."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10),
+    ).double()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(sample_dataset) -> TrainingData:
+    """240 real training images in 12 fixed batches of 20, 60 real test images."""
+    index = sample_dataset.index
+    train = index[index["split"] == "train"].sort_values("row")
+    test = index[index["split"] == "test"].sort_values("row")
+    # Spread over the classes: every 20th image of the class-sorted sample.
+    rows = torch.arange(0, 20 * NUM_TRAIN, 20)
+    return TrainingData(
+        train_images=sample_dataset.images["train"],
+        train_labels=torch.from_numpy(train["label"].to_numpy().copy()),
+        batches=rows.view(NUM_TRAIN // BATCH, BATCH),
+        test_images=sample_dataset.images["test"][::10][:NUM_TEST].contiguous(),
+        test_labels=torch.from_numpy(test["label"].to_numpy()[::10][:NUM_TEST].copy()),
+    )
+
+
+def make_config(tmp_path: Path, **params) -> TrainingConfig:
+    base = {
+        "model": {"name": "tiny"},
+        "phases": [{"epochs": 2, "lr": 0.05}, {"epochs": 1, "lr": 0.01}],
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "gradients_dir": str(tmp_path / "gradients"),
+        "spill_dtype": "float64",
+        "cpu_threads": 1,
+        "progress_bar": False,
+    }
+    return TrainingConfig.from_params({**base, **params})
+
+
+Finished = namedtuple("Finished", "run spilled")
+
+
+def run_to_end(config: TrainingConfig, data: TrainingData, probe: bool = True) -> Finished:
+    run = GradientProbeRun(config, data, tiny_model, "intensity", probe=probe)
+    spilled = {(s.epoch, s.batch): s.gradient for s in run.run()}
+    return Finished(run, spilled)
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def test_distances_match_brute_force_on_the_spilled_gradients(tmp_path, tiny_data):
+    done = run_to_end(make_config(tmp_path), tiny_data)
+    table = done.run.results.distances
+    k_count = tiny_data.num_batches
+    assert list(table.columns) == DISTANCE_COLUMNS
+    assert len(table) == 3 * k_count and len(done.spilled) == 3 * k_count
+    for epoch in (1, 2, 3):
+        rows = np.stack([done.spilled[(epoch, k)].numpy() for k in range(k_count)])
+        assert rows.dtype == np.float64
+        # Independent reference: a plain Python loop with exactly rounded sums.
+        full = np.array([math.fsum(rows[:, j]) / k_count for j in range(rows.shape[1])])
+        full_norm = math.sqrt(math.fsum(full * full))
+        got = table[table["epoch"] == epoch].sort_values("batch")
+        for k in range(k_count):
+            distance = math.sqrt(math.fsum((rows[k] - full) ** 2))
+            norm = math.sqrt(math.fsum(rows[k] * rows[k]))
+            cosine = math.fsum(rows[k] * full) / (norm * full_norm)
+            row = got.iloc[k]
+            assert row["distance"] == pytest.approx(distance, rel=1e-9)
+            assert row["grad_norm"] == pytest.approx(norm, rel=1e-9)
+            assert row["cosine_similarity"] == pytest.approx(cosine, rel=1e-9)
+            assert row["relative_distance"] == pytest.approx(distance / full_norm, rel=1e-9)
+            assert row["full_grad_norm"] == pytest.approx(full_norm, rel=1e-9)
+    np.testing.assert_array_equal(done.run.results.distance_matrix.numpy(),
+                                  table["distance"].to_numpy().reshape(3, k_count))
+    assert table["phase"].tolist() == [1] * 2 * k_count + [2] * k_count
+    assert table["learning_rate"].tolist() == [0.05] * 2 * k_count + [0.01] * k_count
+
+
+def test_gradients_are_taken_at_the_epoch_start_parameters(tmp_path, tiny_data):
+    config = make_config(tmp_path, keep_checkpoints=10)
+    done = run_to_end(config, tiny_data)
+    store = done.run.store
+    # Epoch 2 starts from the checkpoint of epoch 1; epoch 3's checkpoint holds parameters after epoch 2.
+    start = load_tensors(store.checkpoint_path(1))["model"]
+    after = load_tensors(store.checkpoint_path(2))["model"]
+    for k in (0, 5, tiny_data.num_batches - 1):
+        rows = tiny_data.batches[k]
+        inputs = to_model_input(tiny_data.train_images[rows], dtype=torch.float64)
+        targets = tiny_data.train_labels[rows]
+        at_start, at_end = tiny_model(), tiny_model()
+        at_start.load_state_dict(start)
+        at_end.load_state_dict(after)
+        expected = batch_gradient(at_start.train(), inputs, targets)
+        torch.testing.assert_close(done.spilled[(2, k)], expected, rtol=1e-12, atol=1e-14)
+        moved = batch_gradient(at_end.train(), inputs, targets)
+        assert not torch.allclose(done.spilled[(2, k)], moved, rtol=1e-6), "the check must be able to fail"
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_compare_pass_does_not_disturb_net_normal(tmp_path, tiny_data, augment):
+    probed = run_to_end(make_config(tmp_path / "on", augment=augment), tiny_data, probe=True)
+    plain = run_to_end(make_config(tmp_path / "off", augment=augment), tiny_data, probe=False)
+    for name, tensor in plain.run.results.model_state.items():
+        assert torch.equal(probed.run.results.model_state[name], tensor), name
+    for column in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert probed.run.results.history[column].tolist() == plain.run.results.history[column].tolist()
+    for epoch in (2, 3):  # the optimizer state (momentum) after each epoch, too
+        on = load_tensors(probed.run.store.checkpoint_path(epoch))["optimizer"]["state"]
+        off = load_tensors(plain.run.store.checkpoint_path(epoch))["optimizer"]["state"]
+        assert all(torch.equal(on[i]["momentum_buffer"], off[i]["momentum_buffer"]) for i in off)
+    assert plain.spilled == {} and plain.run.results.distances.empty
+
+
+def test_scratch_file_buffer_gives_the_same_table_bit_for_bit(tmp_path, tiny_data):
+    in_memory = run_to_end(make_config(tmp_path / "memory", keep_gradients="none"), tiny_data)
+    scratch = run_to_end(make_config(tmp_path / "scratch", keep_gradients="none",
+                                     gradient_buffer={"memory_cap_gb": 0}), tiny_data)
+    pd.testing.assert_frame_equal(in_memory.run.results.distances, scratch.run.results.distances, check_exact=True)
+    assert scratch.spilled == {}
+    assert not any(scratch.run.store.scratch_dir.iterdir()), "scratch files must be deleted after each epoch"
+
+
+def test_history_has_the_contract_columns_and_learns(tmp_path, tiny_data):
+    done = run_to_end(make_config(tmp_path, keep_gradients="none"), tiny_data)
+    history = done.run.results.history
+    assert list(history.columns) == HISTORY_COLUMNS
+    assert history["epoch"].tolist() == [1, 2, 3] and history["phase"].tolist() == [1, 1, 2]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert history["test_accuracy"].between(0, 1).all() and np.isfinite(history["mean_distance"]).all()
+    assert (history["run_name"] == done.run.run_name).all() and not history["gradients_kept"].any()
+
+
+# --------------------------------------------------------------------------- runs, reruns, names
+
+
+def test_keep_gradients_and_spill_dtype_choose_what_is_spilled(tmp_path, tiny_data):
+    done = run_to_end(make_config(tmp_path, keep_gradients=[1, 3], spill_dtype="bfloat16"), tiny_data)
+    assert {epoch for epoch, _ in done.spilled} == {1, 3}
+    assert all(g.dtype == torch.bfloat16 and g.device.type == "cpu" for g in done.spilled.values())
+    every = make_config(tmp_path, keep_gradients={"every_n": 2})
+    assert every.kept_epochs == (2,)
+    # Distances are computed for every epoch, kept or not.
+    assert sorted(done.run.results.distances["epoch"].unique()) == [1, 2, 3]
+
+
+def test_identical_rerun_reuses_the_finished_run(tmp_path, tiny_data):
+    config = make_config(tmp_path, keep_gradients="none")
+    first = run_to_end(config, tiny_data)
+    second = run_to_end(config, tiny_data)
+    assert second.run.run_name == first.run.run_name
+    pd.testing.assert_frame_equal(first.run.results.distances, second.run.results.distances, check_exact=True)
+    # Reused, not retrained: the history (with its wall-clock seconds) comes back unchanged.
+    pd.testing.assert_frame_equal(first.run.results.history, second.run.results.history, check_exact=True)
+
+
+def test_auto_run_names_separate_configurations(tmp_path, tiny_data):
+    names = {
+        GradientProbeRun(make_config(tmp_path, seed=seed, **extra), tiny_data, tiny_model, "intensity").run_name
+        for seed, extra in ((0, {}), (1, {}), (0, {"augment": True}), (0, {"spill_dtype": "float32"}))
+    }
+    assert len(names) == 4
+    same = GradientProbeRun(make_config(tmp_path), tiny_data, tiny_model, "intensity").run_name
+    assert same in names and same.startswith("tiny-")
+
+
+def test_explicit_run_name_with_another_configuration_is_refused_before_work(tmp_path, tiny_data):
+    run_to_end(make_config(tmp_path, run_name="mine", keep_gradients="none"), tiny_data)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(RunConflictError, match=r"(?s)mine.*another configuration.*seed"):
+        GradientProbeRun(make_config(tmp_path, run_name="mine", keep_gradients="none", seed=7),
+                         tiny_data, tiny_model, "intensity")
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_gradients_folder_without_a_manifest_is_refused(tmp_path, tiny_data):
+    stray = tmp_path / "gradients" / "mine" / "intensity" / "epoch=001" / "batch=0000.pt"
+    stray.parent.mkdir(parents=True)
+    torch.save(torch.zeros(3), stray)
+    with pytest.raises(RunConflictError, match="already holds spilled gradients"):
+        GradientProbeRun(make_config(tmp_path, run_name="mine"), tiny_data, tiny_model, "intensity")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- bad parameters and faults
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"phases": []}, "gradient_training.phases"),
+        ({"phases": [{"epochs": 0, "lr": 0.1}]}, r"phases\[0\].epochs"),
+        ({"phases": [{"epochs": 1, "lr": -0.1}]}, r"phases\[0\].lr"),
+        ({"phases": [{"epochs": 1}]}, r"phases\[0\]"),
+        ({"keep_gradients": [1, 4]}, "keep_gradients.*outside the run's epochs 1..3"),
+        ({"keep_gradients": {"every_n": 0}}, "keep_gradients"),
+        ({"spill_dtype": "int8"}, "spill_dtype"),
+        ({"device": "tpu"}, "device"),
+        ({"run_name": "a/b"}, "run_name"),
+        ({"learning_rate": 0.1}, "learning_rate.*unknown parameter"),
+        ({"gradient_buffer": {"size": 1}}, "gradient_buffer"),
+        ({"disk_cap_gb": -1}, "disk_cap_gb"),
+    ],
+)
+def test_bad_parameters_name_the_parameter(tmp_path, params, named):
+    with pytest.raises(TrainingConfigError, match=named):
+        make_config(tmp_path, **params)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda_is_refused(tmp_path):
+    with pytest.raises(TrainingConfigError, match="device.*no CUDA"):
+        make_config(tmp_path, device="cuda")
+
+
+def test_disk_cap_is_checked_before_any_work(tmp_path, tiny_data):
+    # 3 kept epochs x 12 batches x 286 float64 values = 82,368 bytes.
+    config = make_config(tmp_path, disk_cap_gb=82_367 / 2**30)
+    with pytest.raises(TrainingConfigError, match=r"disk_cap_gb.*need 7.67e-05 GiB \(3 epochs x 12 batches x 286"):
+        GradientProbeRun(config, tiny_data, tiny_model, "intensity")
+    assert not tmp_path.joinpath("checkpoints").exists()
+    GradientProbeRun(make_config(tmp_path, disk_cap_gb=82_368 / 2**30), tiny_data, tiny_model, "intensity")
+
+
+def test_divergence_stops_with_epoch_and_batch_and_keeps_the_last_checkpoint(tmp_path, tiny_data):
+    config = make_config(tmp_path, phases=[{"epochs": 1, "lr": 0.05}, {"epochs": 2, "lr": 1e300}],
+                         keep_gradients="none")
+    run = GradientProbeRun(config, tiny_data, tiny_model, "intensity")
+    with pytest.raises(DivergenceError, match=r"epoch 2, batch \d+.*not finite.*checkpoint \(epoch 1\)"):
+        list(run.run())
+    assert run.store.checkpoint_epochs() == [1]
+
+
+def test_too_little_free_space_for_a_kept_epoch_stops_cleanly(tmp_path, tiny_data, monkeypatch):
+    config = make_config(tmp_path, keep_gradients=[2])
+    run = GradientProbeRun(config, tiny_data, tiny_model, "intensity")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(DiskSpaceError, match=r"Epoch 2.*gradients.*only 9.31e-07 GiB are free"):
+        list(run.run())
+    assert run.store.checkpoint_epochs() == [1]
+
+
+def test_training_data_from_tables_checks_equal_batches(sample_dataset):
+    index = sample_dataset.index
+    assignments = pd.DataFrame({"metric": "intensity", "batch": [0, 0, 1], "position": [0, 1, 0],
+                                "image_id": [0, 1, 2], "metric_value": [0.1, 0.2, 0.3]})
+    with pytest.raises(TrainingDataError, match="equal size"):
+        TrainingData.from_tables(assignments, index, sample_dataset.images["train"], sample_dataset.images["test"])
+    good = assignments.iloc[:2]
+    data = TrainingData.from_tables(good, index, sample_dataset.images["train"], sample_dataset.images["test"])
+    assert data.batches.tolist() == [[0, 1]] and data.test_labels.shape == (1000,)
+    with pytest.raises(TrainingDataError, match="not training images"):
+        TrainingData.from_tables(good.assign(image_id=[0, 10**7]), index, sample_dataset.images["train"], None)
