@@ -1,7 +1,7 @@
 """Wiring of ``score_metrics``: one namespace per registered metric, plus the combined table."""
 
 import warnings
-from functools import partial
+from functools import partial, update_wrapper
 
 from kedro.pipeline import Pipeline, node, pipeline
 
@@ -14,11 +14,12 @@ SHARED_PARAMETERS = {"params:score_metrics": "params:score_metrics"}
 
 
 def ordering_template(metric: str) -> Pipeline:
-    """The per-metric template; the metric's name is bound to the node function, everything else is shared."""
+    """The per-metric template: the metric's name is bound to the node function (keeping its name for
+    logs and kedro-viz); every other input is shared or namespaced."""
     return Pipeline(
         [
             node(
-                partial(score_training_images, metric),
+                update_wrapper(partial(score_training_images, metric), score_training_images),
                 inputs=["train_images", "image_index", "params:score_metrics"],
                 outputs=["image_scores", "metric_status"],
                 name="score_images",

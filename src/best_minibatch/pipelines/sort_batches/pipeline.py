@@ -1,6 +1,6 @@
 """Wiring of ``sort_batches``: one namespace per registered metric."""
 
-from functools import partial
+from functools import partial, update_wrapper
 
 from kedro.pipeline import Pipeline, node, pipeline
 
@@ -13,11 +13,12 @@ SHARED_PARAMETERS = {"params:sort_batches": "params:sort_batches"}
 
 
 def ordering_template(metric: str) -> Pipeline:
-    """The per-metric template; the metric's name is bound to the node function, everything else is shared."""
+    """The per-metric template: the metric's name is bound to the node function (keeping its name for
+    logs and kedro-viz); every other input is shared or namespaced."""
     return Pipeline(
         [
             node(
-                partial(sort_scores_into_batches, metric),
+                update_wrapper(partial(sort_scores_into_batches, metric), sort_scores_into_batches),
                 inputs=["image_scores", "image_index", "params:sort_batches"],
                 outputs=["batch_assignments", "batch_summary"],
                 name="sort_into_batches",
