@@ -733,13 +733,21 @@ def _detached_copy(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def _deterministic(enabled: bool, device: torch.device):
-    """Deterministic kernels while the run lasts, restoring the caller's settings after."""
+    """Deterministic kernels on CUDA while the run lasts, restoring the caller's settings after.
+
+    On the CPU the kernels this loop uses are deterministic for a fixed thread count
+    (``cpu_threads``), which the resume test checks bit for bit; there the switch is
+    left alone, because turning it on imports torch's compiler stack (seconds).
+    """
+    if device.type != "cuda":
+        yield
+        return
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     previous_benchmark = torch.backends.cudnn.benchmark
-    if enabled and device.type == "cuda":
+    if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled, warn_only=True)
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not enabled
+    torch.backends.cudnn.benchmark = not enabled
     try:
         yield
     finally:

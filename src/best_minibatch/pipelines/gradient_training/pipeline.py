@@ -1,6 +1,6 @@
 """Wiring of ``gradient_training``: one namespaced copy per ordering."""
 
-from functools import partial
+from functools import partial, update_wrapper
 
 from kedro.pipeline import Pipeline, node, pipeline
 
@@ -15,7 +15,7 @@ def _ordering_template(ordering: str) -> Pipeline:
     return Pipeline(
         [
             node(
-                partial(train_with_gradient_probe, ordering=ordering),
+                update_wrapper(partial(train_with_gradient_probe, ordering=ordering), train_with_gradient_probe),
                 inputs=["batch_assignments", "image_index", "train_images", "test_images",
                         "params:gradient_training"],
                 outputs=["batch_gradients", "probe_results"],
