@@ -1,0 +1,513 @@
+"""Statistics and report of the batch-selection experiment: intervals, tests, the table, the figure, the answer.
+
+Knows nothing of Kedro. Inputs are the experiment's tables from
+``selection.run_experiment``: the curves (one row per seed x policy x
+evaluation, :data:`selection.CURVE_COLUMNS`) and the results (one row per seed
+x policy, :data:`selection.RESULT_COLUMNS`).
+
+Conventions (also in ``docs/batch_selection.md``):
+
+* Intervals over seeds are Student t intervals of the mean.
+* Every policy is compared with the baseline (``shuffle``) by seed: a seed fixes
+  the initial weights, and the validation split is the same for all runs, so
+  runs pair by seed and the test is a **paired t-test** on the per-seed
+  differences (CI from the same t distribution). Where the seeds do not pair,
+  Welch's t-test is used instead; the table says which. An exact sign-flip
+  permutation p-value of the same differences is reported beside it (with 5 seeds
+  its smallest possible value is 2/32 = 0.0625, so it alone can never reach 0.05).
+* The primary endpoint for "converges faster" is the mean validation accuracy
+  over all evaluations after the first step (the area under the
+  accuracy-vs-steps curve divided by its length; all policies share the same
+  evaluation steps). It needs no censoring, unlike steps to a target. Its
+  p-values are Holm-adjusted over the policies compared with the baseline, and
+  the verdict (``faster``, ``slower``, ``no detectable difference``) reads off
+  them at ``alpha``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import product
+from typing import Any, Iterable, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from scipy import special
+
+from best_minibatch.analysis import holm_adjust
+
+FASTER, SLOWER, NO_DIFFERENCE, BASELINE_VERDICT = "faster", "slower", "no detectable difference", "baseline"
+PAIRED_T, WELCH_T = "paired t-test", "Welch t-test"
+#: Endpoints compared with the baseline: (column in the per-run table, larger is better, unit for text).
+ENDPOINTS = {
+    "val_auc": (True, "points of mean validation accuracy over training"),
+    "test_accuracy": (True, "points of final test accuracy"),
+    "steps_to_target": (False, "steps to the target"),
+    "seconds_to_target": (False, "seconds to the target"),
+}
+
+
+# --------------------------------------------------------------------------- intervals and tests
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def t_interval(values: Iterable[float], confidence: float = 0.95) -> Interval:
+    """Mean and two-sided Student t confidence interval of the mean (NaN bounds below 2 values)."""
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(x.mean())
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, n)
+    half = _t_quantile(0.5 + confidence / 2, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def _t_quantile(probability: float, df: float) -> float:
+    """Quantile of Student's t (scipy's ufunc: the numbers of scipy.stats.t.ppf without its overhead)."""
+    return float(special.stdtrit(df, probability))
+
+
+def _t_two_sided_p(statistic: float, df: float) -> float:
+    """Two-sided p-value of a t statistic, as scipy's t-tests compute it."""
+    return float(2 * special.stdtr(df, -abs(statistic)))
+
+
+def sign_flip_p_value(differences: Iterable[float], max_exact: int = 16, n_draws: int = 20000,
+                      seed: int = 0) -> float:
+    """Two-sided permutation p-value of ``mean(differences) = 0`` by flipping signs (paired data).
+
+    Exact (all ``2^n`` sign patterns) up to ``max_exact`` pairs, else Monte Carlo
+    with ``(count + 1) / (draws + 1)``. NaN for no pairs.
+    """
+    d = np.asarray(list(differences), dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        return math.nan
+    observed = abs(d.mean())
+    tolerance = 1e-12 * max(1.0, np.abs(d).max())
+    if n <= max_exact:
+        signs = np.array(list(product((1.0, -1.0), repeat=n)))
+        means = np.abs(signs @ d) / n
+        return float(np.mean(means >= observed - tolerance))
+    rng = np.random.default_rng(seed)
+    signs = rng.choice((1.0, -1.0), size=(n_draws, n))
+    means = np.abs(signs @ d) / n
+    return float((np.sum(means >= observed - tolerance) + 1) / (n_draws + 1))
+
+
+def paired_comparison(policy: Sequence[float], baseline: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Paired t-test and t interval of ``policy - baseline`` (equal-length sequences, one pair per seed)."""
+    a = np.asarray(policy, dtype=np.float64)
+    b = np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"Paired data need equal lengths, got {a.shape} and {b.shape}.")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    d = a[keep] - b[keep]
+    interval = t_interval(d, confidence)
+    if len(d) >= 2 and np.std(d, ddof=1) > 0:
+        p_value = _t_two_sided_p(d.mean() / (d.std(ddof=1) / math.sqrt(len(d))), len(d) - 1)
+    elif len(d) >= 2:  # identical differences: no spread, so a t statistic is undefined
+        p_value = 1.0 if d.mean() == 0 else 0.0
+    else:
+        p_value = math.nan
+    return {"difference": interval.mean, "difference_low": interval.low, "difference_high": interval.high,
+            "p_value": p_value, "p_sign_flip": sign_flip_p_value(d), "n": interval.n, "test": PAIRED_T}
+
+
+def welch_comparison(policy: Sequence[float], baseline: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Welch's t-test and Welch-Satterthwaite interval of ``mean(policy) - mean(baseline)`` (unpaired)."""
+    a = np.asarray([v for v in policy if not math.isnan(v)], dtype=np.float64)
+    b = np.asarray([v for v in baseline if not math.isnan(v)], dtype=np.float64)
+    result = {"difference": math.nan, "difference_low": math.nan, "difference_high": math.nan,
+              "p_value": math.nan, "p_sign_flip": math.nan, "n": min(len(a), len(b)), "test": WELCH_T}
+    if len(a) == 0 or len(b) == 0:
+        return result
+    difference = float(a.mean() - b.mean())
+    result["difference"] = difference
+    if len(a) < 2 or len(b) < 2:
+        return result
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        result["p_value"] = 1.0 if difference == 0 else 0.0
+        return result
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = _t_quantile(0.5 + confidence / 2, df) * se
+    result.update(difference_low=difference - half, difference_high=difference + half,
+                  p_value=_t_two_sided_p(difference / se, df))
+    return result
+
+
+def compare_with_baseline(policy: pd.Series, baseline: pd.Series, confidence: float = 0.95) -> dict[str, Any]:
+    """``policy - baseline`` with seeds as the index: paired when both have the same seeds, else Welch."""
+    if set(policy.index) == set(baseline.index):
+        seeds = sorted(policy.index)
+        return paired_comparison(policy.loc[seeds].to_numpy(), baseline.loc[seeds].to_numpy(), confidence)
+    return welch_comparison(policy.to_numpy(), baseline.to_numpy(), confidence)
+
+
+def verdict(difference: float, p_adjusted: float, larger_is_better: bool, alpha: float) -> str:
+    """``faster`` / ``slower`` when the adjusted p-value is below ``alpha``, else ``no detectable difference``."""
+    if math.isnan(p_adjusted) or p_adjusted >= alpha or difference == 0 or math.isnan(difference):
+        return NO_DIFFERENCE
+    return FASTER if (difference > 0) == larger_is_better else SLOWER
+
+
+# --------------------------------------------------------------------------- per-run endpoints
+
+
+def time_to_target(curves: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per seed and policy: the first evaluation with validation accuracy >= ``target``.
+
+    Columns ``seed``, ``policy``, ``reached`` (bool), ``steps_to_target``,
+    ``passes_to_target``, ``seconds_to_target`` (training plus probing),
+    ``epoch_to_target``; NaN where the target was never reached.
+    """
+    rows = []
+    for (seed, policy), curve in curves.groupby(["seed", "policy"], sort=True):
+        curve = curve.sort_values("step")
+        hit = curve.loc[curve["val_accuracy"] >= target]
+        first = hit.iloc[0] if len(hit) else None
+        rows.append({
+            "seed": int(seed), "policy": policy, "reached": first is not None,
+            "steps_to_target": float(first["step"]) if first is not None else math.nan,
+            "passes_to_target": float(first["passes"]) if first is not None else math.nan,
+            "seconds_to_target": float(first["seconds"]) if first is not None else math.nan,
+            "epoch_to_target": float(first["epoch"]) if first is not None else math.nan,
+        })
+    return pd.DataFrame(rows)
+
+
+def run_endpoints(curves: pd.DataFrame, results: pd.DataFrame, target: float) -> pd.DataFrame:
+    """One row per seed x policy: the results plus ``val_auc`` and the time-to-target columns."""
+    after_start = curves.loc[curves["step"] > 0]
+    auc = after_start.groupby(["seed", "policy"])["val_accuracy"].mean().rename("val_auc").reset_index()
+    table = results.merge(auc, on=["seed", "policy"], how="left")
+    return table.merge(time_to_target(curves, target), on=["seed", "policy"], how="left")
+
+
+def curve_summary(curves: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per policy and evaluation step: validation accuracy mean and t interval over seeds, mean seconds and passes."""
+    rows = []
+    for (policy, step), part in curves.groupby(["policy", "step"], sort=True):
+        accuracy = t_interval(part["val_accuracy"], confidence)
+        rows.append({
+            "policy": policy, "epoch": int(part["epoch"].iloc[0]), "phase": int(part["phase"].iloc[0]),
+            "step": int(step), "n_seeds": accuracy.n, "val_accuracy_mean": accuracy.mean,
+            "val_accuracy_low": accuracy.low, "val_accuracy_high": accuracy.high,
+            "seconds_mean": float(part["seconds"].mean()), "passes_mean": float(part["passes"].mean()),
+        })
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- policy summary
+
+
+def policy_summary(
+    curves: pd.DataFrame,
+    results: pd.DataFrame,
+    target: float,
+    baseline: str = "shuffle",
+    confidence: float = 0.95,
+    alpha: float = 0.05,
+    policies: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """One row per policy: intervals of every endpoint, not-reached counts, and the comparison with ``baseline``.
+
+    For each endpoint ``e`` of :data:`ENDPOINTS`: ``e_mean``, ``e_low``, ``e_high``
+    (t interval over seeds; time-to-target over the seeds that reached it) and,
+    against the baseline, ``e_diff``, ``e_diff_low``, ``e_diff_high``, ``e_p``,
+    ``e_p_sign_flip``, ``e_n`` (pairs used: for time to target only seeds where
+    both runs reached it). ``val_auc_p_holm`` and ``test_accuracy_p_holm`` are
+    Holm-adjusted over the non-baseline policies; ``verdict`` reads the primary
+    endpoint (``val_auc``).
+    """
+    table = run_endpoints(curves, results, target)
+    if baseline not in set(table["policy"]):
+        raise ValueError(f"The results have no runs of the baseline policy '{baseline}'.")
+    order = list(policies) if policies is not None else sorted(table["policy"].unique(),
+                                                                key=lambda p: (p != baseline, p))
+    base = table.loc[table["policy"] == baseline].set_index("seed")
+    rows = []
+    tests = set()
+    for policy in order:
+        part = table.loc[table["policy"] == policy].set_index("seed")
+        row: dict[str, Any] = {"policy": policy, "n_seeds": len(part),
+                               "reached_target": int(part["reached"].sum()),
+                               "not_reached": int((~part["reached"].astype(bool)).sum())}
+        for column in ("final_val_accuracy", "val_auc", "test_accuracy", "steps_to_target", "passes_to_target",
+                       "seconds_to_target", "seconds", "probe_seconds", "probe_passes", "steps"):
+            interval = t_interval(part[column], confidence)
+            row[f"{column}_mean"], row[f"{column}_low"], row[f"{column}_high"] = interval.mean, interval.low, interval.high
+        for endpoint in ENDPOINTS:
+            if policy == baseline:
+                comparison = {"difference": 0.0, "difference_low": math.nan, "difference_high": math.nan,
+                              "p_value": math.nan, "p_sign_flip": math.nan, "n": len(part), "test": ""}
+            else:
+                a, b = part[endpoint], base[endpoint]
+                if endpoint in ("steps_to_target", "seconds_to_target"):
+                    both = a.dropna().index.intersection(b.dropna().index)
+                    a, b = a.loc[both], b.loc[both]
+                comparison = compare_with_baseline(a, b, confidence)
+                tests.add(comparison["test"])
+            row[f"{endpoint}_diff"] = comparison["difference"]
+            row[f"{endpoint}_diff_low"] = comparison["difference_low"]
+            row[f"{endpoint}_diff_high"] = comparison["difference_high"]
+            row[f"{endpoint}_p"] = comparison["p_value"]
+            row[f"{endpoint}_p_sign_flip"] = comparison["p_sign_flip"]
+            row[f"{endpoint}_n"] = comparison["n"]
+            if endpoint == "val_auc":
+                row["test"] = comparison["test"]
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    others = summary["policy"] != baseline
+    for endpoint in ("val_auc", "test_accuracy"):
+        summary[f"{endpoint}_p_holm"] = math.nan
+        summary.loc[others, f"{endpoint}_p_holm"] = holm_adjust(summary.loc[others, f"{endpoint}_p"])
+    summary["verdict"] = [
+        BASELINE_VERDICT if policy == baseline else verdict(diff, p, True, alpha)
+        for policy, diff, p in zip(summary["policy"], summary["val_auc_diff"], summary["val_auc_p_holm"])
+    ]
+    summary["target_validation_accuracy"] = target
+    summary["confidence"] = confidence
+    summary["alpha"] = alpha
+    return summary
+
+
+# --------------------------------------------------------------------------- the answer in one sentence
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def answer_sentence(summary: pd.DataFrame, baseline: str = "shuffle") -> str:
+    """The experiment's answer in one sentence, read off the verdicts (primary endpoint, Holm-adjusted)."""
+    others = summary.loc[summary["policy"] != baseline]
+    if len(others) == 0:
+        return f"Only the baseline ({baseline}) was run, so nothing was compared."
+    alpha = float(summary["alpha"].iloc[0])
+    confidence = float(summary["confidence"].iloc[0])
+    n = int(summary["n_seeds"].min())
+    test = others["test"].iloc[0] or PAIRED_T
+    method = f"{test}s over {n} seeds, Holm-adjusted, alpha = {alpha:g}"
+
+    def described(row: pd.Series) -> str:
+        return (f"{row['policy']} ({_points(row['val_auc_diff'])} points of mean validation accuracy over training, "
+                f"{100 * confidence:.0f}% CI [{_points(row['val_auc_diff_low'])}, {_points(row['val_auc_diff_high'])}], "
+                f"adjusted p = {row['val_auc_p_holm']:.3g})")
+
+    faster = others.loc[others["verdict"] == FASTER]
+    slower = others.loc[others["verdict"] == SLOWER]
+    neutral = others.loc[others["verdict"] == NO_DIFFERENCE]
+    if len(faster) == 0 and len(slower) == 0:
+        low, high = others["val_auc_diff"].min(), others["val_auc_diff"].max()
+        return (f"No: none of the selection policies ({', '.join(others['policy'])}) converged detectably faster "
+                f"than {baseline} - no detectable difference in mean validation accuracy over training "
+                f"(differences from {_points(low)} to {_points(high)} points; {method}).")
+    parts = []
+    if len(faster):
+        parts.append("converged faster than " + baseline + ": " + "; ".join(described(r) for _, r in faster.iterrows()))
+    if len(slower):
+        parts.append("converged slower than " + baseline + ": " + "; ".join(described(r) for _, r in slower.iterrows()))
+    lead = "Yes for " + ", ".join(faster["policy"]) if len(faster) else "No"
+    sentence = f"{lead}: " + ", while ".join(parts)
+    if len(neutral):
+        sentence += f"; {', '.join(neutral['policy'])} showed no detectable difference"
+    oracle = others.loc[(others["policy"] == "oracle") & (others["verdict"] == FASTER)]
+    if len(oracle):
+        row = oracle.iloc[0]
+        sentence += (f" (counting its probing, the oracle needed {row['seconds_to_target_diff']:+.1f} s to the target "
+                     f"relative to {baseline})") if not math.isnan(row["seconds_to_target_diff"]) else ""
+    return sentence + f" ({method})."
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def convergence_figure(curves_summary: pd.DataFrame, target: float, policies: Sequence[str] | None = None,
+                       title: str = "") -> plt.Figure:
+    """Validation accuracy against optimizer steps and against wall-clock seconds (training + probing).
+
+    One line per policy (mean over seeds) with its t interval as a band; the
+    target accuracy as a dashed line.
+    """
+    policies = list(policies) if policies is not None else list(dict.fromkeys(curves_summary["policy"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True, constrained_layout=True)
+    palette = plt.get_cmap("tab10")
+    for i, policy in enumerate(policies):
+        part = curves_summary.loc[curves_summary["policy"] == policy].sort_values("step")
+        colour = palette(i % 10)
+        for ax, x in zip(axes, ("step", "seconds_mean")):
+            ax.plot(part[x], part["val_accuracy_mean"], color=colour, label=policy, linewidth=1.6)
+            ax.fill_between(part[x], part["val_accuracy_low"], part["val_accuracy_high"], color=colour, alpha=0.18,
+                            linewidth=0)
+    for ax in axes:
+        ax.axhline(target, color="0.3", linestyle="--", linewidth=1, label=f"target {target:.2f}")
+        ax.grid(alpha=0.3)
+    n = int(curves_summary["n_seeds"].max()) if len(curves_summary) else 0
+    axes[0].set_xlabel("optimizer steps")
+    axes[1].set_xlabel("wall-clock seconds (training + gradient probing), mean over seeds")
+    axes[0].set_ylabel(f"validation accuracy (mean and 95% t interval, {n} seeds)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title or "Batch selection: validation accuracy per policy")
+    return fig
+
+
+# --------------------------------------------------------------------------- report fragment
+
+
+def _ci(mean: float, low: float, high: float, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    if math.isnan(low):
+        return fmt.format(scale * mean)
+    return f"{fmt.format(scale * mean)} [{fmt.format(scale * low)}, {fmt.format(scale * high)}]"
+
+
+def _p(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3g}"
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """What the report fragment says, independent of its format."""
+
+    title: str
+    intro: str
+    answer: str
+    setup: str
+    method: str
+    summary_header: list[str]
+    summary_rows: list[list[str]]
+    epochs_caption: str
+    epochs_header: list[str]
+    epochs_rows: list[list[str]]
+    notes: list[str]
+    figure_caption: str
+
+
+def report_content(
+    summary: pd.DataFrame,
+    curves_summary: pd.DataFrame,
+    sentence: str,
+    setup: Mapping[str, Any],
+    notes: Sequence[str] = (),
+    baseline: str = "shuffle",
+) -> ReportContent:
+    """The fragment's text and tables: the answer, the setup, the summary table, accuracy per epoch."""
+    confidence = float(summary["confidence"].iloc[0])
+    target = float(summary["target_validation_accuracy"].iloc[0])
+    pct = f"{100 * confidence:.0f}%"
+    header = ["policy", "mean val. acc. over training (%)", "diff. vs shuffle (Holm p)", "final test acc. (%)",
+              "diff. vs shuffle (Holm p)", "steps to target", "diff. (p, pairs)", "seconds to target",
+              "diff. (p)", "not reached", "probe passes / run", "verdict", "test"]
+    rows = []
+    for _, r in summary.iterrows():
+        is_base = r["policy"] == baseline
+        rows.append([
+            str(r["policy"]),
+            _ci(r["val_auc_mean"], r["val_auc_low"], r["val_auc_high"]),
+            "-" if is_base else f"{_ci(r['val_auc_diff'], r['val_auc_diff_low'], r['val_auc_diff_high'], signed=True)}"
+                                f" (p {_p(r['val_auc_p_holm'])})",
+            _ci(r["test_accuracy_mean"], r["test_accuracy_low"], r["test_accuracy_high"]),
+            "-" if is_base else f"{_ci(r['test_accuracy_diff'], r['test_accuracy_diff_low'], r['test_accuracy_diff_high'], signed=True)}"
+                                f" (p {_p(r['test_accuracy_p_holm'])})",
+            _ci(r["steps_to_target_mean"], r["steps_to_target_low"], r["steps_to_target_high"], 1, 0),
+            "-" if is_base else f"{_ci(r['steps_to_target_diff'], r['steps_to_target_diff_low'], r['steps_to_target_diff_high'], 1, 0, True)}"
+                                f" (p {_p(r['steps_to_target_p'])}, {int(r['steps_to_target_n'])})",
+            _ci(r["seconds_to_target_mean"], r["seconds_to_target_low"], r["seconds_to_target_high"], 1, 1),
+            "-" if is_base else f"{_ci(r['seconds_to_target_diff'], r['seconds_to_target_diff_low'], r['seconds_to_target_diff_high'], 1, 1, True)}"
+                                f" (p {_p(r['seconds_to_target_p'])})",
+            f"{int(r['not_reached'])} of {int(r['n_seeds'])}",
+            f"{r['probe_passes_mean']:.0f}",
+            str(r["verdict"]),
+            str(r["test"]) or "-",
+        ])
+    ends = curves_summary.sort_values("step").groupby(["policy", "epoch"]).tail(1)
+    policies = list(summary["policy"])
+    epochs_rows = []
+    for epoch in sorted(ends["epoch"].unique()):
+        at = ends.loc[ends["epoch"] == epoch].set_index("policy")
+        cells = [_ci(at.loc[p, "val_accuracy_mean"], at.loc[p, "val_accuracy_low"], at.loc[p, "val_accuracy_high"])
+                 if p in at.index else "n/a" for p in policies]
+        epochs_rows.append([str(int(epoch)), str(int(at["phase"].iloc[0])), *cells])
+    return ReportContent(
+        title='Batch selection: does training on the "best" mini-batches converge faster?',
+        intro="The paper's open question (section 5, future work 2), tested: five policies with the same model, "
+              "data, batch size, learning-rate schedule and number of optimizer steps (docs/batch_selection.md).",
+        answer=sentence,
+        setup="; ".join(f"{key}: {value}" for key, value in setup.items()) + ".",
+        method=(f"Means over seeds with {pct} t intervals; accuracies in percent. Differences are policy minus "
+                f"{baseline}, paired by seed (same initial weights, same validation split), tested with the test "
+                "named in the last column; the two accuracy columns' p-values are Holm-adjusted over the policies. "
+                f"The target is a validation accuracy of {100 * target:.1f}%, fixed before the run; steps and "
+                "seconds to it average the seeds that reached it, their differences use the seeds where both runs "
+                "did. Seconds count training steps and the oracle's gradient probing, not evaluations. The verdict "
+                "reads the first accuracy column (the primary endpoint)."),
+        summary_header=header,
+        summary_rows=rows,
+        epochs_caption=f"Validation accuracy at the end of each epoch (%, mean [{pct} interval]):",
+        epochs_header=["epoch", "phase", *policies],
+        epochs_rows=epochs_rows,
+        notes=list(notes),
+        figure_caption="Validation accuracy against optimizer steps (left) and against wall-clock seconds of "
+                       f"training plus probing (right); lines are means over seeds, bands {pct} t intervals, the "
+                       "dashed line is the target.",
+    )
+
+
+def markdown_fragment(content: ReportContent, figure_name: str = "") -> str:
+    """The fragment as Markdown (figure referenced by its dataset name)."""
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+            "| " + " | ".join(row) + " |" for row in rows]
+
+    lines = [f"## {content.title}", "", content.intro, "", f"**Answer.** {content.answer}", "",
+             f"**Setup.** {content.setup}", "", content.method, ""]
+    lines += table(content.summary_header, content.summary_rows)
+    lines += ["", content.epochs_caption, ""] + table(content.epochs_header, content.epochs_rows)
+    if content.notes:
+        lines += ["", "**Notes.**", ""] + [f"- {note}" for note in content.notes]
+    if figure_name:
+        lines += ["", f"Figure `{figure_name}`: {content.figure_caption}"]
+    return "\n".join(lines) + "\n"
+
+
+def html_fragment(content: ReportContent, figure_png: bytes | None = None) -> str:
+    """The fragment as self-contained HTML (a ``<section>``; the figure embedded as a base64 PNG)."""
+    import base64
+    import html
+
+    def esc(text: str) -> str:
+        return html.escape(str(text))
+
+    def table(header: list[str], rows: list[list[str]]) -> str:
+        head = "".join(f"<th>{esc(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    parts = [f'<section id="batch-selection"><h2>{esc(content.title)}</h2>', f"<p>{esc(content.intro)}</p>",
+             f"<p><b>Answer.</b> {esc(content.answer)}</p>", f"<p><b>Setup.</b> {esc(content.setup)}</p>",
+             f'<p class="note">{esc(content.method)}</p>', table(content.summary_header, content.summary_rows)]
+    if figure_png is not None:
+        encoded = base64.b64encode(figure_png).decode("ascii")
+        parts.append(f'<figure><img alt="batch selection convergence" src="data:image/png;base64,{encoded}">'
+                     f"<figcaption>{esc(content.figure_caption)}</figcaption></figure>")
+    parts += [f"<p>{esc(content.epochs_caption)}</p>", table(content.epochs_header, content.epochs_rows)]
+    if content.notes:
+        parts.append("<p><b>Notes.</b></p><ul>" + "".join(f"<li>{esc(n)}</li>" for n in content.notes) + "</ul>")
+    parts.append("</section>")
+    return "\n".join(parts) + "\n"
