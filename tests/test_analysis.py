@@ -568,3 +568,16 @@ def test_noise_units_on_a_tiny_model_sorted_by_gradient_direction():
     assert (edges["difference"] > 3).all() and (edges["p_holm"] < 0.01).all()
     middle = batch_stats[(batch_stats["ordering"] == "edges") & batch_stats["batch_position"].between(0.3, 0.7)]
     assert middle["noise_z_mean"].mean() < -0.3
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def test_parameters_default_and_are_checked():
+    assert analysis.check_parameters({"alpha": 0.01})["n_permutations"] == 20000
+    with pytest.raises(analysis.AnalysisInputError, match="distance_analysis.alpha must be a number strictly between"):
+        analysis.check_parameters({"alpha": 1.5})
+    with pytest.raises(analysis.AnalysisInputError, match="distance_analysis.n_permutations must be an integer of at least 100"):
+        analysis.check_parameters({"n_permutations": 10})
+    with pytest.raises(analysis.AnalysisInputError, match="Unknown distance_analysis parameters \\['alfa'\\]"):
+        analysis.check_parameters({"alfa": 0.05})

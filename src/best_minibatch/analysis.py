@@ -740,3 +740,47 @@ def ordering_status_table(
         rows.append({"ordering": ordering, "status": state, "reason": reason or "", "n_epochs": n_epochs,
                      "n_phases": n_phases, "n_batches": int(n_batches)})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- parameters
+
+DEFAULT_PARAMETERS = {
+    "null_ordering": "random",
+    "alpha": 0.05,
+    "n_permutations": 20000,
+    "n_bootstrap": 2000,
+    "confidence": 0.95,
+    "seed": 0,
+    "n_best_worst": 3,
+}
+
+
+def check_parameters(params: Mapping | None) -> dict:
+    """``distance_analysis`` parameters overlaid on :data:`DEFAULT_PARAMETERS`, each checked.
+
+    Unknown keys and out-of-range values raise :class:`AnalysisInputError` naming
+    ``distance_analysis.<key>`` and the accepted range.
+    """
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(DEFAULT_PARAMETERS))
+    if unknown:
+        raise AnalysisInputError(
+            f"Unknown distance_analysis parameters {unknown}; the known ones are {sorted(DEFAULT_PARAMETERS)} "
+            "(conf/base/parameters_distance_analysis.yml)."
+        )
+    merged = {**DEFAULT_PARAMETERS, **params}
+
+    def bad(key: str, expected: str) -> AnalysisInputError:
+        return AnalysisInputError(f"distance_analysis.{key} must be {expected}, got {merged[key]!r}.")
+
+    if not isinstance(merged["null_ordering"], str) or not merged["null_ordering"]:
+        raise bad("null_ordering", "the name of the random ordering (a metric in best_minibatch.metrics.METRICS)")
+    for key, low, high in (("alpha", 0.0, 0.5), ("confidence", 0.5, 1.0)):
+        value = merged[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+            raise bad(key, f"a number strictly between {low} and {high}")
+    for key, minimum in (("n_permutations", 100), ("n_bootstrap", 100), ("n_best_worst", 1), ("seed", 0)):
+        value = merged[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise bad(key, f"an integer of at least {minimum}")
+    return merged

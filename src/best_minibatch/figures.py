@@ -1,0 +1,313 @@
+"""Figures of the distance analysis: heat maps, distance by batch rank, batch images, training curves.
+
+Knows nothing of Kedro. Every function returns ``matplotlib.figure.Figure``
+objects built without pyplot (no global figure state), styled with seaborn. The
+tables are those of :mod:`best_minibatch.analysis` and ``docs/data_flow.md``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Mapping, Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from best_minibatch.analysis import epoch_phase_table, phase_spans
+
+#: Light = short distance, as in the paper's heat maps.
+DISTANCE_CMAP = "rocket_r"
+NULL_COLOR = "0.45"
+#: Background of the outer 10% on each side, the "extremes" of the paper's claims.
+EXTREMES_SHADE = "#f6ecd9"
+STYLE = {**sns.axes_style("ticks"), "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8,
+         "ytick.labelsize": 8, "legend.fontsize": 8, "figure.titlesize": 11}
+
+MEASURE_LABELS = {
+    "distance": "distance to the full-batch gradient  ‖g_k − g_full‖",
+    "noise_z": "distance in noise units: z against random batches of the same epoch",
+}
+
+
+def ordering_colors(orderings: Sequence[str], null_ordering: str) -> dict[str, tuple | str]:
+    """One colour per ordering, the same in every figure; the null ordering is grey."""
+    metrics = [o for o in orderings if o != null_ordering]
+    palette = sns.color_palette("colorblind", max(len(metrics), 1))
+    colors: dict[str, tuple | str] = dict(zip(metrics, palette))
+    colors[null_ordering] = NULL_COLOR
+    return colors
+
+
+def png_bytes(figure: Figure, dpi: int = 120) -> bytes:
+    """The figure rendered as PNG (its constrained layout keeps everything inside, so no tight box)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _phase_title(span: pd.Series) -> str:
+    return (f"Phase {int(span['phase'])}: epochs {int(span['first_epoch'])}–{int(span['last_epoch'])}, "
+            f"lr {span['learning_rate']:g}")
+
+
+def _batch_axis_label(ordering: str, null_ordering: str) -> str:
+    if ordering == null_ordering:
+        return "batch index (random assignment)"
+    return f"batch index (ascending {ordering})"
+
+
+# --------------------------------------------------------------------------- heat maps
+
+
+def distance_heatmap(
+    noise_units: pd.DataFrame, ordering: str, value: str, null_ordering: str
+) -> Figure:
+    """The paper's heat map of one ordering: one panel per phase, x = batch, y = epoch, light = close.
+
+    ``value`` is ``distance`` or ``noise_z``. All panels share one colour scale
+    (the 1st–99th percentile of the ordering's values over all phases, so that one
+    outlier does not wash the map out; the colour bar's arrows mark clipping).
+    """
+    if value not in MEASURE_LABELS:
+        raise ValueError(f"value must be one of {list(MEASURE_LABELS)}, got '{value}'.")
+    table = noise_units[noise_units["ordering"] == ordering]
+    if table.empty:
+        raise ValueError(f"No distance rows for ordering '{ordering}'.")
+    spans = phase_spans(epoch_phase_table(table, ordering))
+    finite = table[value].to_numpy(float)
+    finite = finite[np.isfinite(finite)]
+    vmin, vmax = np.percentile(finite, [1, 99]) if len(finite) else (0.0, 1.0)
+    with matplotlib.rc_context(STYLE):
+        figure = Figure(figsize=(3.6 * len(spans) + 1.2, 3.8), layout="constrained")
+        axes = figure.subplots(1, len(spans), squeeze=False)[0]
+        image = None
+        for axis, (_, span) in zip(axes, spans.iterrows()):
+            part = table[table["phase"] == span["phase"]]
+            matrix = part.pivot(index="epoch", columns="batch", values=value).sort_index()
+            n_batches = matrix.shape[1]
+            image = axis.imshow(
+                matrix.to_numpy(float), aspect="auto", cmap=DISTANCE_CMAP, vmin=vmin, vmax=vmax,
+                interpolation="nearest",
+                extent=(-0.5, n_batches - 0.5, matrix.index.max() + 0.5, matrix.index.min() - 0.5),
+            )
+            axis.set_title(_phase_title(span))
+            axis.set_xlabel(_batch_axis_label(ordering, null_ordering))
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+            axis.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
+        axes[0].set_ylabel("epoch")
+        colorbar = figure.colorbar(image, ax=list(axes), extend="both", shrink=0.9)
+        label = MEASURE_LABELS[value] + "\n(light = closer"
+        if value == "noise_z" and vmin < 0 < vmax:
+            colorbar.ax.axhline(0.0, color="k", linewidth=1)
+            label += "; black line: 0 = as close as a random batch"
+        colorbar.set_label(label + ")", fontsize=8)
+        kind = "distance" if value == "distance" else "distance in noise units"
+        figure.suptitle(f"{ordering} ordering: {kind} of each mini-batch's gradient to the full gradient")
+    return figure
+
+
+def distance_heatmaps(
+    noise_units: pd.DataFrame, orderings: Sequence[str], null_ordering: str
+) -> dict[str, Figure]:
+    """Both heat maps (raw and noise units) of every ordering that has distances, keyed by a file stem."""
+    figures = {}
+    for ordering in orderings:
+        if (noise_units["ordering"] == ordering).any():
+            figures[f"heatmap_{ordering}_distance"] = distance_heatmap(noise_units, ordering, "distance", null_ordering)
+            figures[f"heatmap_{ordering}_noise_units"] = distance_heatmap(noise_units, ordering, "noise_z", null_ordering)
+    return figures
+
+
+# --------------------------------------------------------------------------- distance by rank
+
+
+def distance_by_rank(batch_stats: pd.DataFrame, orderings: Sequence[str], null_ordering: str) -> Figure:
+    """Per phase: each metric's per-batch mean distance against batch rank, over the random ordering's band.
+
+    Top row: raw distance; bottom row: noise units. The band is the mean and the
+    2.5–97.5 percentile range of the random ordering's per-batch phase means. Grey
+    shading marks the outer 10% on each side and the dotted line the upper quartile,
+    the groups of the paper's claims.
+    """
+    phases = sorted(batch_stats["phase"].unique())
+    colors = ordering_colors(orderings, null_ordering)
+    rows = (("distance_mean", "mean distance ‖g_k − g_full‖"), ("noise_z_mean", "mean distance (noise units, z)"))
+    with matplotlib.rc_context(STYLE):
+        figure = Figure(figsize=(3.8 * len(phases) + 0.6, 6.0), layout="constrained")
+        axes = figure.subplots(2, len(phases), squeeze=False, sharex=True)
+        noise_limits = [np.inf, -np.inf]
+        handles = {}
+        for column, phase in enumerate(phases):
+            part = batch_stats[batch_stats["phase"] == phase]
+            null = part[part["ordering"] == null_ordering]
+            n_batches = int(part["batch"].max()) + 1
+            for row, (value, label) in enumerate(rows):
+                axis = axes[row, column]
+                axis.axvspan(-0.5, 0.1 * n_batches - 0.5, color=EXTREMES_SHADE, zorder=0)
+                axis.axvspan(0.9 * n_batches - 0.5, n_batches - 0.5, color=EXTREMES_SHADE, zorder=0)
+                axis.axvline(0.75 * n_batches - 0.5, color="0.5", linestyle=":", linewidth=1, zorder=0)
+                if len(null):
+                    low, high = np.percentile(null[value].to_numpy(float), [2.5, 97.5])
+                    band = axis.axhspan(low, high, color=NULL_COLOR, alpha=0.25, linewidth=0, zorder=1)
+                    mean = axis.axhline(null[value].mean(), color=NULL_COLOR, linewidth=1.2, zorder=1)
+                    handles["random batches: 95% range"] = band
+                    handles["random batches: mean"] = mean
+                for ordering in orderings:
+                    if ordering == null_ordering:
+                        continue
+                    series = part[part["ordering"] == ordering].sort_values("batch")
+                    if series.empty:
+                        continue
+                    (line,) = axis.plot(series["batch"], series[value], color=colors[ordering],
+                                        linewidth=1.3, marker="." if n_batches <= 60 else None, zorder=2)
+                    handles[ordering] = line
+                if row == 1:
+                    low, high = axis.get_ylim()
+                    noise_limits = [min(noise_limits[0], low), max(noise_limits[1], high)]
+                    axis.set_xlabel("batch rank (ascending metric)")
+                if column == 0:
+                    axis.set_ylabel(label)
+            span = part.iloc[0]
+            axes[0, column].set_title(
+                f"Phase {int(phase)}: epochs {int(span['first_epoch'])}–{int(span['last_epoch'])}, "
+                f"lr {span['learning_rate']:g}"
+            )
+            axes[1, column].xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        for axis in axes[1]:
+            axis.set_ylim(*noise_limits)
+        figure.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
+                      ncol=min(len(handles), 4), frameon=False)
+        figure.suptitle("Distance of each batch's gradient to the full gradient, by batch rank "
+                        "(tinted: outer 10% each side; dotted: upper-quartile boundary)")
+    return figure
+
+
+# --------------------------------------------------------------------------- batch images
+
+
+def batch_montage(images: np.ndarray, gap: int = 1) -> np.ndarray:
+    """The images (``n x H x W x 3`` uint8) tiled in a near-square grid with white gaps."""
+    n, height, width, channels = images.shape
+    columns = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    canvas = np.full((rows * (height + gap) - gap, columns * (width + gap) - gap, channels), 255, np.uint8)
+    for index in range(n):
+        r, c = divmod(index, columns)
+        canvas[r * (height + gap) : r * (height + gap) + height, c * (width + gap) : c * (width + gap) + width] = images[index]
+    return canvas
+
+
+def batch_images(
+    batch: int, batch_assignments: pd.DataFrame, train_images: np.ndarray, image_rows: pd.Series
+) -> np.ndarray:
+    """The images of one batch in batch order; ``image_rows`` maps ``image_id`` to its row in ``train_images``."""
+    members = batch_assignments[batch_assignments["batch"] == batch].sort_values("position")
+    rows = image_rows.loc[members["image_id"].to_numpy()].to_numpy()
+    return np.asarray(train_images)[rows]
+
+
+def batch_image_grid(
+    ordering: str,
+    best_worst: pd.DataFrame,
+    batch_assignments: pd.DataFrame,
+    train_images: np.ndarray,
+    image_index: pd.DataFrame,
+) -> Figure:
+    """Best and worst batch of each phase of one ordering: their images and their class mix.
+
+    One row per phase; columns: best batch's images, its class counts, worst
+    batch's images, its class counts. ``best_worst`` is the analysis table of
+    best and worst batches (rank 1 of each kind is shown).
+    """
+    train = image_index[image_index["split"] == "train"]
+    image_rows = pd.Series(train["row"].to_numpy(), index=train["image_id"].to_numpy())
+    class_names = train.drop_duplicates("label").sort_values("label")["class_name"].tolist()
+    label_of = pd.Series(train["label"].to_numpy(), index=train["image_id"].to_numpy())
+    chosen = best_worst[(best_worst["ordering"] == ordering) & (best_worst["rank"] == 1)]
+    phases = sorted(chosen["phase"].unique())
+    batch_size = int(batch_assignments.groupby("batch").size().max())
+    with matplotlib.rc_context(STYLE):
+        figure = Figure(figsize=(11, 2.9 * len(phases) + 0.6), layout="constrained")
+        axes = figure.subplots(len(phases), 4, squeeze=False, gridspec_kw={"width_ratios": [3, 1.6, 3, 1.6]})
+        for row, phase in enumerate(phases):
+            for column, kind in ((0, "best"), (2, "worst")):
+                entry = chosen[(chosen["phase"] == phase) & (chosen["kind"] == kind)].iloc[0]
+                batch = int(entry["batch"])
+                image_axis, mix_axis = axes[row, column], axes[row, column + 1]
+                image_axis.imshow(batch_montage(batch_images(batch, batch_assignments, train_images, image_rows)))
+                image_axis.set_xticks([])
+                image_axis.set_yticks([])
+                image_axis.set_title(
+                    f"Phase {int(phase)} {kind}: batch {batch}\n"
+                    f"z = {entry['noise_z_mean']:+.2f}, metric mean {entry['metric_mean']:.4g}",
+                    fontsize=9,
+                )
+                ids = batch_assignments.loc[batch_assignments["batch"] == batch, "image_id"].to_numpy()
+                counts = np.bincount(label_of.loc[ids].to_numpy(), minlength=len(class_names))
+                mix_axis.barh(np.arange(len(class_names)), counts,
+                              color="tab:green" if kind == "best" else "tab:red")
+                mix_axis.set_yticks(np.arange(len(class_names)), class_names, fontsize=7)
+                mix_axis.invert_yaxis()
+                mix_axis.set_xlim(0, batch_size)
+                mix_axis.set_xlabel("images in batch", fontsize=8)
+                mix_axis.set_title(f"class mix (entropy {entry['class_entropy']:.2f} nats)", fontsize=8)
+                sns.despine(ax=mix_axis)
+        figure.suptitle(f"{ordering} ordering: the batches closest to (best) and farthest from (worst) the "
+                        "full gradient, by mean noise-unit distance over each phase")
+    return figure
+
+
+def batch_image_grids(
+    best_worst: pd.DataFrame,
+    assignments_by_ordering: Mapping[str, pd.DataFrame],
+    train_images: np.ndarray,
+    image_index: pd.DataFrame,
+) -> dict[str, Figure]:
+    """:func:`batch_image_grid` for every ordering that has best and worst batches."""
+    return {
+        f"batches_{ordering}": batch_image_grid(ordering, best_worst, assignments, train_images, image_index)
+        for ordering, assignments in assignments_by_ordering.items()
+        if (best_worst["ordering"] == ordering).any() and len(assignments)
+    }
+
+
+# --------------------------------------------------------------------------- training curves
+
+
+def training_curves(histories: Mapping[str, pd.DataFrame], null_ordering: str) -> Figure:
+    """Loss and accuracy per epoch (train solid, test dashed) of every ordering, phase boundaries marked."""
+    present = {o: h.sort_values("epoch") for o, h in histories.items() if len(h)}
+    if not present:
+        raise ValueError("No ordering has a training history to plot.")
+    colors = ordering_colors(list(histories), null_ordering)
+    reference = next(iter(present.values()))
+    spans = phase_spans(epoch_phase_table(reference, "training_history"))
+    with matplotlib.rc_context(STYLE):
+        figure = Figure(figsize=(10, 3.8), layout="constrained")
+        axes = figure.subplots(1, 2, squeeze=False)[0]
+        for axis, quantity, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy", "accuracy")):
+            for ordering, history in present.items():
+                axis.plot(history["epoch"], history[f"train_{quantity}"], color=colors[ordering], linestyle="-",
+                          marker="." if len(history) <= 40 else None, label=f"{ordering} (train)")
+                axis.plot(history["epoch"], history[f"test_{quantity}"], color=colors[ordering], linestyle="--",
+                          marker="." if len(history) <= 40 else None, label=f"{ordering} (test)")
+            for _, span in spans.iloc[1:].iterrows():
+                axis.axvline(span["first_epoch"] - 0.5, color="0.3", linestyle=":", linewidth=1)
+            for _, span in spans.iterrows():
+                axis.text((span["first_epoch"] + span["last_epoch"]) / 2, 1.0, f"phase {int(span['phase'])}\nlr {span['learning_rate']:g}",
+                          transform=axis.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
+            axis.set_xlabel("epoch")
+            axis.set_ylabel(label)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            sns.despine(ax=axis)
+        handles = [Line2D([], [], color=colors[o], linewidth=2) for o in present]
+        handles += [Line2D([], [], color="k", linestyle=s) for s in ("-", "--")]
+        figure.legend(handles, [*present, "train", "test"], loc="outside right center", frameon=False)
+        figure.suptitle("Training curves of every ordering (each trains its own network on its fixed batches)")
+    return figure

@@ -1,0 +1,95 @@
+"""Nodes of ``distance_analysis``; the logic is in :mod:`best_minibatch.analysis`.
+
+Per-ordering datasets arrive as keyword arguments named ``<kind>__<ordering>``
+(the pipeline builds them from the metric registry); :func:`by_ordering` turns
+them back into ``{ordering: data}`` in registry order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+
+from best_minibatch import analysis
+
+logger = logging.getLogger(__name__)
+
+
+def by_ordering(tables: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``{ordering: data}`` of the keyword arguments named ``<kind>__<ordering>``."""
+    prefix = f"{kind}__"
+    return {name[len(prefix):]: value for name, value in tables.items() if name.startswith(prefix)}
+
+
+def tabulate_orderings(**tables: Any) -> pd.DataFrame:
+    """One row per ordering: ok / skipped (with the reason) / no data, epochs, phases, batches."""
+    status = analysis.ordering_status_table(
+        by_ordering(tables, "metric_status"), by_ordering(tables, "gradient_distances")
+    )
+    for row in status[status["status"] != "ok"].itertuples():
+        logger.warning("Ordering '%s' is left out of the analysis (%s): %s", row.ordering, row.status, row.reason)
+    return status
+
+
+def express_in_noise_units(params: dict[str, Any], **tables: pd.DataFrame) -> pd.DataFrame:
+    """All orderings' distances with derived phases and noise units against the null ordering."""
+    params = analysis.check_parameters(params)
+    return analysis.noise_unit_distances(by_ordering(tables, "gradient_distances"), params["null_ordering"])
+
+
+def summarise_batches_per_phase(noise_units: pd.DataFrame, **tables: pd.DataFrame) -> pd.DataFrame:
+    """Per ordering, phase and batch: mean and spread of every measure over the phase's epochs."""
+    return analysis.batch_phase_statistics(noise_units, by_ordering(tables, "batch_summary"))
+
+
+def evaluate_paper_claims(
+    batch_stats: pd.DataFrame, ordering_status: pd.DataFrame, params: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Group comparisons of every ordering and phase, and the paper's claims with verdicts."""
+    params = analysis.check_parameters(params)
+    comparisons = analysis.compare_batch_groups(
+        batch_stats, n_permutations=params["n_permutations"], seed=params["seed"]
+    )
+    claims = analysis.claim_verdicts(comparisons, ordering_status, alpha=params["alpha"])
+    for row in claims.itertuples():
+        logger.info("Claim %s, %s, phase %d: %s (difference %.3g, Holm p %.3g)", row.claim_id, row.ordering,
+                    row.phase, row.verdict, row.difference, row.p_holm)
+    return comparisons, claims
+
+
+def correlate_confounds(batch_stats: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+    """Spearman correlations of distance with the batch's metric value and class entropy, with intervals."""
+    params = analysis.check_parameters(params)
+    return analysis.confound_correlations(
+        batch_stats, n_bootstrap=params["n_bootstrap"], seed=params["seed"], confidence=params["confidence"]
+    )
+
+
+def select_best_and_worst_batches(batch_stats: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+    """The best and worst batches per ordering and phase by mean noise-unit distance."""
+    params = analysis.check_parameters(params)
+    return analysis.best_and_worst_batches(batch_stats, n_per_side=params["n_best_worst"])
+
+
+def check_gradient_noise_trace(
+    noise_units: pd.DataFrame, params: dict[str, Any], **tables: pd.DataFrame
+) -> pd.DataFrame:
+    """Observed mean squared distance of the null ordering's batches against the sampling formula."""
+    params = analysis.check_parameters(params)
+    null = params["null_ordering"]
+    histories = by_ordering(tables, "training_history")
+    if null not in histories:
+        raise analysis.AnalysisInputError(
+            f"distance_analysis.null_ordering '{null}' has no training history among {list(histories)}."
+        )
+    check = analysis.gradient_noise_trace_check(noise_units[noise_units["ordering"] == null], histories[null])
+    summary = analysis.summarise_trace_check(check)
+    if summary.empty:
+        logger.info("Gradient-noise cross-check: not measured (no gradient_variance_trace in %s.training_history)", null)
+    else:
+        overall = summary.set_index("phase").loc["all"]
+        logger.info("Gradient-noise cross-check: observed/expected median %.3f (min %.3f, max %.3f) over %d epochs",
+                    overall["median_ratio"], overall["min_ratio"], overall["max_ratio"], overall["n_epochs"])
+    return check

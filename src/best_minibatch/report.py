@@ -1,0 +1,271 @@
+"""The run's report: one self-contained HTML page (figures embedded as base64 PNG).
+
+Knows nothing of Kedro. :func:`run_setup` derives what was run from the tables;
+:func:`render_report` lays out the setup, every ordering (skipped ones with the
+reason), the paper's claims with their verdicts and numbers, the confounds, the
+gradient-noise cross-check, the best and worst batches, and the figures.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from best_minibatch.analysis import epoch_phase_table, phase_spans, summarise_trace_check
+
+VERDICT_COLORS = {"supported": "#d9f2d9", "contradicted": "#f9d6d5", "undecided": "#eeeeee"}
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1200px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .8em 0; font-size: .85em; }
+th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: .85em; color: #444; } .note { font-size: .9em; color: #444; }
+details summary { cursor: pointer; font-weight: 600; } pre { background: #f7f7f7; padding: .6em; overflow-x: auto; }
+"""
+
+
+def _escape(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _format(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, (float, np.floating)):
+        if round(value, digits) == 0:
+            value = abs(value)  # no "-0.000"
+        if value != 0 and (abs(value) < 10 ** -(digits - 1) or abs(value) >= 10**5):
+            return f"{value:.{digits}g}"
+        return f"{value:.{digits}f}" if abs(value) < 10 else f"{value:.{max(digits - 2, 1)}f}"
+    return str(value)
+
+
+def html_table(table: pd.DataFrame, columns: Mapping[str, str], row_colors: Sequence[str] | None = None) -> str:
+    """``table``'s ``columns`` (name -> header) as an HTML table; numbers right-aligned."""
+    head = "".join(f"<th>{_escape(title)}</th>" for title in columns.values())
+    body = []
+    for position, (_, row) in enumerate(table.iterrows()):
+        style = f' style="background:{row_colors[position]}"' if row_colors and row_colors[position] else ""
+        cells = []
+        for column in columns:
+            value = row[column]
+            numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            cells.append(f'<td class="num">{_escape(_format(value))}</td>' if numeric else f"<td>{_escape(_format(value))}</td>")
+        body.append(f"<tr{style}>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def run_setup(
+    histories: Mapping[str, pd.DataFrame],
+    assignments: Mapping[str, pd.DataFrame],
+    image_index: pd.DataFrame,
+) -> dict[str, Any]:
+    """What was run, read off the tables: data size, batch size and count, epochs and phases."""
+    train = image_index[image_index["split"] == "train"]
+    used = next((a for a in assignments.values() if len(a)), None)
+    history = next((h for h in histories.values() if len(h)), None)
+    setup: dict[str, Any] = {
+        "n_train": len(train),
+        "n_test": int((image_index["split"] == "test").sum()),
+        "n_classes": int(train["label"].nunique()),
+        "batch_size": int(used.groupby("batch").size().max()) if used is not None else None,
+        "n_batches": int(used["batch"].nunique()) if used is not None else None,
+    }
+    if used is not None:
+        setup["n_dropped"] = setup["n_train"] - setup["batch_size"] * setup["n_batches"]
+    if history is not None:
+        setup["n_epochs"] = int(history["epoch"].nunique())
+        setup["phases"] = phase_spans(epoch_phase_table(history, "training_history"))
+    return setup
+
+
+def _figure_html(name: str, png: bytes, caption: str) -> str:
+    encoded = base64.b64encode(png).decode("ascii")
+    return (f'<figure><img alt="{_escape(name)}" src="data:image/png;base64,{encoded}">'
+            f"<figcaption><b>{_escape(name)}</b>. {_escape(caption)}</figcaption></figure>")
+
+
+FIGURE_CAPTIONS = {
+    "heatmap": "The paper's heat map: one panel per learning-rate phase, x = batch (ascending metric), "
+               "y = epoch; light = gradient closer to the full gradient. One colour scale for all phases.",
+    "distance_by_rank": "Per phase: each metric's mean distance per batch against its rank, over the random "
+                        "ordering's mean and 95% range; top raw, bottom in noise units.",
+    "batches": "Images and class mix of the best and worst batch (lowest / highest mean noise-unit distance) "
+               "of each phase.",
+    "training_curves": "Loss and accuracy per epoch; dotted lines mark the learning-rate phases.",
+}
+
+
+def _caption(name: str) -> str:
+    for prefix, caption in FIGURE_CAPTIONS.items():
+        if name.startswith(prefix):
+            if name.endswith("_noise_units"):
+                return caption + " Values in noise units: z-score against the random ordering's batches of the same epoch (0 = a random batch)."
+            if name.endswith("_distance"):
+                return caption + " Values: ‖g_k − g_full‖."
+            return caption
+    return ""
+
+
+def render_report(
+    *,
+    setup: Mapping[str, Any],
+    ordering_status: pd.DataFrame,
+    claims: pd.DataFrame,
+    comparisons: pd.DataFrame,
+    confounds: pd.DataFrame,
+    best_worst: pd.DataFrame,
+    trace_check: pd.DataFrame,
+    histories: Mapping[str, pd.DataFrame],
+    figures: Mapping[str, Mapping[str, bytes]],
+    parameters: Mapping[str, Any],
+    null_ordering: str,
+    alpha: float,
+    title: str = "What's the best mini-batch? Run report",
+) -> str:
+    """The whole report as one HTML document (no external references)."""
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{_escape(title)}</h1>"]
+    parts.append(_setup_section(setup, ordering_status, histories, parameters, null_ordering))
+    parts.append(_claims_section(claims, alpha, null_ordering))
+    parts.append(_comparisons_section(comparisons))
+    parts.append(_confounds_section(confounds))
+    parts.append(_trace_section(trace_check, null_ordering))
+    parts.append(_best_worst_section(best_worst))
+    parts.append(_skipped_section(ordering_status))
+    parts.append("<h2>Figures</h2>")
+    for section, pngs in figures.items():
+        parts.append(f"<h3>{_escape(section.replace('_', ' '))}</h3>")
+        parts.extend(_figure_html(name, png, _caption(name)) for name, png in pngs.items())
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _setup_section(setup, ordering_status, histories, parameters, null_ordering) -> str:
+    lines = ["<h2>Setup</h2><ul>"]
+    lines.append(f"<li>{setup['n_train']} training and {setup['n_test']} test images, {setup['n_classes']} classes.</li>")
+    if setup.get("batch_size"):
+        lines.append(f"<li>Batches of {setup['batch_size']} images, {setup['n_batches']} per epoch, in a fixed "
+                     f"order per ordering ({setup.get('n_dropped', 0)} images with the largest sort keys left out).</li>")
+    if "phases" in setup:
+        lines.append(f"<li>{setup['n_epochs']} epochs in {len(setup['phases'])} learning-rate phases "
+                     "(a phase = consecutive epochs with one learning rate, read from the training history):</li>")
+    lines.append(f"<li>Null control: the <b>{_escape(null_ordering)}</b> ordering (images assigned to batches at random).</li></ul>")
+    if "phases" in setup:
+        lines.append(html_table(setup["phases"], {"phase": "phase", "first_epoch": "first epoch",
+                                                  "last_epoch": "last epoch", "n_epochs": "epochs",
+                                                  "learning_rate": "learning rate"}))
+    lines.append("<h3>Orderings</h3>")
+    table = ordering_status.copy()
+    finals = {o: h.sort_values("epoch").iloc[-1] for o, h in histories.items() if len(h)}
+    for column in ("train_accuracy", "test_accuracy", "test_loss"):
+        table[f"final_{column}"] = [finals[o][column] if o in finals else np.nan for o in table["ordering"]]
+    lines.append(html_table(table, {"ordering": "ordering", "status": "status", "reason": "reason",
+                                    "n_epochs": "epochs", "n_phases": "phases", "n_batches": "batches",
+                                    "final_train_accuracy": "final train accuracy",
+                                    "final_test_accuracy": "final test accuracy", "final_test_loss": "final test loss"}))
+    shown = {k: parameters[k] for k in ("ingest_cifar", "score_metrics", "sort_batches", "gradient_training",
+                                        "distance_analysis", "visualize") if k in parameters}
+    lines.append("<details><summary>Parameters of this run</summary><pre>"
+                 f"{_escape(json.dumps(shown, indent=2, default=str))}</pre></details>")
+    return "\n".join(lines)
+
+
+def _claims_section(claims: pd.DataFrame, alpha: float, null_ordering: str) -> str:
+    tested = claims[claims["verdict"].isin(VERDICT_COLORS)]
+    counts = tested["verdict"].value_counts().to_dict()
+    summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICT_COLORS)
+    lines = [
+        "<h2>The paper's claims, tested</h2>",
+        f"<p>Section 5 of the paper reads these conclusions off heat maps. Here each is a permutation test "
+        f"(batches are the units; each batch contributes its mean distance over the phase's epochs, in noise "
+        f"units: the z-score against the {_escape(null_ordering)} ordering's batches of the same epoch). "
+        f"<i>difference</i> = mean(group) − mean(rest); negative = the group's gradients are closer to the full "
+        f"gradient. A claim is <b>supported</b> when its Holm-adjusted p-value is below α = {alpha:g} and the "
+        f"difference has the claimed sign, <b>contradicted</b> when significant with the opposite sign, and "
+        f"<b>undecided</b> otherwise. Holm's correction runs over the {len(tested)} tested rows of this table "
+        "(one family). The <i>after class balance</i> columns repeat the test on distances residualised on the "
+        "batch's class entropy: a claim that holds before but not after is explained by the batches' class mix.</p>",
+        f"<p><b>Tested: {len(tested)}; {summary}. Not tested: {len(claims) - len(tested)}.</b></p>",
+    ]
+    colors = [VERDICT_COLORS.get(v, "#fff7d6") for v in claims["verdict"]]
+    lines.append(html_table(claims, {
+        "claim": "claim (paper, section 5)", "ordering": "metric", "phase": "phase", "expected": "expected",
+        "n_group": "n group", "n_rest": "n rest", "difference": "difference (z)", "cohens_d": "Cohen's d",
+        "rank_biserial": "rank-biserial", "p_value": "p", "p_holm": "p (Holm)", "verdict": "verdict",
+        "adjusted_difference": "difference after class balance", "adjusted_p_holm": "p (Holm) after class balance",
+        "adjusted_verdict": "verdict after class balance",
+    }, colors))
+    return "\n".join(lines)
+
+
+def _comparisons_section(comparisons: pd.DataFrame) -> str:
+    return ("<details><summary>Every ordering × phase × comparison (including the null ordering, which should "
+            "show nothing); Holm over this whole table</summary>"
+            + html_table(comparisons, {
+                "ordering": "ordering", "phase": "phase", "comparison": "comparison", "n_group": "n group",
+                "n_rest": "n rest", "mean_group": "mean group (z)", "mean_rest": "mean rest (z)",
+                "difference": "difference", "cohens_d": "Cohen's d", "rank_biserial": "rank-biserial",
+                "p_value": "p", "p_holm": "p (Holm)", "adjusted_difference": "difference after class balance",
+                "adjusted_p_holm": "p (Holm) after class balance", "test": "test"})
+            + "</details>")
+
+
+def _confounds_section(confounds: pd.DataFrame) -> str:
+    if confounds.empty:
+        return "<h2>Confounds</h2><p>No orderings with distances.</p>"
+    table = confounds.assign(
+        interval=[f"[{_format(lo, 2)}, {_format(hi, 2)}]" for lo, hi in zip(confounds["ci_low"], confounds["ci_high"])]
+    )
+    confidence = float(confounds["confidence"].iloc[0])
+    colors = ["#fff7d6" if flag else "" for flag in table["ci_excludes_zero"]]
+    return ("<h2>Confounds</h2><p>Per ordering and phase: Spearman rank correlation of the batch's metric "
+            "value and of its class entropy with its mean distance (noise units), and the metric's partial "
+            f"correlation given class entropy; {confidence:.0%} bootstrap intervals over batches. Highlighted: "
+            "interval excludes zero. A metric correlation that disappears in the partial one is carried by the "
+            "class mix.</p>"
+            + html_table(table, {"ordering": "ordering", "phase": "phase", "description": "correlation",
+                                 "spearman": "ρ", "interval": "interval", "n_batches": "batches"}, colors))
+
+
+def _trace_section(trace_check: pd.DataFrame, null_ordering: str) -> str:
+    lines = ["<h2>Gradient-noise cross-check</h2>",
+             f"<p>For the {_escape(null_ordering)} ordering's batches, sampling theory (without replacement, "
+             "batch gradient = mean of per-example gradients) gives E‖g_k − g_full‖² = tr(Σ)/m · (N − m)/(N − 1), "
+             "with tr(Σ) the mean squared deviation of the per-example gradients (1/N normalisation). "
+             "BatchNorm in training mode breaks the premise, so a ratio away from 1 measures its effect.</p>"]
+    summary = summarise_trace_check(trace_check)
+    if summary.empty:
+        lines.append("<p><b>Not measured</b>: the training history carries no <code>gradient_variance_trace</code> "
+                     "(with <code>n_train</code> and <code>batch_size</code>).</p>")
+    else:
+        lines.append(html_table(summary, {"phase": "phase", "n_epochs": "epochs measured",
+                                          "median_ratio": "median observed / expected", "min_ratio": "min",
+                                          "max_ratio": "max"}))
+    return "\n".join(lines)
+
+
+def _best_worst_section(best_worst: pd.DataFrame) -> str:
+    return ("<h2>Best and worst batches</h2><details><summary>Per ordering and phase, by mean noise-unit "
+            "distance (images: figures below)</summary>" + html_table(best_worst, {
+                "ordering": "ordering", "phase": "phase", "kind": "kind", "rank": "rank", "batch": "batch",
+                "noise_z_mean": "mean z", "noise_ratio_mean": "mean ratio to random", "distance_mean": "mean distance",
+                "metric_mean": "batch metric mean", "class_entropy": "class entropy"}) + "</details>")
+
+
+def _skipped_section(ordering_status: pd.DataFrame) -> str:
+    skipped = ordering_status[ordering_status["status"] != "ok"]
+    if skipped.empty:
+        return "<h2>Skipped metrics</h2><p>None: every ordering ran.</p>"
+    items = "".join(f"<li><b>{_escape(r.ordering)}</b> ({_escape(r.status)}): {_escape(r.reason)}</li>"
+                    for r in skipped.itertuples())
+    return f"<h2>Skipped metrics</h2><ul>{items}</ul>"

@@ -1,0 +1,128 @@
+"""``distance_analysis`` and ``visualize`` run end to end through Kedro on synthetic inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from matplotlib.figure import Figure
+
+from best_minibatch.analysis import DEFAULT_PARAMETERS
+from best_minibatch.metrics import METRICS
+from best_minibatch.pipelines.distance_analysis import create_pipeline as create_analysis
+from best_minibatch.pipelines.visualize import create_pipeline as create_visualize
+from best_minibatch.pipelines.visualize.pipeline import FIGURE_GROUPS
+from tests.test_analysis import SKIP_REASON, planted_effects, synthetic_run
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "base"
+ANALYSIS_TABLES = ("ordering_status", "distance_noise_units", "batch_phase_stats", "batch_group_comparisons",
+                   "claim_verdicts", "confound_correlations", "best_worst_batches", "gradient_noise_trace_check")
+KINDS = ("gradient_distances", "training_history", "batch_summary", "metric_status", "batch_assignments")
+
+
+def project_catalog_config(tmp_path: Path) -> dict:
+    """This project's catalog entries of both pipelines, with every file under ``tmp_path``."""
+    config = {}
+    for name in ("catalog_distance_analysis.yml", "catalog_visualize.yml"):
+        config.update(yaml.safe_load((CONF / name).read_text(encoding="utf-8")))
+    for entry in config.values():
+        if "filepath" in entry:
+            entry["filepath"] = str(tmp_path / entry["filepath"])
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """Both pipelines on the registry's orderings (perceptual skipped), through SequentialRunner.
+
+    The catalog is the project's own (versioned Parquet tables, the HTML report) moved
+    under a temporary folder; the figures stay in memory, since rendering every one as
+    PNG and PDF would take most of a minute (test_figures writes real files).
+    """
+    tmp_path = tmp_path_factory.mktemp("analysis_run")
+    orderings = list(METRICS)
+    run = synthetic_run(orderings=orderings, effects=planted_effects(n_batches=20), seed=3,
+                        phase_lengths=(2, 2), learning_rates=(0.1, 0.01), n_batches=20)
+    analysis_params = {**DEFAULT_PARAMETERS, "n_permutations": 2000, "n_bootstrap": 300}
+    visualize_params = {"report_title": "Test report", "report_png_dpi": 30}
+    catalog = DataCatalog.from_config(project_catalog_config(tmp_path))
+    inputs = {
+        "train_images": run["train_images"],
+        "image_index": run["image_index"],
+        "params:distance_analysis": analysis_params,
+        "params:visualize": visualize_params,
+        "parameters": {"distance_analysis": analysis_params, "visualize": visualize_params},
+    }
+    for ordering in orderings:
+        for kind in KINDS:
+            inputs[f"{ordering}.{kind}"] = run["orderings"][ordering][kind]
+    for name, data in inputs.items():
+        catalog[name] = MemoryDataset(data)
+    for group in FIGURE_GROUPS:
+        for fmt in ("png", "pdf"):
+            catalog[f"figures_{group}_{fmt}"] = MemoryDataset(copy_mode="assign")
+    pipeline = create_analysis() + create_visualize()
+    SequentialRunner().run(pipeline, catalog)
+    return tmp_path, catalog, orderings
+
+
+def test_pipelines_derive_their_inputs_from_the_metric_registry():
+    inputs = create_analysis().inputs() | create_visualize().inputs()
+    for ordering in METRICS:
+        for kind in KINDS:
+            assert f"{ordering}.{kind}" in inputs
+
+
+def test_analysis_tables_come_out_of_the_run(finished_run):
+    _, catalog, orderings = finished_run
+    status = catalog.load("ordering_status")
+    assert list(status["ordering"]) == orderings
+    claims = catalog.load("claim_verdicts").set_index(["claim_id", "ordering", "phase"])["verdict"]
+    assert claims[("first_phase_upper_quartile_closest", "intensity", 1)] == "supported"
+    assert claims[("first_phase_color_extremes_better", "color", 1)] == "contradicted"
+    assert claims[("later_phases_extremes_worse", "edges", 2)] == "supported"
+    assert claims[("first_phase_edges_middle_better", "edges", 1)] == "undecided"
+    assert claims[("later_phases_extremes_worse", "perceptual", 2)] == f"not tested (metric skipped: {SKIP_REASON})"
+    trace = catalog.load("gradient_noise_trace_check")
+    assert set(trace["status"]) == {"not measured"} and len(trace) == 4
+    for name in ("distance_noise_units", "batch_phase_stats", "batch_group_comparisons",
+                 "confound_correlations", "best_worst_batches"):
+        table = catalog.load(name)
+        assert isinstance(table, pd.DataFrame) and len(table) > 0
+        assert "perceptual" not in set(table["ordering"])
+
+
+def test_analysis_tables_are_versioned_parquet_files(finished_run):
+    tmp_path, _, _ = finished_run
+    folder = tmp_path / "data" / "08_reporting" / "analysis"
+    written = sorted(p.name for p in folder.glob("*.parquet/*/*.parquet"))
+    assert written == sorted(f"{name}.parquet" for name in ANALYSIS_TABLES)
+
+
+def test_every_present_ordering_gets_its_figures_in_png_and_pdf(finished_run):
+    _, catalog, orderings = finished_run
+    present = [o for o in orderings if o != "perceptual"]
+    stems = set()
+    for group in FIGURE_GROUPS:
+        png, pdf = catalog.load(f"figures_{group}_png"), catalog.load(f"figures_{group}_pdf")
+        assert all(isinstance(f, Figure) for f in png.values())
+        assert [k.removesuffix(".png") for k in png] == [k.removesuffix(".pdf") for k in pdf]
+        stems |= {k.removesuffix(".png") for k in png}
+    expected = {f"heatmap_{o}_{v}" for o in present for v in ("distance", "noise_units")}
+    expected |= {f"batches_{o}" for o in present} | {"distance_by_rank", "training_curves"}
+    assert stems == expected
+
+
+def test_report_is_written_and_lists_every_ordering(finished_run):
+    tmp_path, _, orderings = finished_run
+    page = (tmp_path / "data" / "08_reporting" / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<title>Test report</title>" in page
+    for ordering in orderings:
+        assert f"<td>{ordering}</td>" in page
+    assert SKIP_REASON in page
+    assert page.count("data:image/png;base64,") == 2 * 4 + 4 + 2
+    assert "http://" not in page and "https://" not in page

@@ -1,0 +1,101 @@
+"""Tests of ``best_minibatch.report``: the HTML report states the setup, lists every ordering and the claims."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+
+from best_minibatch import analysis, report
+from tests.test_analysis import SKIP_REASON, planted_effects, run_analysis, synthetic_run
+
+PNG = b"\x89PNG\r\n\x1a\nfake"
+
+
+def _report(with_trace=False, skipped=("perceptual",), figures=None, reason=SKIP_REASON):
+    run = synthetic_run(effects=planted_effects(20), n_batches=20, phase_lengths=(2, 2, 2), skipped=skipped,
+                        with_trace=with_trace)
+    if skipped:
+        run["orderings"][skipped[0]]["metric_status"]["reason"] = reason
+    result = run_analysis(run, n_permutations=1000)
+    noise_units = result["noise_units"]
+    histories = {o: t["training_history"] for o, t in run["orderings"].items()}
+    trace = analysis.gradient_noise_trace_check(noise_units[noise_units["ordering"] == "random"], histories["random"])
+    setup = report.run_setup(histories, {o: t["batch_assignments"] for o, t in run["orderings"].items()},
+                             run["image_index"])
+    page = report.render_report(
+        setup=setup, ordering_status=result["status"], claims=result["claims"], comparisons=result["comparisons"],
+        confounds=analysis.confound_correlations(result["batch_stats"], n_bootstrap=200),
+        best_worst=analysis.best_and_worst_batches(result["batch_stats"]), trace_check=trace, histories=histories,
+        figures=figures if figures is not None else {"distance_heatmaps": {"heatmap_edges_distance": PNG},
+                                                     "training_curves": {"training_curves": PNG}},
+        parameters={"distance_analysis": {"alpha": 0.05}, "unrelated": {"x": 1}}, null_ordering="random",
+        alpha=0.05, title="A report",
+    )
+    return page, result, setup
+
+
+@pytest.fixture(scope="module")
+def page_and_result():
+    return _report()
+
+
+def test_setup_is_read_off_the_tables(page_and_result):
+    page, _, setup = page_and_result
+    assert setup["n_train"] == 83 and setup["batch_size"] == 4 and setup["n_batches"] == 20
+    assert setup["n_dropped"] == 3 and setup["n_epochs"] == 6
+    assert setup["phases"]["learning_rate"].tolist() == [0.1, 0.01, 0.001]
+    assert "83 training and 0 test images, 4 classes" in page
+    assert "Batches of 4 images, 20 per epoch" in page
+    assert "6 epochs in 3 learning-rate phases" in page
+
+
+def test_report_lists_every_ordering_and_the_skipped_metric_with_its_reason(page_and_result):
+    page, result, _ = page_and_result
+    for ordering in result["status"]["ordering"]:
+        assert f"<td>{ordering}</td>" in page
+    skipped_section = page.split("<h2>Skipped metrics</h2>")[1].split("<h2>")[0]
+    assert f"<b>perceptual</b> (skipped): {SKIP_REASON}" in skipped_section
+
+
+def test_report_holds_every_claim_with_its_verdict_and_numbers(page_and_result):
+    page, result, _ = page_and_result
+    claims_section = page.split("<h2>The paper's claims, tested</h2>")[1].split("<h2>")[0]
+    rows = re.findall(r"<tr style=[^>]*>(.*?)</tr>", claims_section)
+    assert len(rows) == len(result["claims"])
+    for row, (_, claim) in zip(rows, result["claims"].iterrows()):
+        assert f"<td>{claim['verdict']}</td>" in row
+        if claim["verdict"] in report.VERDICT_COLORS:
+            assert f"{claim['difference']:.3f}" in row
+    tested = result["claims"]["verdict"].isin(report.VERDICT_COLORS)
+    counts = result["claims"].loc[tested, "verdict"].value_counts()
+    assert (f"Tested: {tested.sum()}; {counts.get('supported', 0)} supported, "
+            f"{counts.get('contradicted', 0)} contradicted, {counts.get('undecided', 0)} undecided.") in claims_section
+
+
+def test_report_is_self_contained_with_embedded_figures(page_and_result):
+    page, _, _ = page_and_result
+    assert page.count(f'src="data:image/png;base64,{base64.b64encode(PNG).decode()}"') == 2
+    assert "http://" not in page and "https://" not in page
+    assert "&quot;unrelated&quot;" not in page and "&quot;distance_analysis&quot;" in page
+
+
+def test_trace_check_is_reported_as_not_measured_or_with_its_ratio(page_and_result):
+    page, _, _ = page_and_result
+    assert "<b>Not measured</b>" in page
+    measured, _, _ = _report(with_trace=True, figures={})
+    section = measured.split("<h2>Gradient-noise cross-check</h2>")[1].split("<h2>")[0]
+    assert "Not measured" not in section
+    assert section.count("<td class=\"num\">0.800</td>") == 4 * 3  # phases 1-3 and all: median, min, max
+
+
+def test_report_escapes_text_from_the_tables():
+    page, _, _ = _report(reason="weights <missing> & more", figures={})
+    assert "weights &lt;missing&gt; &amp; more" in page
+    assert "<missing>" not in page
+
+
+def test_report_without_skipped_metrics_says_so():
+    page, _, _ = _report(skipped=(), figures={})
+    assert "<h2>Skipped metrics</h2><p>None: every ordering ran.</p>" in page
