@@ -263,7 +263,7 @@ def test_perceptual_weights_file_of_the_wrong_kind_is_a_config_error(tmp_path):
 def test_perceptual_code_path_with_random_backbone_not_lpips(random_alexnet_file, sample_dataset, one_torch_thread):
     """Exercises file loading, averaging, scaling, upsampling and batching with a RANDOM AlexNet: not LPIPS values."""
     images = sample_dataset.images["train"][:120].numpy()
-    params = {"perceptual": {"backbone_weights": str(random_alexnet_file), "batch_size": 50}}
+    params = {"perceptual": {"backbone_weights": str(random_alexnet_file), "batch_size": 50, "upsample_to": 64}}
     table, status = score_images("perceptual", images, np.arange(120), params)
     assert status == {"metric": "perceptual", "status": "ok", "reason": None}
     assert len(table) == 120 and np.isfinite(table["score"]).all() and (table["score"] > 0).all()
@@ -280,7 +280,7 @@ def test_perceptual_code_path_with_random_backbone_not_lpips(random_alexnet_file
     assert abs(self_distance[0]) < 1e-9
 
     # The score is the distance to the average image, whatever the batch size (the benchmark relies on it).
-    one_at_a_time = metrics.lpips_distances_to_reference(model, images[:8], average, batch_size=1)
+    one_at_a_time = metrics.lpips_distances_to_reference(model, images[:8], average, batch_size=1, upsample_to=64)
     np.testing.assert_allclose(table["score"].to_numpy()[:8], one_at_a_time, rtol=1e-4, atol=1e-6)
 
 

@@ -1,0 +1,124 @@
+"""Scoring speed of the metrics on all 50,000 CIFAR-10 training images, with the two targets side by side.
+
+    .venv/bin/python benchmarks/benchmark_metrics.py [--threads 2] [--repeats 3]
+        [--lpips-single-images 200] [--lpips-batch 500] [--upsample 0]
+
+Targets (this project's 2-core CPU machines):
+
+1. intensity + colour + edges together score the 50,000 images in under 5 s;
+2. LPIPS in batches is at least 50x faster (images/s) than the same model called
+   one image at a time.
+
+The cheap metrics run through :func:`best_minibatch.metrics.score_images` with
+their default options, ``--repeats`` times each; the best and the median time
+are printed (on a shared machine other processes steal the cores: the best run
+is the closest to the metric's own cost, the median shows the contention). The
+target is judged on the sum of the best times.
+
+LPIPS timing uses a RANDOMLY INITIALISED AlexNet backbone (the ImageNet weights
+are not on these machines): the arithmetic is that of LPIPS, the values are not
+LPIPS distances. The batched run scores all 50,000 images against their average
+image, the one-at-a-time run the first ``--lpips-single-images`` with the same
+model, the same reference and the same upsampling, both after a warm-up, both
+with ``torch.set_num_threads(--threads)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from best_minibatch.cifar import read_image_dataset
+from best_minibatch.metrics import METRICS, lpips_distances_to_reference, lpips_with_random_backbone_not_pretrained, score_images
+
+FULL_CIFAR_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
+CHEAP_METRICS = ("intensity", "color", "edges")
+CHEAP_TARGET_SECONDS = 5.0
+LPIPS_TARGET_RATIO = 50.0
+
+
+def timed(function, repeats: int) -> list[float]:
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zip", type=Path, default=FULL_CIFAR_ZIP)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lpips-single-images", type=int, default=200)
+    parser.add_argument("--lpips-batch", type=int, default=500)
+    parser.add_argument(
+        "--upsample", type=int, default=METRICS["perceptual"].defaults["upsample_to"] or 0,
+        help="LPIPS input side length; 0 = native 32x32 (the perceptual metric's default)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    upsample = args.upsample or None
+
+    started = time.perf_counter()
+    dataset = read_image_dataset(args.zip)
+    images = dataset.images["train"].numpy()
+    ids = np.arange(len(images))
+    n = len(images)
+    print(f"decoded {n} training images of {args.zip.name} in {time.perf_counter() - started:.1f} s "
+          f"(not part of any target); torch threads: {args.threads}")
+    print()
+
+    print(f"{'metric':<34}{'best s':>9}{'median s':>10}{'images/s (best)':>17}")
+    best_total = 0.0
+    median_total = 0.0
+    for name in CHEAP_METRICS:
+        seconds = timed(lambda: score_images(name, images, ids, {}), args.repeats)
+        best, median = min(seconds), statistics.median(seconds)
+        best_total += best
+        median_total += median
+        print(f"{name:<34}{best:>9.3f}{median:>10.3f}{n / best:>17,.0f}")
+    seconds = timed(lambda: score_images("random", images, ids, {}), args.repeats)
+    print(f"{'random':<34}{min(seconds):>9.3f}{statistics.median(seconds):>10.3f}{n / min(seconds):>17,.0f}")
+
+    model = lpips_with_random_backbone_not_pretrained(seed=0)
+    average = images.mean(axis=0, dtype=np.float64)
+    lpips_distances_to_reference(model, images[:args.lpips_batch], average, batch_size=args.lpips_batch, upsample_to=upsample)
+    started = time.perf_counter()
+    batched = lpips_distances_to_reference(model, images, average, batch_size=args.lpips_batch, upsample_to=upsample)
+    batched_seconds = time.perf_counter() - started
+
+    single_images = images[: args.lpips_single_images]
+    lpips_distances_to_reference(model, single_images[:5], average, batch_size=1, upsample_to=upsample)
+    started = time.perf_counter()
+    single = lpips_distances_to_reference(model, single_images, average, batch_size=1, upsample_to=upsample)
+    single_seconds = time.perf_counter() - started
+    agree = np.allclose(single, batched[: len(single)], rtol=1e-4, atol=1e-6)
+
+    side = upsample or images.shape[1]
+    label = f"LPIPS-random-AlexNet {side}x{side}"
+    batched_rate = n / batched_seconds
+    single_rate = len(single) / single_seconds
+    print(f"{label + f', batch {args.lpips_batch}':<34}{batched_seconds:>9.3f}{'-':>10}{batched_rate:>17,.0f}   ({n} images)")
+    print(f"{label + ', one at a time':<34}{single_seconds:>9.3f}{'-':>10}{single_rate:>17,.0f}   ({len(single)} images)")
+    print("  (randomly initialised AlexNet backbone, NOT ImageNet weights: timing only, not LPIPS values;")
+    print(f"   batched and one-at-a-time distances agree on the shared images: {agree})")
+    print()
+
+    ratio = batched_rate / single_rate
+    print("targets")
+    print(f"  intensity + color + edges, 50,000 images: {best_total:.2f} s best "
+          f"({median_total:.2f} s median)   target < {CHEAP_TARGET_SECONDS:.0f} s: "
+          f"{'MET' if best_total < CHEAP_TARGET_SECONDS else 'NOT MET'}")
+    print(f"  LPIPS batched / one at a time: {batched_rate:,.0f} / {single_rate:,.0f} images/s = {ratio:.0f}x   "
+          f"target >= {LPIPS_TARGET_RATIO:.0f}x: {'MET' if ratio >= LPIPS_TARGET_RATIO else 'NOT MET'}")
+
+
+if __name__ == "__main__":
+    main()
