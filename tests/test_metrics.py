@@ -253,6 +253,15 @@ def test_perceptual_named_weights_file_that_is_missing_is_a_config_error(tmp_pat
         score_images("perceptual", HAND_MADE, np.arange(5), {"perceptual": {"backbone_weights": str(tmp_path / "nope.pth")}})
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [("batch_size", 0), ("upsample_to", 16), ("device", "tpu"), ("strict", "yes")],
+)
+def test_perceptual_bad_options_are_errors_even_without_weights(no_cached_alexnet, option, value):
+    with pytest.raises(MetricConfigError, match=rf"score_metrics\.perceptual\.{option}"):
+        score_images("perceptual", HAND_MADE, np.arange(5), {"perceptual": {option: value}})
+
+
 def test_perceptual_weights_file_of_the_wrong_kind_is_a_config_error(tmp_path):
     path = tmp_path / "not_alexnet.pth"
     torch.save({"conv.weight": torch.zeros(1)}, path)

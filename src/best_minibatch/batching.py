@@ -147,7 +147,8 @@ def sort_into_batches(
     train_ids = pd.Index(image_index.loc[image_index["split"] == "train", "image_id"])
     _check_scores(scores, metric, METRICS[metric].sort_columns, train_ids)
     if len(scores) == 0:
-        logger.warning(
+        # INFO, not WARNING: score_metrics already gave the one loud warning with the fix.
+        logger.info(
             "Metric '%s' has no scores (it was skipped in score_metrics; see its metric_status): "
             "its batch tables are empty.", metric,
         )

@@ -288,8 +288,23 @@ def alexnet_weights_path(options: Mapping[str, Any]) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS_FILENAME
 
 
+def _perceptual_settings(options: Mapping[str, Any]) -> tuple[int, int | None, str]:
+    """Checked ``batch_size``, ``upsample_to`` and ``device`` of the perceptual metric."""
+    batch_size = _require_int(options, "perceptual", "batch_size", 1)
+    upsample_to = options["upsample_to"]
+    if upsample_to is not None:
+        upsample_to = _require_int(options, "perceptual", "upsample_to", 32)
+    if not isinstance(options["strict"], bool):
+        raise MetricConfigError(f"score_metrics.perceptual.strict must be true or false, got {options['strict']!r}.")
+    device = str(options["device"])
+    if device not in ("cpu", "cuda", "auto"):
+        raise MetricConfigError(f"score_metrics.perceptual.device must be cpu, cuda or auto, got {device!r}.")
+    return batch_size, upsample_to, device
+
+
 def perceptual_unavailable_reason(options: Mapping[str, Any]) -> str | None:
     """Why LPIPS cannot run (None: the AlexNet weights are there). A named file that is missing is an error."""
+    _perceptual_settings(options)  # bad options are an error even where the metric would be skipped
     path = alexnet_weights_path(options)
     if path.is_file():
         return None
@@ -417,11 +432,7 @@ def lpips_distances_to_reference(
 )
 def perceptual_score(images: np.ndarray, options: Mapping[str, Any]) -> pd.DataFrame:
     """LPIPS distance to the average image (pixel-wise mean over all scored images), computed in batches."""
-    batch_size = _require_int(options, "perceptual", "batch_size", 1)
-    upsample_to = options["upsample_to"]
-    if upsample_to is not None:
-        upsample_to = _require_int(options, "perceptual", "upsample_to", 32)
-    device = str(options["device"])
+    batch_size, upsample_to, device = _perceptual_settings(options)
     _resolve_device(device)
     path = alexnet_weights_path(options)
     model = load_lpips_alexnet(path)
@@ -474,9 +485,9 @@ def metric_availability(name: str, params: Mapping[str, Any] | None) -> str | No
     Cheap: reads no images. Call it before any work (e.g. at the start of a run)
     to make a strict metric fail early.
     """
-    metric = METRICS.get(name)
     options = metric_options(name, params)
-    if metric is None or metric.unavailable_reason is None:
+    metric = METRICS[name]
+    if metric.unavailable_reason is None:
         return None
     reason = metric.unavailable_reason(options)
     if reason is not None and options.get("strict", False):
@@ -510,9 +521,8 @@ def score_images(
         raise ValueError(f"Got {len(ids)} image ids for {len(images)} images; they must match one to one.")
     if len(np.unique(ids)) != len(ids):
         raise ValueError("image_ids contain duplicates; every scored image needs its own id.")
-    metric = METRICS[name] if name in METRICS else None
-    options = metric_options(name, params)
-    assert metric is not None  # metric_options rejected unknown names
+    options = metric_options(name, params)  # rejects unknown metrics and options
+    metric = METRICS[name]
     reason = metric_availability(name, params)
     if reason is not None:
         logger.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -48,10 +49,15 @@ def no_cached_alexnet(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
 
 
-def test_both_pipelines_run_every_ordering_with_perceptual_skipped_without_weights(sample_dataset, no_cached_alexnet):
+def test_both_pipelines_run_every_ordering_with_perceptual_skipped_without_weights(
+    sample_dataset, no_cached_alexnet, caplog
+):
     parameters = project_config()["parameters"]  # the project's own base parameters
     catalog = in_memory_catalog(sample_dataset, parameters)
-    SequentialRunner().run(create_score_metrics() + create_sort_batches(), catalog)
+    with caplog.at_level(logging.INFO):
+        SequentialRunner().run(create_score_metrics() + create_sort_batches(), catalog)
+    project_warnings = [r for r in caplog.records if r.name.startswith("best_minibatch") and r.levelno >= logging.WARNING]
+    assert len(project_warnings) == 1 and "SKIPPED" in project_warnings[0].getMessage()  # one loud warning
 
     for metric in METRICS:
         status = catalog.load(f"{metric}.metric_status")

@@ -43,5 +43,5 @@ def combine_metric_scores(image_index: pd.DataFrame, *score_tables: pd.DataFrame
     combined = combine_scores(train["image_id"].to_numpy(), tables)
     skipped = [name for name, table in tables.items() if len(table) == 0]
     if skipped:
-        logger.warning("metric_scores: no scores for %s (skipped; see their metric_status)", ", ".join(skipped))
+        logger.info("metric_scores: no scores for %s (skipped; see their metric_status)", ", ".join(skipped))
     return combined
