@@ -1,15 +1,19 @@
-"""Wiring of ``batch_selection``."""
+"""Wiring of ``batch_selection``: one Kedro namespace, so its datasets are ``batch_selection.<name>``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kedro.pipeline import Pipeline, node
+from kedro.pipeline import Pipeline, node, pipeline
 
 from .nodes import build_batch_pools, run_selection_experiment, split_validation, summarise_selection
 
+NAMESPACE = "batch_selection"
+SHARED_INPUTS = ("image_index", "train_images", "test_images", "batch_phase_stats")
+
 
 def _per_ordering(kind: str, orderings: Sequence[str]) -> dict[str, str]:
+    """``{"<kind>__<ordering>": "<ordering>.<kind>"}``: the node arguments of one dataset kind."""
     return {f"{kind}__{ordering}": f"{ordering}.{kind}" for ordering in orderings}
 
 
@@ -20,33 +24,36 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
 
         orderings = list(METRICS)
     params = "params:batch_selection"
-    return Pipeline(
+    per_ordering = {**_per_ordering("image_scores", orderings), **_per_ordering("metric_status", orderings)}
+    template = Pipeline(
         [
-            node(split_validation, inputs=["image_index", params], outputs="batch_selection.validation_split",
+            node(split_validation, inputs=["image_index", params], outputs="validation_split",
                  name="hold_out_validation_split"),
             node(
                 build_batch_pools,
-                inputs={"validation_split": "batch_selection.validation_split",
-                        "batch_phase_stats": "batch_phase_stats", "params": params,
-                        **_per_ordering("image_scores", orderings), **_per_ordering("metric_status", orderings)},
-                outputs=["batch_selection.batch_pools", "batch_selection.notes"],
+                inputs={"validation_split": "validation_split", "batch_phase_stats": "batch_phase_stats",
+                        "params": params, **per_ordering},
+                outputs=["batch_pools", "notes"],
                 name="build_batch_pools",
             ),
             node(
                 run_selection_experiment,
-                inputs=["image_index", "train_images", "test_images", "batch_selection.validation_split",
-                        "batch_selection.batch_pools", params],
-                outputs=["batch_selection.learning_curves", "batch_selection.run_results"],
+                inputs=["image_index", "train_images", "test_images", "validation_split", "batch_pools", params],
+                outputs=["learning_curves", "run_results"],
                 name="run_selection_experiment",
             ),
             node(
                 summarise_selection,
-                inputs=["batch_selection.learning_curves", "batch_selection.run_results",
-                        "batch_selection.validation_split", "batch_selection.notes", params],
-                outputs=["batch_selection.curve_summary", "batch_selection.summary",
-                         "batch_selection.report_fragment_md", "batch_selection.report_fragment_html",
-                         "batch_selection.convergence_png", "batch_selection.convergence_pdf"],
+                inputs=["learning_curves", "run_results", "validation_split", "notes", params],
+                outputs=["curve_summary", "summary", "report_fragment_md", "report_fragment_html",
+                         "convergence_png", "convergence_pdf"],
                 name="summarise_selection",
             ),
         ]
+    )
+    return pipeline(
+        template,
+        namespace=NAMESPACE,
+        inputs={*SHARED_INPUTS, *per_ordering.values()},
+        parameters={params: params},
     )

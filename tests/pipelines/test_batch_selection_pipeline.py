@@ -1,0 +1,156 @@
+"""The ``batch_selection`` pipeline end to end on a tiny configuration, through SequentialRunner in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+
+from best_minibatch import selection as S
+from best_minibatch.metrics import METRICS, score_images
+from best_minibatch.pipelines.batch_selection import create_pipeline
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TRAIN_PER_CLASS, TEST_PER_CLASS = 40, 10
+
+PARAMS = {
+    "seeds": [0, 1],
+    "policies": list(S.POLICIES),
+    "validation": {"fraction": 0.2, "seed": 1},
+    "target_validation_accuracy": 0.15,
+    "model": {"name": "small_cnn", "options": {"width": 4}},
+    "training": {"batch_size": 32, "phases": [{"epochs": 1, "lr": 0.1}, {"epochs": 1, "lr": 0.01}],
+                 "evaluations_per_epoch": 1, "eval_batch_size": 200, "device": "cpu", "cpu_threads": 1},
+    "learned": {"ordering": "intensity", "measure": "noise_z_mean", "keep_fraction": 0.25},
+    "oracle": {"keep_fraction": 0.25},
+    "progress_bar": False,
+}
+
+
+def subset(dataset, split: str, per_class: int) -> tuple[pd.DataFrame, torch.Tensor]:
+    """The first ``per_class`` images of every class of ``split``, re-indexed from row 0."""
+    index = dataset.index.loc[dataset.index["split"] == split].sort_values("row")
+    chosen = index.groupby("label", sort=True).head(per_class).sort_values("row")
+    images = dataset.images[split][torch.from_numpy(chosen["row"].to_numpy().copy())]
+    chosen = chosen.assign(row=np.arange(len(chosen)))
+    return chosen.reset_index(drop=True), images
+
+
+@pytest.fixture(scope="module")
+def inputs(sample_dataset):
+    train_index, train_images = subset(sample_dataset, "train", TRAIN_PER_CLASS)
+    test_index, test_images = subset(sample_dataset, "test", TEST_PER_CLASS)
+    train_index["image_id"] = np.arange(len(train_index))
+    test_index["image_id"] = len(train_index) + np.arange(len(test_index))
+    image_index = pd.concat([train_index, test_index], ignore_index=True)
+    datasets = {"image_index": image_index, "train_images": train_images, "test_images": test_images}
+    ids = train_index["image_id"].to_numpy()
+    for name in METRICS:
+        if name == "perceptual":  # as on a machine without the AlexNet weights
+            scores = METRICS[name].empty_scores()
+            status = {"metric": name, "status": "skipped", "reason": "AlexNet weights not found"}
+        else:
+            scores, status = score_images(name, train_images.numpy(), ids, {})
+        datasets[f"{name}.image_scores"] = scores
+        datasets[f"{name}.metric_status"] = status
+    # distance_analysis' batch table, as computed on 8 batches of all training images; planted so
+    # that intensity's batches nearest the middle are closest in phase 1 and the lowest in phase 2.
+    rows = []
+    for ordering in ("intensity", "color", "edges", "random"):
+        for phase in (1, 2):
+            for batch in range(8):
+                position = (batch + 0.5) / 8
+                rows.append({"ordering": ordering, "phase": phase, "batch": batch, "batch_position": position,
+                             "noise_z_mean": abs(position - 0.5) if phase == 1 else position})
+    datasets["batch_phase_stats"] = pd.DataFrame(rows)
+    return datasets
+
+
+def project_catalog(folder: Path) -> DataCatalog:
+    """The project's batch_selection catalog (versioned Parquet, text, figures) moved under ``folder``."""
+    config = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "catalog_batch_selection.yml").read_text())
+    for entry in config.values():
+        entry["filepath"] = str(folder / entry["filepath"])
+    return DataCatalog.from_config(config)
+
+
+def run_pipeline(inputs: dict, params: dict, folder: Path) -> DataCatalog:
+    catalog = project_catalog(folder)
+    for name, value in inputs.items():
+        catalog[name] = MemoryDataset(value)
+    catalog["params:batch_selection"] = MemoryDataset(params)
+    SequentialRunner().run(create_pipeline(), catalog)
+    return catalog
+
+
+def test_pipeline_runs_every_policy_and_reports(inputs, tmp_path):
+    catalog = run_pipeline(inputs, PARAMS, tmp_path)
+    load = lambda name: catalog[f"batch_selection.{name}"].load()  # noqa: E731
+
+    split = load("validation_split")
+    validation_ids = split.loc[split["subset"] == "validation", "image_id"].to_numpy()
+    assert len(validation_ids) == 10 * round(0.2 * TRAIN_PER_CLASS)
+    pools = load("batch_pools")
+    assert set(pools["policy"]) == {"fixed_random", "paper_advice", "learned"}
+    assert not np.isin(np.concatenate(pools["image_ids"].to_list()), validation_ids).any()
+    # perceptual was skipped: the paper's advice uses intensity alone in phase 1, and the notes say so.
+    assert set(pools.loc[(pools["policy"] == "paper_advice") & (pools["phase"] == 1), "source_ordering"]) == {"intensity"}
+    assert any("perceptual" in note for note in load("notes"))
+
+    results = load("run_results")
+    steps_per_epoch = (10 * TRAIN_PER_CLASS - len(validation_ids)) // 32
+    assert len(results) == 2 * len(S.POLICIES)
+    assert (results["steps"] == 2 * steps_per_epoch).all()
+    assert (results.loc[results["policy"] == "oracle", "probe_passes"] == 2 * steps_per_epoch).all()
+    assert (results.loc[results["policy"] != "oracle", "probe_passes"] == 0).all()
+    curves = load("learning_curves")
+    assert len(curves) == 2 * len(S.POLICIES) * 3  # the start and one evaluation per epoch
+
+    summary = load("summary")
+    assert list(summary["policy"]) == list(S.POLICIES)
+    assert summary.loc[summary["policy"] == "shuffle", "verdict"].item() == "baseline"
+    assert summary.loc[summary["policy"] != "shuffle", "test"].eq("paired t-test").all()
+    curve_summary = load("curve_summary")
+    assert set(curve_summary["policy"]) == set(S.POLICIES) and (curve_summary["n_seeds"] == 2).all()
+
+    markdown, html = load("report_fragment_md"), load("report_fragment_html")
+    for policy in S.POLICIES:
+        assert policy in markdown and policy in html
+    assert "**Answer.**" in markdown and "data:image/png;base64," in html
+    reporting = tmp_path / "data" / "08_reporting" / "batch_selection"
+    png = list((reporting / "convergence.png").glob("*/convergence.png"))
+    pdf = list((reporting / "convergence.pdf").glob("*/convergence.pdf"))
+    assert len(png) == len(pdf) == 1
+    assert png[0].read_bytes().startswith(b"\x89PNG") and pdf[0].read_bytes().startswith(b"%PDF")
+    for table in ("learning_curves", "run_results", "curve_summary", "summary"):
+        assert len(list((reporting / f"{table}.parquet").glob(f"*/{table}.parquet"))) == 1
+
+
+def test_pipeline_rejects_bad_parameters_before_any_output(inputs, tmp_path):
+    bad = {**PARAMS, "training": {**PARAMS["training"], "batch_size": 1}}
+    with pytest.raises(Exception, match="batch_selection.training.batch_size"):
+        run_pipeline(inputs, bad, tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
+def test_learned_policy_needs_an_analysed_ordering(inputs, tmp_path):
+    bad = {**PARAMS, "learned": {**PARAMS["learned"], "ordering": "perceptual"}}
+    with pytest.raises(Exception, match="learned.ordering"):
+        run_pipeline(inputs, bad, tmp_path)
+    assert not (tmp_path / "data" / "08_reporting").exists()
+
+
+def test_batch_selection_is_registered_but_not_in_the_default_run():
+    from kedro.framework.project import pipelines
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(PROJECT_ROOT)
+    assert "batch_selection" in pipelines
+    default_nodes = {n.name for n in pipelines["__default__"].nodes}
+    assert not any(name.startswith("batch_selection.") for name in default_nodes)
