@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import re
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from best_minibatch import analysis, report
@@ -65,13 +67,33 @@ def test_report_holds_every_claim_with_its_verdict_and_numbers(page_and_result):
     rows = re.findall(r"<tr style=[^>]*>(.*?)</tr>", claims_section)
     assert len(rows) == len(result["claims"])
     for row, (_, claim) in zip(rows, result["claims"].iterrows()):
-        assert f"<td>{claim['verdict']}</td>" in row
+        assert f"<td>{report._short_verdict(claim['verdict'])}</td>" in row
+        assert f"<td>{claim['ordering']}</td><td class=\"num\">{claim['phase']}</td>" in row
         if claim["verdict"] in report.VERDICT_COLORS:
             assert f"{claim['difference']:.3f}" in row
     tested = result["claims"]["verdict"].isin(report.VERDICT_COLORS)
     counts = result["claims"].loc[tested, "verdict"].value_counts()
     assert (f"Tested: {tested.sum()}; {counts.get('supported', 0)} supported, "
             f"{counts.get('contradicted', 0)} contradicted, {counts.get('undecided', 0)} undecided.") in claims_section
+
+
+def test_report_states_each_finding_and_flags_one_that_class_balance_explains():
+    page, _, _ = _report()
+    findings = page.split("<h2>The paper's claims, tested</h2>")[1].split("</ul>")[0]
+    assert findings.count("<li>") == 11
+    assert ("<b>intensity, phase 1</b>: claim “upper quartile of the metric closer to the full gradient than the "
+            "other 75%” — <b>supported</b>") in findings
+    assert "<b>perceptual, phase 1</b>: not tested: metric skipped" in findings
+    run = synthetic_run(phase_lengths=(3,), learning_rates=(0.1,), skipped=(), n_batches=20, noise=0.3, seed=5)
+    summary = run["orderings"]["intensity"]["batch_summary"]
+    entropy = np.where((np.arange(20) + 0.5) / 20 > 0.75, 1.35, 0.9)
+    summary["class_entropy"] = entropy
+    run["orderings"]["intensity"]["gradient_distances"]["distance"] *= np.tile(1.0 - 0.1 * (entropy - 0.9), 3)
+    result = run_analysis(run, n_permutations=2000)
+    row = result["claims"].set_index(["claim_id", "ordering"]).loc[("first_phase_upper_quartile_closest", "intensity")]
+    row = pd.concat([row, pd.Series({"ordering": "intensity"})])
+    sentence = report._finding(row)
+    assert "<b>supported</b>" in sentence and "the effect vanishes once class balance is accounted for" in sentence
 
 
 def test_report_is_self_contained_with_embedded_figures(page_and_result):

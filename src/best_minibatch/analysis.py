@@ -42,7 +42,7 @@ UPPER_QUARTILE = "upper_quartile_vs_rest"
 EXTREMES = "extremes_vs_middle80"
 COMPARISONS = (UPPER_QUARTILE, EXTREMES)
 COMPARISON_GROUPS = {
-    UPPER_QUARTILE: ("upper quartile of the metric", "the other 75%"),
+    UPPER_QUARTILE: ("upper quartile of the metric", "other 75%"),
     EXTREMES: ("outer 10% on each side", "middle 80%"),
 }
 
@@ -469,6 +469,7 @@ def claim_verdicts(
                 "ordering": metric,
                 "comparison": claim.comparison,
                 "group": COMPARISON_GROUPS[claim.comparison][0],
+                "rest": COMPARISON_GROUPS[claim.comparison][1],
                 "expected": "group closer" if claim.expected_sign < 0 else "group farther",
                 "expected_sign": claim.expected_sign,
                 "not_tested": "",

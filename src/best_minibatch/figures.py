@@ -231,7 +231,9 @@ def batch_image_grid(
     label_of = pd.Series(train["label"].to_numpy(), index=train["image_id"].to_numpy())
     chosen = best_worst[(best_worst["ordering"] == ordering) & (best_worst["rank"] == 1)]
     phases = sorted(chosen["phase"].unique())
-    batch_size = int(batch_assignments.groupby("batch").size().max())
+    shown_ids = batch_assignments.loc[batch_assignments["batch"].isin(chosen["batch"]), ["batch", "image_id"]]
+    shown_counts = pd.crosstab(shown_ids["batch"], label_of.loc[shown_ids["image_id"].to_numpy()].to_numpy())
+    count_limit = 1.1 * float(shown_counts.to_numpy().max()) if shown_counts.size else 1.0
     with matplotlib.rc_context(STYLE):
         figure = Figure(figsize=(11, 2.9 * len(phases) + 0.6), layout="constrained")
         axes = figure.subplots(len(phases), 4, squeeze=False, gridspec_kw={"width_ratios": [3, 1.6, 3, 1.6]})
@@ -254,7 +256,7 @@ def batch_image_grid(
                               color="tab:green" if kind == "best" else "tab:red")
                 mix_axis.set_yticks(np.arange(len(class_names)), class_names, fontsize=7)
                 mix_axis.invert_yaxis()
-                mix_axis.set_xlim(0, batch_size)
+                mix_axis.set_xlim(0, count_limit)  # one scale for the whole figure
                 mix_axis.set_xlabel("images in batch", fontsize=8)
                 mix_axis.set_title(f"class mix (entropy {entry['class_entropy']:.2f} nats)", fontsize=8)
                 sns.despine(ax=mix_axis)

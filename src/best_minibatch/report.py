@@ -49,17 +49,25 @@ def _format(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+#: Columns that hold counts or indices: shown without decimals even when NaN made them float.
+INTEGER_COLUMNS = {"phase", "n_group", "n_rest", "n_epochs", "n_phases", "n_batches", "batch", "rank",
+                   "first_epoch", "last_epoch", "epoch"}
+
+
 def html_table(table: pd.DataFrame, columns: Mapping[str, str], row_colors: Sequence[str] | None = None) -> str:
     """``table``'s ``columns`` (name -> header) as an HTML table; numbers right-aligned."""
     head = "".join(f"<th>{_escape(title)}</th>" for title in columns.values())
     body = []
-    for position, (_, row) in enumerate(table.iterrows()):
+    for position in range(len(table)):
         style = f' style="background:{row_colors[position]}"' if row_colors and row_colors[position] else ""
         cells = []
         for column in columns:
-            value = row[column]
+            value = table[column].iloc[position]
             numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-            cells.append(f'<td class="num">{_escape(_format(value))}</td>' if numeric else f"<td>{_escape(_format(value))}</td>")
+            if numeric and column in INTEGER_COLUMNS and np.isfinite(value):
+                value = int(value)
+            text = _escape(_format(value))
+            cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
         body.append(f"<tr{style}>{''.join(cells)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -98,7 +106,8 @@ FIGURE_CAPTIONS = {
     "heatmap": "The paper's heat map: one panel per learning-rate phase, x = batch (ascending metric), "
                "y = epoch; light = gradient closer to the full gradient. One colour scale for all phases.",
     "distance_by_rank": "Per phase: each metric's mean distance per batch against its rank, over the random "
-                        "ordering's mean and 95% range; top raw, bottom in noise units.",
+                        "ordering's mean and 95% range; top raw, bottom in noise units. Each ordering trains its own network, so "
+                        "whole-curve offsets from the band mix batch composition with differences between networks.",
     "batches": "Images and class mix of the best and worst batch (lowest / highest mean noise-unit distance) "
                "of each phase.",
     "training_curves": "Loss and accuracy per epoch; dotted lines mark the learning-rate phases.",
@@ -109,7 +118,9 @@ def _caption(name: str) -> str:
     for prefix, caption in FIGURE_CAPTIONS.items():
         if name.startswith(prefix):
             if name.endswith("_noise_units"):
-                return caption + " Values in noise units: z-score against the random ordering's batches of the same epoch (0 = a random batch)."
+                return caption + (" Values in noise units: z-score against the random ordering's batches of the same "
+                                  "epoch (0 = a random batch; those come from the random ordering's own network, "
+                                  "see the caveat above).")
             if name.endswith("_distance"):
                 return caption + " Values: ‖g_k − g_full‖."
             return caption
@@ -169,6 +180,7 @@ def _setup_section(setup, ordering_status, histories, parameters, null_ordering)
     finals = {o: h.sort_values("epoch").iloc[-1] for o, h in histories.items() if len(h)}
     for column in ("train_accuracy", "test_accuracy", "test_loss"):
         table[f"final_{column}"] = [finals[o][column] if o in finals else np.nan for o in table["ordering"]]
+    table["reason"] = [r if s == "ok" else "see Skipped metrics" for r, s in zip(table["reason"], table["status"])]
     lines.append(html_table(table, {"ordering": "ordering", "status": "status", "reason": "reason",
                                     "n_epochs": "epochs", "n_phases": "phases", "n_batches": "batches",
                                     "final_train_accuracy": "final train accuracy",
@@ -180,25 +192,58 @@ def _setup_section(setup, ordering_status, histories, parameters, null_ordering)
     return "\n".join(lines)
 
 
+def _short_verdict(verdict: str) -> str:
+    """Verdicts as shown in tables: a skipped metric's long reason is listed once, under Skipped metrics."""
+    if verdict.startswith("not tested (metric skipped"):
+        return "not tested: metric skipped (reason under Skipped metrics)"
+    return verdict
+
+
+def _finding(row: pd.Series) -> str:
+    """One claim row as a sentence with its numbers."""
+    where = f"<b>{_escape(row['ordering'])}, phase {int(row['phase'])}</b>"
+    if row["verdict"] not in VERDICT_COLORS:
+        return f"<li>{where}: {_escape(_short_verdict(row['verdict']))}.</li>"
+    direction = "closer to" if row["expected_sign"] < 0 else "farther from"
+    text = (f"<li>{where}: claim “{_escape(row['group'])} {direction} the full gradient than the "
+            f"{_escape(row['rest'])}” — <b>{_escape(row['verdict'])}</b> (difference {row['difference']:+.2f} z, Cohen's d "
+            f"{_format(row['cohens_d'], 2)}, Holm p {_format(row['p_holm'])})")
+    if row["adjusted_verdict"] != row["verdict"]:
+        change = ("the effect vanishes once class balance is accounted for" if row["verdict"] != "undecided"
+                  else "an effect appears once class balance is accounted for")
+        text += (f"; after class balance: <b>{_escape(row['adjusted_verdict'])}</b> (difference "
+                 f"{row['adjusted_difference']:+.2f} z, Holm p {_format(row['adjusted_p_holm'])}): {change}")
+    return text + ".</li>"
+
+
 def _claims_section(claims: pd.DataFrame, alpha: float, null_ordering: str) -> str:
     tested = claims[claims["verdict"].isin(VERDICT_COLORS)]
     counts = tested["verdict"].value_counts().to_dict()
     summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICT_COLORS)
     lines = [
         "<h2>The paper's claims, tested</h2>",
-        f"<p>Section 5 of the paper reads these conclusions off heat maps. Here each is a permutation test "
-        f"(batches are the units; each batch contributes its mean distance over the phase's epochs, in noise "
+        f"<p><b>Tested: {len(tested)}; {summary}. Not tested: {len(claims) - len(tested)}.</b></p>",
+        "<ul>" + "".join(_finding(row) for _, row in claims.iterrows()) + "</ul>",
+        f"<p class='note'>Section 5 of the paper reads these conclusions off heat maps. Here each is a permutation "
+        f"test (batches are the units; each batch contributes its mean distance over the phase's epochs, in noise "
         f"units: the z-score against the {_escape(null_ordering)} ordering's batches of the same epoch). "
         f"<i>difference</i> = mean(group) − mean(rest); negative = the group's gradients are closer to the full "
         f"gradient. A claim is <b>supported</b> when its Holm-adjusted p-value is below α = {alpha:g} and the "
         f"difference has the claimed sign, <b>contradicted</b> when significant with the opposite sign, and "
         f"<b>undecided</b> otherwise. Holm's correction runs over the {len(tested)} tested rows of this table "
         "(one family). The <i>after class balance</i> columns repeat the test on distances residualised on the "
-        "batch's class entropy: a claim that holds before but not after is explained by the batches' class mix.</p>",
-        f"<p><b>Tested: {len(tested)}; {summary}. Not tested: {len(claims) - len(tested)}.</b></p>",
+        "batch's class entropy (least squares within the ordering and phase): a claim that holds before but not "
+        "after is explained by the batches' class mix.</p>",
+        f"<p class='note'><b>Caveat on noise units.</b> Each ordering trains its own network; the "
+        f"{_escape(null_ordering)} batches of epoch e are probed at the {_escape(null_ordering)} run's parameters, "
+        "not at this ordering's. A whole ordering lying above or below 0 therefore mixes batch composition with "
+        "differences between the trained networks (compare the training curves). The claims compare groups of "
+        "batches within one ordering and phase, which that offset does not affect.</p>",
     ]
+    shown = claims.assign(verdict=claims["verdict"].map(_short_verdict),
+                          adjusted_verdict=claims["adjusted_verdict"].map(_short_verdict))
     colors = [VERDICT_COLORS.get(v, "#fff7d6") for v in claims["verdict"]]
-    lines.append(html_table(claims, {
+    lines.append(html_table(shown, {
         "claim": "claim (paper, section 5)", "ordering": "metric", "phase": "phase", "expected": "expected",
         "n_group": "n group", "n_rest": "n rest", "difference": "difference (z)", "cohens_d": "Cohen's d",
         "rank_biserial": "rank-biserial", "p_value": "p", "p_holm": "p (Holm)", "verdict": "verdict",
