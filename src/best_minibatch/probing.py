@@ -152,11 +152,11 @@ class EpochGradients:
             yield from self._rows[: self._count]
             return
         self._scratch_file.flush()
-        rows = np.memmap(self._scratch_path, dtype=_NUMPY_DTYPES[self.dtype], mode="r",
-                         shape=(self._count, self.num_params))
-        for k in range(self._count):
-            yield torch.from_numpy(np.array(rows[k])).to(self.device)
-        del rows
+        # Plain reads, not a memory map: mapped pages would count as this process's memory.
+        with open(self._scratch_path, "rb") as stream:
+            for _ in range(self._count):
+                row = np.fromfile(stream, dtype=_NUMPY_DTYPES[self.dtype], count=self.num_params)
+                yield torch.from_numpy(row).to(self.device)
 
     def measures(self) -> dict[str, np.ndarray | float]:
         """Exact float64 measures of every stored gradient against their mean (see :func:`distance_measures`).
