@@ -1,0 +1,139 @@
+"""kedro-viz: the six pipelines as a user sees them, in a real headless Chromium; the static build."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+from tests.test_project_run import copy_project
+
+PIPELINES = ["ingest_cifar", "score_metrics", "sort_batches", "gradient_training", "distance_analysis", "visualize"]
+KEDRO = Path(sys.executable).with_name("kedro")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--window-size=1600,1000",
+    "--virtual-time-budget=20000",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float, process: subprocess.Popen) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read()
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def viz_environment() -> dict[str, str]:
+    return {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
+
+
+@pytest.fixture(scope="module")
+def viz_server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("viz") / "kedro-viz.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [str(KEDRO), "viz", "run", "--host", "127.0.0.1", "--port", str(port), "--no-browser"],
+            cwd=PROJECT_ROOT,
+            env=viz_environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        try:
+            api = json.loads(wait_for(f"http://127.0.0.1:{port}/api/main", 240, process))
+        except AssertionError as error:
+            raise AssertionError(f"{error}; kedro viz said:\n{log.read_text()[-3000:]}") from error
+        yield f"http://127.0.0.1:{port}", api
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def run_chromium(url: str, profile: Path, *extra: str) -> str:
+    result = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    return result.stdout
+
+
+def test_viz_api_lists_pipelines_namespaces_and_layers(viz_server):
+    _, api = viz_server
+    assert set(PIPELINES) <= {p["id"] for p in api["pipelines"]}
+    assert {"intensity", "color", "edges", "perceptual", "random"} <= set(api["modular_pipelines"])
+    layers = {n["name"]: n.get("layer") for n in api["nodes"] if n["type"] == "data"}
+    assert layers["image_index"] == "intermediate"
+    assert layers["intensity.image_scores"] == "feature"
+    assert layers["intensity.batch_assignments"] == "model_input"
+    assert layers["intensity.gradient_distances"] == "model_output"
+    assert layers["intensity.trained_model"] == "models"
+    assert layers["report_html"] == "reporting"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs Debian's chromium)")
+def test_viz_in_headless_chromium_shows_pipelines_and_a_training_node(viz_server, tmp_path):
+    base, _ = viz_server
+    url = f"{base}/?pid=gradient_training&expandAllPipelines=true"
+    dom = run_chromium(url, tmp_path / "profile-dom", "--dump-dom")
+    for name in PIPELINES:
+        assert f'title="{name}"' in dom, f"pipeline {name} missing from the pipeline menu"
+    assert 'node-list-tree-item--row--train_with_gradient_probe"' in dom
+    for namespace in ("intensity", "random"):
+        assert f'node-list-tree-item--row--{namespace}"' in dom  # namespaces are collapsible groups
+    screenshot = tmp_path / "kedro-viz-gradient_training.png"
+    run_chromium(url, tmp_path / "profile-shot", f"--screenshot={screenshot}")
+    assert screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_viz_build_makes_a_static_site_that_serves_over_http(tmp_path):
+    project = copy_project(tmp_path / "project")
+    subprocess.run([str(KEDRO), "viz", "build"], cwd=project, env=viz_environment(), check=True, timeout=600,
+                   capture_output=True)
+    build = project / "build"
+    assert (build / "index.html").exists()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(build)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        index = wait_for(f"http://127.0.0.1:{port}/", 30, server)
+        assert b"<html" in index.lower()
+        api = json.loads(wait_for(f"http://127.0.0.1:{port}/api/main", 30, server))
+        assert set(PIPELINES) <= {p["id"] for p in api["pipelines"]}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
