@@ -9,7 +9,6 @@ import pytest
 import yaml
 from kedro.io import DataCatalog
 from matplotlib.collections import PolyCollection
-from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
 from best_minibatch import analysis, figures
@@ -30,38 +29,34 @@ def analysed(request):
     return n_phases, run, result
 
 
-def test_heatmap_has_one_panel_per_phase_a_colour_bar_and_one_shared_scale(analysed):
+def test_heatmap_has_a_panel_per_phase_in_two_rows_with_one_scale_and_colour_bar_each(analysed):
     n_phases, _, result = analysed
-    figure = figures.distance_heatmap(result["noise_units"], "intensity", "distance", "random")
-    assert len(figure.axes) == n_phases + 1  # panels + colour bar
-    panels = figure.axes[:n_phases]
-    images = [a.get_images()[0] for a in panels]
-    assert len({image.get_clim() for image in images}) == 1
-    assert [a.get_title() for a in panels][0] == "Phase 1: epochs 1–2, lr 0.1"
-    assert all(a.get_xlabel() == "batch index (ascending intensity)" for a in panels)
-    assert panels[0].get_ylabel() == "epoch"
-    assert images[0].get_array().shape == (2, 12)  # epochs x batches
-    assert "‖g_k − g_full‖" in figure.axes[-1].get_ylabel()
-    assert images[0].get_cmap().name == figures.DISTANCE_CMAP
-
-
-def test_noise_unit_heatmap_marks_the_random_batch_level(analysed):
-    n_phases, _, result = analysed
-    figure = figures.distance_heatmap(result["noise_units"], "edges", "noise_z", "random")
-    colorbar_axis = figure.axes[-1]
-    assert "noise units" in colorbar_axis.get_ylabel()
-    assert any(np.allclose(line.get_ydata(), 0.0) for line in colorbar_axis.get_lines())
+    figure = figures.distance_heatmap(result["noise_units"], "intensity", "random")
+    assert len(figure.axes) == 2 * n_phases + 2  # distance and noise-unit rows, a colour bar each
+    distance_panels, noise_panels = figure.axes[:n_phases], figure.axes[n_phases : 2 * n_phases]
+    colorbars = figure.axes[2 * n_phases :]
+    for panels in (distance_panels, noise_panels):
+        assert len({a.get_images()[0].get_clim() for a in panels}) == 1  # one scale across phases
+        assert all(a.get_xlabel() == "batch index (ascending intensity)" for a in panels)
+        assert panels[0].get_ylabel() == "epoch"
+        assert all(a.get_images()[0].get_cmap().name == figures.DISTANCE_CMAP for a in panels)
+    assert distance_panels[0].get_title() == "Phase 1: epochs 1–2, lr 0.1: distance"
+    assert noise_panels[-1].get_title().endswith("distance in noise units")
+    assert distance_panels[0].get_images()[0].get_array().shape == (2, 12)  # epochs x batches
+    raw = result["noise_units"].query("ordering == 'intensity' and epoch == 1").sort_values("batch")
+    np.testing.assert_allclose(distance_panels[0].get_images()[0].get_array()[0], raw["distance"])
+    np.testing.assert_allclose(noise_panels[0].get_images()[0].get_array()[0], raw["noise_z"])
+    assert "‖g_k − g_full‖" in colorbars[0].get_ylabel() and "random batches" in colorbars[1].get_ylabel()
+    assert any(np.allclose(line.get_ydata(), 0.0) for line in colorbars[1].get_lines())  # random-batch level
 
 
 def test_heatmaps_cover_every_ordering_with_distances_including_random(analysed):
     _, _, result = analysed
     drawn = figures.distance_heatmaps(result["noise_units"], ORDERINGS, "random")
-    assert list(drawn) == [f"heatmap_{o}_{v}" for o in ("intensity", "edges", "random")
-                           for v in ("distance", "noise_units")]
-    random_axis = drawn["heatmap_random_distance"].axes[0]
-    assert random_axis.get_xlabel() == "batch index (random assignment)"
-    with pytest.raises(ValueError, match="value must be one of"):
-        figures.distance_heatmap(result["noise_units"], "edges", "cosine", "random")
+    assert list(drawn) == ["heatmap_intensity", "heatmap_edges", "heatmap_random"]
+    assert drawn["heatmap_random"].axes[0].get_xlabel() == "batch index (random assignment)"
+    with pytest.raises(ValueError, match="No distance rows for ordering 'perceptual'"):
+        figures.distance_heatmap(result["noise_units"], "perceptual", "random")
 
 
 def test_distance_by_rank_has_two_rows_of_phases_with_the_random_band_behind(analysed):
@@ -71,9 +66,9 @@ def test_distance_by_rank_has_two_rows_of_phases_with_the_random_band_behind(ana
     for axis in figure.axes:
         metric_lines = [line for line in axis.get_lines() if len(line.get_xdata()) == 12]
         assert len(metric_lines) == 2  # intensity and edges; perceptual was skipped
-        bands = [p for p in axis.patches if isinstance(p, Rectangle) or isinstance(p, PolyCollection)]
+        bands = [p for p in axis.patches if isinstance(p, Rectangle)]
         bands += [c for c in axis.collections if isinstance(c, PolyCollection)]
-        assert bands  # random ordering's band (and the extremes' tint)
+        assert len(bands) == 3  # the random ordering's band and the two tints of the extremes
         assert min(p.get_zorder() for p in bands) < min(line.get_zorder() for line in metric_lines)
     assert len(figure.legends) == 1
     labels = [t.get_text() for t in figure.legends[0].get_texts()]

@@ -30,7 +30,7 @@ def _report(with_trace=False, skipped=("perceptual",), figures=None, reason=SKIP
         setup=setup, ordering_status=result["status"], claims=result["claims"], comparisons=result["comparisons"],
         confounds=analysis.confound_correlations(result["batch_stats"], n_bootstrap=200),
         best_worst=analysis.best_and_worst_batches(result["batch_stats"]), trace_check=trace, histories=histories,
-        figures=figures if figures is not None else {"distance_heatmaps": {"heatmap_edges_distance": PNG},
+        figures=figures if figures is not None else {"distance_heatmaps": {"heatmap_edges": PNG},
                                                      "training_curves": {"training_curves": PNG}},
         parameters={"distance_analysis": {"alpha": 0.05}, "unrelated": {"x": 1}}, null_ordering="random",
         alpha=0.05, title="A report",

@@ -29,9 +29,10 @@ EXTREMES_SHADE = "#f6ecd9"
 STYLE = {**sns.axes_style("ticks"), "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8,
          "ytick.labelsize": 8, "legend.fontsize": 8, "figure.titlesize": 11}
 
+#: Colour-bar labels (short: the colour bar of one row is about 3 inches tall).
 MEASURE_LABELS = {
-    "distance": "distance to the full-batch gradient  ‖g_k − g_full‖",
-    "noise_z": "distance in noise units: z against random batches of the same epoch",
+    "distance": "‖g_k − g_full‖",
+    "noise_z": "z against random batches\nof the same epoch",
 }
 
 
@@ -65,63 +66,69 @@ def _batch_axis_label(ordering: str, null_ordering: str) -> str:
 # --------------------------------------------------------------------------- heat maps
 
 
-def distance_heatmap(
-    noise_units: pd.DataFrame, ordering: str, value: str, null_ordering: str
-) -> Figure:
-    """The paper's heat map of one ordering: one panel per phase, x = batch, y = epoch, light = close.
+HEATMAP_ROWS = (("distance", "distance"), ("noise_z", "distance in noise units"))
 
-    ``value`` is ``distance`` or ``noise_z``. All panels share one colour scale
-    (the 1st–99th percentile of the ordering's values over all phases, so that one
-    outlier does not wash the map out; the colour bar's arrows mark clipping).
+
+def _heatmap_row(figure: Figure, axes, table: pd.DataFrame, spans: pd.DataFrame, value: str, x_label: str,
+                 row_name: str) -> None:
+    """One row of :func:`distance_heatmap`: a panel per phase on one colour scale, and its colour bar."""
+    finite = table[value].to_numpy(float)
+    finite = finite[np.isfinite(finite)]
+    vmin, vmax = np.percentile(finite, [1, 99]) if len(finite) else (0.0, 1.0)
+    image = None
+    for axis, (_, span) in zip(axes, spans.iterrows()):
+        part = table[table["phase"] == span["phase"]]
+        matrix = part.pivot(index="epoch", columns="batch", values=value).sort_index()
+        n_batches = matrix.shape[1]
+        image = axis.imshow(
+            matrix.to_numpy(float), aspect="auto", cmap=DISTANCE_CMAP, vmin=vmin, vmax=vmax,
+            interpolation="nearest",
+            extent=(-0.5, n_batches - 0.5, matrix.index.max() + 0.5, matrix.index.min() - 0.5),
+        )
+        axis.set_title(f"{_phase_title(span)}: {row_name}", fontsize=9)
+        axis.set_xlabel(x_label)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
+    axes[0].set_ylabel("epoch")
+    colorbar = figure.colorbar(image, ax=list(axes), extend="both", shrink=0.95, aspect=15)
+    label = MEASURE_LABELS[value] + " (light = closer)"
+    if value == "noise_z" and vmin < 0 < vmax:
+        colorbar.ax.axhline(0.0, color="k", linewidth=1)
+        label += "\nline at 0: as close as a random batch"
+    colorbar.set_label(label, fontsize=7)
+
+
+def distance_heatmap(noise_units: pd.DataFrame, ordering: str, null_ordering: str) -> Figure:
+    """The paper's heat map of one ordering: a panel per phase, x = batch, y = epoch, light = close.
+
+    Top row: ``distance``; bottom row: the same in noise units (``noise_z``). Each
+    row has one colour scale across phases (the 1st–99th percentile of the
+    ordering's values over all phases, so that one outlier does not wash the map
+    out; the colour bar's arrows mark clipping) and its own colour bar.
     """
-    if value not in MEASURE_LABELS:
-        raise ValueError(f"value must be one of {list(MEASURE_LABELS)}, got '{value}'.")
     table = noise_units[noise_units["ordering"] == ordering]
     if table.empty:
         raise ValueError(f"No distance rows for ordering '{ordering}'.")
     spans = phase_spans(epoch_phase_table(table, ordering))
-    finite = table[value].to_numpy(float)
-    finite = finite[np.isfinite(finite)]
-    vmin, vmax = np.percentile(finite, [1, 99]) if len(finite) else (0.0, 1.0)
+    x_label = _batch_axis_label(ordering, null_ordering)
     with matplotlib.rc_context(STYLE):
-        figure = Figure(figsize=(3.6 * len(spans) + 1.2, 3.8), layout="constrained")
-        axes = figure.subplots(1, len(spans), squeeze=False)[0]
-        image = None
-        for axis, (_, span) in zip(axes, spans.iterrows()):
-            part = table[table["phase"] == span["phase"]]
-            matrix = part.pivot(index="epoch", columns="batch", values=value).sort_index()
-            n_batches = matrix.shape[1]
-            image = axis.imshow(
-                matrix.to_numpy(float), aspect="auto", cmap=DISTANCE_CMAP, vmin=vmin, vmax=vmax,
-                interpolation="nearest",
-                extent=(-0.5, n_batches - 0.5, matrix.index.max() + 0.5, matrix.index.min() - 0.5),
-            )
-            axis.set_title(_phase_title(span))
-            axis.set_xlabel(_batch_axis_label(ordering, null_ordering))
-            axis.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
-            axis.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
-        axes[0].set_ylabel("epoch")
-        colorbar = figure.colorbar(image, ax=list(axes), extend="both", shrink=0.9)
-        label = MEASURE_LABELS[value] + "\n(light = closer"
-        if value == "noise_z" and vmin < 0 < vmax:
-            colorbar.ax.axhline(0.0, color="k", linewidth=1)
-            label += "; black line: 0 = as close as a random batch"
-        colorbar.set_label(label + ")", fontsize=8)
-        kind = "distance" if value == "distance" else "distance in noise units"
-        figure.suptitle(f"{ordering} ordering: {kind} of each mini-batch's gradient to the full gradient")
+        figure = Figure(figsize=(3.6 * len(spans) + 1.4, 6.6), layout="constrained")
+        axes = figure.subplots(len(HEATMAP_ROWS), len(spans), squeeze=False)
+        for row, (value, row_name) in enumerate(HEATMAP_ROWS):
+            _heatmap_row(figure, axes[row], table, spans, value, x_label, row_name)
+        figure.suptitle(f"{ordering} ordering: distance of each mini-batch's gradient to the full gradient")
     return figure
 
 
 def distance_heatmaps(
     noise_units: pd.DataFrame, orderings: Sequence[str], null_ordering: str
 ) -> dict[str, Figure]:
-    """Both heat maps (raw and noise units) of every ordering that has distances, keyed by a file stem."""
-    figures = {}
-    for ordering in orderings:
-        if (noise_units["ordering"] == ordering).any():
-            figures[f"heatmap_{ordering}_distance"] = distance_heatmap(noise_units, ordering, "distance", null_ordering)
-            figures[f"heatmap_{ordering}_noise_units"] = distance_heatmap(noise_units, ordering, "noise_z", null_ordering)
-    return figures
+    """:func:`distance_heatmap` of every ordering that has distances, keyed ``heatmap_<ordering>``."""
+    return {
+        f"heatmap_{ordering}": distance_heatmap(noise_units, ordering, null_ordering)
+        for ordering in orderings
+        if (noise_units["ordering"] == ordering).any()
+    }
 
 
 # --------------------------------------------------------------------------- distance by rank
@@ -242,7 +249,8 @@ def batch_image_grid(
                 entry = chosen[(chosen["phase"] == phase) & (chosen["kind"] == kind)].iloc[0]
                 batch = int(entry["batch"])
                 image_axis, mix_axis = axes[row, column], axes[row, column + 1]
-                image_axis.imshow(batch_montage(batch_images(batch, batch_assignments, train_images, image_rows)))
+                image_axis.imshow(batch_montage(batch_images(batch, batch_assignments, train_images, image_rows)),
+                                  interpolation="nearest")
                 image_axis.set_xticks([])
                 image_axis.set_yticks([])
                 image_axis.set_title(

@@ -103,11 +103,15 @@ def _figure_html(name: str, png: bytes, caption: str) -> str:
 
 
 FIGURE_CAPTIONS = {
-    "heatmap": "The paper's heat map: one panel per learning-rate phase, x = batch (ascending metric), "
-               "y = epoch; light = gradient closer to the full gradient. One colour scale for all phases.",
+    "heatmap": "The paper's heat map: one panel per learning-rate phase, x = batch (ascending metric), y = epoch; "
+               "light = gradient closer to the full gradient. Top: ‖g_k − g_full‖; bottom: noise units, the "
+               "z-score against the random ordering's batches of the same epoch (0 = a random batch; those come "
+               "from the random ordering's own network, see the caveat above). One colour scale per row for "
+               "all phases.",
     "distance_by_rank": "Per phase: each metric's mean distance per batch against its rank, over the random "
-                        "ordering's mean and 95% range; top raw, bottom in noise units. Each ordering trains its own network, so "
-                        "whole-curve offsets from the band mix batch composition with differences between networks.",
+                        "ordering's mean and 95% range; top raw, bottom in noise units. Each ordering trains its "
+                        "own network, so whole-curve offsets from the band mix batch composition with differences "
+                        "between networks.",
     "batches": "Images and class mix of the best and worst batch (lowest / highest mean noise-unit distance) "
                "of each phase.",
     "training_curves": "Loss and accuracy per epoch; dotted lines mark the learning-rate phases.",
@@ -115,16 +119,7 @@ FIGURE_CAPTIONS = {
 
 
 def _caption(name: str) -> str:
-    for prefix, caption in FIGURE_CAPTIONS.items():
-        if name.startswith(prefix):
-            if name.endswith("_noise_units"):
-                return caption + (" Values in noise units: z-score against the random ordering's batches of the same "
-                                  "epoch (0 = a random batch; those come from the random ordering's own network, "
-                                  "see the caveat above).")
-            if name.endswith("_distance"):
-                return caption + " Values: ‖g_k − g_full‖."
-            return caption
-    return ""
+    return next((caption for prefix, caption in FIGURE_CAPTIONS.items() if name.startswith(prefix)), "")
 
 
 def render_report(
