@@ -17,7 +17,9 @@ each trained once and probed once).
 
 Each figure is the best and the median of ``--repeats`` timed runs of
 ``--steps`` steps, after warm-up steps: the best run is the closest to the
-model's own cost, the median shows the contention seen.
+model's own cost, the median shows the contention seen. The last column,
+training images per CPU-second (process CPU time, best run), is hardly touched
+by other processes: with one thread it is the rate of one dedicated core.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def images_per_second(
     update: bool,
     steps: int,
     repeats: int,
-) -> tuple[float, float]:
-    """(best, median) images per second over ``repeats`` timed runs of ``steps`` steps."""
+) -> tuple[float, float, float]:
+    """Best and median images per wall-clock second, and best per CPU-second, over ``repeats`` runs."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     model.train()
 
@@ -74,13 +76,15 @@ def images_per_second(
 
     for k in range(3):
         step(k)
-    rates = []
+    images = steps * len(batches[0][1])
+    rates, cpu_rates = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for k in range(steps):
             step(k)
-        rates.append(steps * len(batches[0][1]) / (time.perf_counter() - start))
-    return max(rates), statistics.median(rates)
+        rates.append(images / (time.perf_counter() - start))
+        cpu_rates.append(images / (time.process_time() - cpu_start))
+    return max(rates), statistics.median(rates), max(cpu_rates)
 
 
 def measure(args: argparse.Namespace, policy: str) -> None:
@@ -128,7 +132,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, batch {args.batch}, real CIFAR-10 images, {os.cpu_count()} CPUs")
     print("img/s as best / median of the timed runs; ratio of best training rates to the first row")
     header = f"{'model':<20}{'OMP_WAIT_POLICY':>16}{'threads':>8}{'parameters':>12}"
-    print(header + f"{'train img/s':>17}{'probe img/s':>17}{'ratio':>7}  default run")
+    print(header + f"{'train img/s':>17}{'probe img/s':>17}{'ratio':>7}{'train img/CPU-s':>17}  default run")
     passes = args.orderings * args.epochs * args.images
     reference = None
     for policy in args.wait_policies:
@@ -150,7 +154,7 @@ def main() -> None:
                 print(
                     f"{row['model']:<20}{row['policy']:>16}{row['threads']:>8}{row['parameters']:>12,}"
                     f"{f'{train[0]:,.0f} / {train[1]:,.0f}':>17}{f'{probe[0]:,.0f} / {probe[1]:,.0f}':>17}"
-                    f"{train[0] / reference:>7.2f}  {estimate}"
+                    f"{train[0] / reference:>7.2f}{train[2]:>17,.0f}  {estimate}"
                 )
         if child.returncode:
             sys.exit(f"measuring with OMP_WAIT_POLICY={policy} failed (exit {child.returncode})")
