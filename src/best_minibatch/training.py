@@ -20,6 +20,7 @@ for bit on a CPU. See ``docs/gradient_training.md``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import math
@@ -27,7 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -576,8 +577,9 @@ class GradientProbeRun:
         buffer = None
         if net_compare is not None:
             # Algorithm 1, line 5: net_compare takes net_normal's full state (parameters and BN buffers).
-            net_compare.load_state_dict(net_normal.state_dict())
+            net_compare.load_state_dict(net_normal.state_dict())  # copies in place: .grad views stay
             net_compare.train()
+            flat.check_attached()
             on_device = config.buffer_on_model_device and self.device.type == "cuda"
             scratch = config.scratch_dir or (self.store.scratch_dir if self.store is not None else None)
             buffer = EpochGradients(data.num_batches, self.num_params, flat.vector.dtype,
@@ -723,8 +725,6 @@ class GradientProbeRun:
 
 def _detached_copy(model: nn.Module) -> nn.Module:
     """A separate module with its own parameters and buffers (never shares storage with ``model``)."""
-    import copy
-
     clone = copy.deepcopy(model)
     for p in clone.parameters():
         p.grad = None
