@@ -33,7 +33,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -508,18 +508,16 @@ def paper_advice_pool(
     pool ends up empty is an error.
     """
     skipped = dict(skipped or {})
-    notes: list[str] = []
+    missing: dict[str, list[str]] = {}
     rows: list[dict] = []
     for phase in range(1, num_phases + 1):
         advice = first_phase if phase == 1 else later_phases
         phase_rows: list[dict] = []
         for ordering, group in advice.items():
             if ordering not in orderings:
-                reason = skipped.get(ordering, "no scores for this ordering")
-                note = (f"paper_advice: ordering '{ordering}' ({group}) is not available ({reason}); "
-                        f"the {'first' if phase == 1 else 'later'}-phase pool is built from the others.")
-                if note not in notes:
-                    notes.append(note)
+                where = "phase 1" if phase == 1 else "later phases"
+                if where not in missing.setdefault(ordering, []):
+                    missing[ordering].append(where)
                 continue
             batches = orderings[ordering]
             phase_rows += _pool_rows("paper_advice", phase, ordering, batches, advice_mask(len(batches), group))
@@ -529,6 +527,11 @@ def paper_advice_pool(
                 "batch_selection.paper_advice or provide those metrics' scores."
             )
         rows += phase_rows
+    notes = [
+        f"paper_advice: ordering '{ordering}' is not available ({skipped.get(ordering, 'no scores')}); its "
+        f"{' and '.join(where)} pool is built from the other metrics' batches."
+        for ordering, where in missing.items()
+    ]
     return _pool_table(rows), notes
 
 
@@ -935,14 +938,16 @@ def train_with_policy(
         started = time.perf_counter()
         batches = policy.epoch_batches(epoch, phase, probe if policy.probes else None)
         _sync(device)
-        if policy.probes:
+        if policy.probes:  # the oracle's probing is part of its wall-clock
             elapsed = time.perf_counter() - started
             state["probe_seconds"] += elapsed
+            state["seconds"] += elapsed
             state["probe_passes"] += getattr(policy, "num_candidates", 0)
         _check_schedule(policy, batches, allowed, epoch)
         trained = np.union1d(trained, np.unique(batches))
         evaluate_after = _evaluation_steps(len(batches), recipe.evaluations_per_epoch)
         losses: list[torch.Tensor] = []
+        started = time.perf_counter()
         for k, ids in enumerate(batches):
             rows = data.rows(ids).to(device)
             inputs, targets = data.inputs[rows], data.labels[rows]

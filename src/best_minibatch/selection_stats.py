@@ -26,6 +26,8 @@ Conventions (also in ``docs/batch_selection.md``):
 
 from __future__ import annotations
 
+import base64
+import html
 import math
 from dataclasses import dataclass
 from itertools import product
@@ -292,6 +294,11 @@ def _points(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def _join(items: Sequence[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def answer_sentence(summary: pd.DataFrame, baseline: str = "shuffle") -> str:
     """The experiment's answer in one sentence, read off the verdicts (primary endpoint, Holm-adjusted)."""
     others = summary.loc[summary["policy"] != baseline]
@@ -301,35 +308,35 @@ def answer_sentence(summary: pd.DataFrame, baseline: str = "shuffle") -> str:
     confidence = float(summary["confidence"].iloc[0])
     n = int(summary["n_seeds"].min())
     test = others["test"].iloc[0] or PAIRED_T
-    method = f"{test}s over {n} seeds, Holm-adjusted, alpha = {alpha:g}"
+    method = (f"{test}s over {n} seeds, {100 * confidence:.0f}% intervals, Holm-adjusted p-values, "
+              f"alpha = {alpha:g}")
 
-    def described(row: pd.Series) -> str:
-        return (f"{row['policy']} ({_points(row['val_auc_diff'])} points of mean validation accuracy over training, "
-                f"{100 * confidence:.0f}% CI [{_points(row['val_auc_diff_low'])}, {_points(row['val_auc_diff_high'])}], "
-                f"adjusted p = {row['val_auc_p_holm']:.3g})")
+    def numbers(group: pd.DataFrame) -> str:
+        differences = [f"{_points(r['val_auc_diff'])} [{_points(r['val_auc_diff_low'])}, "
+                       f"{_points(r['val_auc_diff_high'])}]" for _, r in group.iterrows()]
+        p_values = [f"{r['val_auc_p_holm']:.2g}" for _, r in group.iterrows()]
+        return (f"mean validation accuracy over training {_join(differences)} points, "
+                f"p = {_join(p_values)}")
 
     faster = others.loc[others["verdict"] == FASTER]
     slower = others.loc[others["verdict"] == SLOWER]
     neutral = others.loc[others["verdict"] == NO_DIFFERENCE]
     if len(faster) == 0 and len(slower) == 0:
-        low, high = others["val_auc_diff"].min(), others["val_auc_diff"].max()
-        return (f"No: none of the selection policies ({', '.join(others['policy'])}) converged detectably faster "
-                f"than {baseline} - no detectable difference in mean validation accuracy over training "
-                f"(differences from {_points(low)} to {_points(high)} points; {method}).")
-    parts = []
+        return (f"No: none of the selection policies ({_join(list(others['policy']))}) converged detectably "
+                f"faster than {baseline} - no detectable difference ({numbers(others)}; {method}).")
+    clauses = []
     if len(faster):
-        parts.append("converged faster than " + baseline + ": " + "; ".join(described(r) for _, r in faster.iterrows()))
+        clauses.append(f"{_join(list(faster['policy']))} converged faster than {baseline} ({numbers(faster)})")
     if len(slower):
-        parts.append("converged slower than " + baseline + ": " + "; ".join(described(r) for _, r in slower.iterrows()))
-    lead = "Yes for " + ", ".join(faster["policy"]) if len(faster) else "No"
-    sentence = f"{lead}: " + ", while ".join(parts)
+        clauses.append(f"{_join(list(slower['policy']))} converged slower ({numbers(slower)})")
     if len(neutral):
-        sentence += f"; {', '.join(neutral['policy'])} showed no detectable difference"
-    oracle = others.loc[(others["policy"] == "oracle") & (others["verdict"] == FASTER)]
-    if len(oracle):
-        row = oracle.iloc[0]
-        sentence += (f" (counting its probing, the oracle needed {row['seconds_to_target_diff']:+.1f} s to the target "
-                     f"relative to {baseline})") if not math.isnan(row["seconds_to_target_diff"]) else ""
+        clauses.append(f"{_join(list(neutral['policy']))} showed no detectable difference ({numbers(neutral)})")
+    lead = f"Yes for {_join(list(faster['policy']))}: " if len(faster) else f"No: no policy converged faster than {baseline}; "
+    sentence = lead + (", ".join(clauses[:-1]) + " and " + clauses[-1] if len(clauses) > 1 else clauses[0])
+    oracle = faster.loc[faster["policy"] == "oracle"]
+    if len(oracle) and not math.isnan(oracle.iloc[0]["seconds_to_target_diff"]):
+        sentence += (f", though counting its probing the oracle took {oracle.iloc[0]['seconds_to_target_diff']:+.1f} s "
+                     f"to the target relative to {baseline}")
     return sentence + f" ({method})."
 
 
@@ -341,7 +348,8 @@ def convergence_figure(curves_summary: pd.DataFrame, target: float, policies: Se
     """Validation accuracy against optimizer steps and against wall-clock seconds (training + probing).
 
     One line per policy (mean over seeds) with its t interval as a band; the
-    target accuracy as a dashed line.
+    target accuracy as a dashed line; on the steps panel, dotted lines where a
+    learning-rate phase begins.
     """
     policies = list(policies) if policies is not None else list(dict.fromkeys(curves_summary["policy"]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True, constrained_layout=True)
@@ -356,11 +364,19 @@ def convergence_figure(curves_summary: pd.DataFrame, target: float, policies: Se
     for ax in axes:
         ax.axhline(target, color="0.3", linestyle="--", linewidth=1, label=f"target {target:.2f}")
         ax.grid(alpha=0.3)
+    # Phase p starts after the last evaluation of phase p - 1 (all policies share the steps).
+    phase_starts = curves_summary.loc[curves_summary["epoch"] > 0].groupby("phase")["step"].min().sort_index()
+    steps_per_evaluation = np.diff(np.sort(curves_summary["step"].unique()))
+    offset = float(steps_per_evaluation.min()) if len(steps_per_evaluation) else 0.0
+    for phase, first_step in phase_starts.iloc[1:].items():
+        axes[0].axvline(first_step - offset, color="0.5", linestyle=":", linewidth=1)
+        axes[0].annotate(f"phase {phase}", (first_step - offset, 0.02), xycoords=("data", "axes fraction"),
+                         fontsize=8, color="0.35", xytext=(3, 0), textcoords="offset points")
     n = int(curves_summary["n_seeds"].max()) if len(curves_summary) else 0
     axes[0].set_xlabel("optimizer steps")
     axes[1].set_xlabel("wall-clock seconds (training + gradient probing), mean over seeds")
     axes[0].set_ylabel(f"validation accuracy (mean and 95% t interval, {n} seeds)")
-    axes[0].legend(loc="lower right", fontsize=8)
+    axes[1].legend(loc="lower right", fontsize=8)
     fig.suptitle(title or "Batch selection: validation accuracy per policy")
     return fig
 
@@ -455,8 +471,8 @@ def report_content(
                 "named in the last column; the two accuracy columns' p-values are Holm-adjusted over the policies. "
                 f"The target is a validation accuracy of {100 * target:.1f}%, fixed before the run; steps and "
                 "seconds to it average the seeds that reached it, their differences use the seeds where both runs "
-                "did. Seconds count training steps and the oracle's gradient probing, not evaluations. The verdict "
-                "reads the first accuracy column (the primary endpoint)."),
+                "did (their p-values are not adjusted). Seconds count training steps and the oracle's gradient "
+                "probing, not evaluations. The verdict reads the first accuracy column (the primary endpoint)."),
         summary_header=header,
         summary_rows=rows,
         epochs_caption=f"Validation accuracy at the end of each epoch (%, mean [{pct} interval]):",
@@ -488,8 +504,6 @@ def markdown_fragment(content: ReportContent, figure_name: str = "") -> str:
 
 def html_fragment(content: ReportContent, figure_png: bytes | None = None) -> str:
     """The fragment as self-contained HTML (a ``<section>``; the figure embedded as a base64 PNG)."""
-    import base64
-    import html
 
     def esc(text: str) -> str:
         return html.escape(str(text))

@@ -60,7 +60,8 @@ def build_batch_pools(
         pools.append(selection.fixed_order_pool(orderings, config.fixed_ordering, phases))
     if "paper_advice" in config.policies:
         advice, advice_notes = selection.paper_advice_pool(
-            orderings, config.paper_first_phase, config.paper_later_phases, phases, skipped)
+            orderings, config.paper_first_phase, config.paper_later_phases, phases,
+            {m: "skipped by score_metrics" for m in skipped})
         pools.append(advice)
         notes += advice_notes
     if "learned" in config.policies:
