@@ -1,53 +1,32 @@
-"""Whole-project runs through a Kedro session, on a copy of the project in a temporary folder.
-
-The copy keeps the real ``data/`` folder of the checkout untouched.
-"""
+"""Whole-project runs through a Kedro session, on a copy of the project in a temporary folder."""
 
 from __future__ import annotations
 
-import shutil
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
 
-from tests.conftest import PROJECT_ROOT
+from best_minibatch.metrics import METRICS
+from tests.conftest import copy_project, run_session
 
 
-def copy_project(destination: Path) -> Path:
-    """Copy what a run needs (conf, embedded data, pyproject) into ``destination``."""
-    shutil.copytree(PROJECT_ROOT / "conf", destination / "conf", ignore=shutil.ignore_patterns("local"))
-    (destination / "conf" / "local").mkdir()
-    (destination / "data" / "01_raw").mkdir(parents=True)
-    shutil.copy2(PROJECT_ROOT / "data/01_raw/cifar10-sample.zip", destination / "data/01_raw/")
-    shutil.copy2(PROJECT_ROOT / "pyproject.toml", destination / "pyproject.toml")
-    # The package itself is installed (editable); Kedro only checks that src/ exists.
-    (destination / "src").mkdir()
-    return destination
+def newest(folder: Path) -> Path:
+    """The newest version's file of a versioned dataset folder."""
+    version = sorted(folder.iterdir())[-1]
+    return version / folder.name
 
 
 @pytest.fixture
 def project_copy(tmp_path, monkeypatch) -> Path:
-    project = copy_project(tmp_path / "project")
-    monkeypatch.chdir(project)  # catalog paths are relative to the working directory
     monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
-    bootstrap_project(project)
-    return project
-
-
-def run_session(project: Path, env: str | None = None, pipeline: str | None = None, runtime_params: dict | None = None):
-    """One ``kedro run`` (one session); ``runtime_params`` nests like ``--params a.b=1``."""
-    with KedroSession.create(project_path=project, env=env, runtime_params=runtime_params) as session:
-        return session.run(pipeline_names=[pipeline] if pipeline else None)
+    return copy_project(tmp_path / "project")
 
 
 def test_ingest_pipeline_writes_versioned_outputs(project_copy):
     run_session(project_copy, pipeline="ingest_cifar")
-    versions = list((project_copy / "data/02_intermediate/image_index.parquet").iterdir())
-    assert len(versions) == 1
-    index = pd.read_parquet(versions[0] / "image_index.parquet")
+    index = pd.read_parquet(newest(project_copy / "data/02_intermediate/image_index.parquet"))
     assert len(index) == 6_000 and set(index.split) == {"train", "test"}
     assert (project_copy / "data/02_intermediate/train_images.pt").is_dir()
 
@@ -59,5 +38,29 @@ def test_bad_source_path_fails_before_writing_anything(project_copy):
             pipeline="ingest_cifar",
             runtime_params={"ingest_cifar": {"source": {"path": "data/01_raw/missing.zip"}}},
         )
-    assert not (project_copy / "data/02_intermediate/image_index.parquet").exists()
-    assert not (project_copy / "data/02_intermediate/train_images.pt").exists()
+    assert not (project_copy / "data/02_intermediate").exists() or not any(
+        (project_copy / "data/02_intermediate").iterdir()
+    )
+
+
+@pytest.mark.slow
+def test_default_run_produces_every_ordering_and_the_report(finished_project):
+    data = finished_project / "data"
+    for ordering in METRICS:
+        status = json.loads(newest(data / f"04_feature/{ordering}/metric_status.json").read_text())
+        distances = pd.read_parquet(newest(data / f"07_model_output/{ordering}/gradient_distances.parquet"))
+        if status["status"] == "skipped":
+            assert ordering == "perceptual" and distances.empty  # no LPIPS weights on this machine
+            continue
+        # 5,000 sample images in batches of 100, one epoch per phase in the quick run.
+        assert len(distances) == 3 * 50
+        assert distances.distance.gt(0).all() and distances.cosine_similarity.between(-1, 1).all()
+        assert sorted(distances.phase.unique()) == [1, 2, 3]
+    verdicts = pd.read_parquet(newest(data / "08_reporting/analysis/claim_verdicts.parquet"))
+    assert {"supported", "contradicted", "undecided"} & set(verdicts.verdict)
+    reports = list((data / "08_reporting").rglob("report.html"))
+    assert reports, "no report.html written"
+    report = reports[0].read_text()
+    for ordering in METRICS:
+        assert ordering in report
+    assert "skipped" in report
