@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -33,9 +34,15 @@ CHROMIUM_FLAGS = [
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A free loopback port below 49152 (kedro viz refuses ports in the ephemeral range)."""
+    for port in random.Random().sample(range(20_000, 49_000), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port between 20000 and 49000")
 
 
 def wait_for(url: str, timeout: float, process: subprocess.Popen) -> bytes:
