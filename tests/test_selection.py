@@ -118,6 +118,8 @@ def test_parameters_parse_and_bad_values_name_the_parameter():
         (base_params(training={**base_params()["training"], "phases": [{"epochs": 0, "lr": 0.1}]}),
          "batch_selection.training.phases[0].epochs"),
         (base_params(oracle={"candidates": 0}), "batch_selection.oracle.candidates"),
+        (base_params(model={"name": "alexnet"}), "batch_selection.model.name"),
+        (base_params(model={"name": "small_cnn", "options": {"depth": 3}}), "batch_selection.model.options.depth"),
         (base_params(surprise=1), "batch_selection.surprise"),
     ]
     for params, named in cases:

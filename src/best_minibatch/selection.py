@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import time
@@ -45,6 +46,7 @@ from torch import nn
 from best_minibatch.analysis import EXTREMES, UPPER_QUARTILE, group_mask
 from best_minibatch.batching import assign_batches
 from best_minibatch.images import augment, batch_generator, to_model_input
+from best_minibatch.models import MODELS
 from best_minibatch.probing import EpochGradients, batch_gradient
 
 logger = logging.getLogger(__name__)
@@ -204,9 +206,15 @@ class SelectionConfig:
         model_name = model.get("name", "small_cnn")
         if not isinstance(model_name, str) or not model_name:
             raise _config_error("model.name", f"expected a model name, got {model_name!r}", "Use e.g. small_cnn.")
+        if model_name not in MODELS:
+            raise _config_error("model.name", f"unknown model {model_name!r}", f"Use one of {', '.join(sorted(MODELS))}.")
         model_options = model.get("options") or {}
         if not isinstance(model_options, Mapping):
             raise _config_error("model.options", f"expected a mapping, got {model_options!r}", "Use e.g. {width: 16}.")
+        accepted = set(inspect.signature(MODELS[model_name]).parameters) - {"num_classes"}
+        if unknown_options := sorted(set(model_options) - accepted):
+            raise _config_error(f"model.options.{unknown_options[0]}", f"{model_name} does not take this option",
+                                f"It takes {sorted(accepted) or 'no options'}.")
 
         training = _section(params, "training", {"batch_size", "phases", "momentum", "weight_decay", "augment",
                                                  "evaluations_per_epoch", "eval_batch_size", "device",

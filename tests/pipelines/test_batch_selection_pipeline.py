@@ -143,7 +143,7 @@ def test_learned_policy_needs_an_analysed_ordering(inputs, tmp_path):
     bad = {**PARAMS, "learned": {**PARAMS["learned"], "ordering": "perceptual"}}
     with pytest.raises(Exception, match="learned.ordering"):
         run_pipeline(inputs, bad, tmp_path)
-    assert not (tmp_path / "data" / "08_reporting").exists()
+    assert not (tmp_path / "data").exists()
 
 
 def test_batch_selection_is_registered_but_not_in_the_default_run():

@@ -25,26 +25,23 @@ def _by_ordering(tables: dict[str, Any], kind: str) -> dict[str, Any]:
     return {name[len(prefix):]: value for name, value in tables.items() if name.startswith(prefix)}
 
 
-def split_validation(image_index: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
-    """Check every parameter, then hold out a stratified, seeded validation split of the training images."""
+def prepare_policies(
+    image_index: pd.DataFrame, batch_phase_stats: pd.DataFrame, params: dict[str, Any], **tables: Any
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Check every parameter, hold out the validation split, and build the static policies' batches.
+
+    Returns the split (stratified, seeded), the batches of ``fixed_random``,
+    ``paper_advice`` and ``learned`` per phase, and notes on what had to be left
+    out. Every metric's ordering is rebuilt on the non-validation training images
+    (``{m}.image_scores`` through ``sort_batches``' sort-and-cut). All checks run
+    here, before any output is saved.
+    """
     config = selection.SelectionConfig.from_params(params)
     split = selection.stratified_validation_split(image_index, config.validation_fraction, config.validation_seed)
     counts = split["subset"].value_counts()
     logger.info("batch_selection: %d training and %d validation images (stratified, seed %d)",
                 counts.get("train", 0), counts.get("validation", 0), config.validation_seed)
-    return split
-
-
-def build_batch_pools(
-    validation_split: pd.DataFrame, batch_phase_stats: pd.DataFrame, params: dict[str, Any], **tables: Any
-) -> tuple[pd.DataFrame, list[str]]:
-    """The batches of the fixed_random, paper_advice and learned policies per phase, and notes on what was skipped.
-
-    Every metric's ordering is rebuilt on the non-validation training images
-    (``{m}.image_scores`` through ``sort_batches``' sort-and-cut).
-    """
-    config = selection.SelectionConfig.from_params(params)
-    train_ids = selection.subset_ids(validation_split, "train")
+    train_ids = selection.subset_ids(split, "train")
     statuses = _by_ordering(tables, "metric_status")
     skipped = {m: (s or {}).get("reason") or "skipped" for m, s in statuses.items()
                if (s or {}).get("status") != "ok"}
@@ -81,7 +78,7 @@ def build_batch_pools(
                     ", ".join(f"{o}: {n}" for o, n in part["source_ordering"].value_counts().sort_index().items()))
     for note in notes:
         logger.warning("batch_selection: %s", note)
-    return table, notes
+    return split, table, notes
 
 
 def run_selection_experiment(

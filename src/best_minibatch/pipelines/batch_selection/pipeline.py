@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from .nodes import build_batch_pools, run_selection_experiment, split_validation, summarise_selection
+from .nodes import prepare_policies, run_selection_experiment, summarise_selection
 
 NAMESPACE = "batch_selection"
 SHARED_INPUTS = ("image_index", "train_images", "test_images", "batch_phase_stats")
@@ -27,14 +27,12 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
     per_ordering = {**_per_ordering("image_scores", orderings), **_per_ordering("metric_status", orderings)}
     template = Pipeline(
         [
-            node(split_validation, inputs=["image_index", params], outputs="validation_split",
-                 name="hold_out_validation_split"),
             node(
-                build_batch_pools,
-                inputs={"validation_split": "validation_split", "batch_phase_stats": "batch_phase_stats",
-                        "params": params, **per_ordering},
-                outputs=["batch_pools", "notes"],
-                name="build_batch_pools",
+                prepare_policies,
+                inputs={"image_index": "image_index", "batch_phase_stats": "batch_phase_stats", "params": params,
+                        **per_ordering},
+                outputs=["validation_split", "batch_pools", "notes"],
+                name="prepare_policies",
             ),
             node(
                 run_selection_experiment,
