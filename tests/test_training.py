@@ -269,8 +269,11 @@ def test_too_little_free_space_for_a_kept_epoch_stops_cleanly(tmp_path, tiny_dat
     config = make_config(tmp_path, keep_gradients=[2])
     run = GradientProbeRun(config, tiny_data, tiny_model, "intensity")
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
-    with pytest.raises(DiskSpaceError, match=r"Epoch 2.*gradients.*only 9.31e-07 GiB are free"):
+    # Enough for epoch 1's checkpoint (72 KiB with block rounding), not for epoch 2's 12 gradient files as well.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100_000))
+    with pytest.raises(DiskSpaceError, match=r"Epoch 2 of 'intensity' needs 120.0 KiB in '[^']*gradients[^']*' and "
+                                             r"'[^']*checkpoints[^']*' \(kept gradients 48.0 KiB, checkpoint 72.0 KiB\)"
+                                             r", but only 97.7 KiB are free.*checkpoint of epoch 1 is kept"):
         list(run.run())
     assert run.store.checkpoint_epochs() == [1]
 

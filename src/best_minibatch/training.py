@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +39,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from best_minibatch.checkpoints import CheckpointError, RunStore, config_hash
+from best_minibatch.checkpoints import CheckpointError, RunStore, config_hash, tensor_checksum
+from best_minibatch.datasets import format_bytes, load_tensors
 from best_minibatch.images import augment, batch_generator, to_model_input
 from best_minibatch.probing import GRADIENT_MEASURES, EpochGradients, FlatGradient, NonFiniteGradientError
 
@@ -69,7 +72,7 @@ class DivergenceError(FloatingPointError):
 
 
 class DiskSpaceError(OSError):
-    """Too little free space for an epoch's kept gradients; the message names the folder and the size."""
+    """Too little free space for an epoch's files; the message names the folder and the size needed."""
 
 
 def _config_error(key: str, problem: str, fix: str) -> TrainingConfigError:
@@ -424,12 +427,16 @@ class _Progress:
     distances: dict[str, list] = field(default_factory=lambda: {
         c: [] for c in ("epoch", "phase", "learning_rate", "batch", *GRADIENT_MEASURES, "full_grad_norm")})
     history: dict[str, list] = field(default_factory=lambda: {c: [] for c in _HISTORY_NUMERIC})
+    # epoch -> CRC-32 of each spilled gradient (checkpoints.tensor_checksum), to verify the files on resume
+    gradient_checksums: dict[int, list[int]] = field(default_factory=dict)
 
     def to_state(self) -> dict[str, Any]:
         return {
             "distances": {c: torch.tensor(v, dtype=torch.float64 if isinstance(v[0], float) else torch.int64)
                           if v else torch.zeros(0) for c, v in self.distances.items()},
             "history": {c: torch.tensor(v, dtype=torch.float64) for c, v in self.history.items()},
+            "gradient_checksums": {f"{e:03d}": torch.tensor(v, dtype=torch.int64)
+                                   for e, v in self.gradient_checksums.items()},
         }
 
     @classmethod
@@ -439,6 +446,8 @@ class _Progress:
             progress.distances[c] = state["distances"][c].tolist()
         for c in progress.history:
             progress.history[c] = state["history"][c].tolist()
+        for e, v in state.get("gradient_checksums", {}).items():
+            progress.gradient_checksums[int(e)] = v.tolist()
         return progress
 
 
@@ -471,9 +480,13 @@ class GradientProbeRun:
         self.model_factory = model_factory
         self.num_params = sum(p.numel() for p in probe_model.parameters() if p.requires_grad)
         self.param_dtype = next(probe_model.parameters()).dtype
+        # A checkpoint holds the model's state and one momentum buffer per parameter.
+        self.checkpoint_bytes = (sum(t.numel() * t.element_size() for t in probe_model.state_dict().values())
+                                 + self.num_params * self.param_dtype.itemsize)
         del probe_model
         spill_bytes = self.num_params * SPILL_DTYPES[config.spill_dtype].itemsize
         self.epoch_spill_bytes = spill_bytes * data.num_batches
+        self.spill_file_bytes = spill_bytes + _torch_save_overhead(SPILL_DTYPES[config.spill_dtype])
         needed = self.epoch_spill_bytes * len(self.kept_epochs)
         if needed > config.disk_cap_gb * GIB:
             raise _config_error(
@@ -523,22 +536,44 @@ class GradientProbeRun:
             self.results = self._assemble(net_normal, progress)
 
     def _resume(self, net_normal: nn.Module, optimizer: torch.optim.Optimizer, progress: _Progress) -> int:
-        """Load the newest checkpoint, if any; return the number of completed epochs."""
+        """Load the newest usable checkpoint, if any; return the number of completed epochs.
+
+        A checkpoint is usable when it is intact (readable, content matching its
+        checksum) and every gradient file it records (the kept epochs up to it)
+        exists and matches the checksum recorded when it was computed. Otherwise the
+        run falls back to an older usable checkpoint and recomputes the epochs after
+        it (which rewrites their files); if none is left, it stops naming the
+        damaged files.
+        """
         if self.store is None:
             return 0
-        state = self.store.load_latest_checkpoint(self.digest)
-        if state is None:
-            return 0
-        done = int(state["epoch"])
-        missing = [
-            str(path) for e in self.kept_epochs if e <= done for k in range(self.data.num_batches)
-            if not (path := self.gradients_dir / f"epoch={e:03d}" / f"batch={k:04d}.pt").exists()
-        ]
-        if missing:
+        self.store.remove_partial_files()
+        newest, chosen, bad_files, verified = None, None, [], {}
+        for epoch, state in self.store.intact_checkpoints(self.digest):
+            newest = epoch if newest is None else newest
+            bad = self._damaged_gradient_files(epoch, state, verified)
+            if not bad:
+                chosen = epoch, state
+                break
+            bad_files.extend(b for b in bad if b not in bad_files)
+        damaged = [f"checkpoint '{path}' ({reason})" for path, reason in self.store.damaged]
+        damaged += [f"spilled gradient '{path}' ({reason})" for path, reason in bad_files]
+        if chosen is None:
+            if not damaged:
+                return 0
             raise CheckpointError(
-                f"Run '{self.run_name}' of '{self.ordering}' has a checkpoint of epoch {done}, but "
-                f"{len(missing)} kept gradient files are missing (first: {missing[0]}). Delete the run's "
-                f"checkpoints in '{self.store.folder}' to recompute, or restore the files."
+                f"Run '{self.run_name}' of '{self.ordering}' cannot resume: "
+                + "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+                + ". No older intact checkpoint is left to recompute from. Restore the file(s), or delete "
+                f"'{self.store.folder}' and '{self.gradients_dir}' to start the run over."
+            )
+        done, state = chosen
+        if damaged:
+            self.store.set_aside_checkpoints_after(done)
+            logger.warning(
+                "%s: %s. Resuming from the intact checkpoint of epoch %d and recomputing epochs %d..%d.",
+                self.ordering, "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""),
+                done, done + 1, max(newest or done, done + 1),
             )
         net_normal.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -549,6 +584,27 @@ class GradientProbeRun:
         verb = "complete; reusing its results" if done == len(self.schedule) else f"resuming after epoch {done}"
         logger.info("%s: run '%s' found in %s, %s", self.ordering, self.run_name, self.store.folder, verb)
         return done
+
+    def gradient_path(self, epoch: int, batch: int) -> Path:
+        return self.gradients_dir / f"epoch={epoch:03d}" / f"batch={batch:04d}.pt"
+
+    def _damaged_gradient_files(self, done: int, state: Mapping[str, Any],
+                                verified: dict[tuple[Path, int | None], str | None]) -> list[tuple[Path, str]]:
+        """The kept gradient files up to epoch ``done`` that are missing or differ from what was spilled."""
+        recorded = state.get("gradient_checksums", {})
+        spill_dtype = SPILL_DTYPES[self.config.spill_dtype]
+        bad = []
+        for epoch in sorted(e for e in self.kept_epochs if e <= done):
+            checksums = recorded.get(f"{epoch:03d}")
+            for batch in range(self.data.num_batches):
+                path = self.gradient_path(epoch, batch)
+                expected = int(checksums[batch]) if checksums is not None else None
+                key = (path, expected)
+                if key not in verified:
+                    verified[key] = _gradient_file_problem(path, expected, self.num_params, spill_dtype)
+                if verified[key] is not None:
+                    bad.append((path, verified[key]))
+        return bad
 
     def _batch_inputs(self, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.data.batches[batch]
@@ -569,8 +625,8 @@ class GradientProbeRun:
         config, data = self.config, self.data
         started = time.perf_counter()
         kept = plan.epoch in self.kept_epochs
-        if kept:
-            self._check_free_space(plan.epoch)
+        self._check_free_space(plan.epoch, kept)
+        checksums: list[int] = []
         for group in optimizer.param_groups:
             group["lr"] = plan.learning_rate
         net_normal.train()
@@ -609,7 +665,9 @@ class GradientProbeRun:
                         compare_loss.backward()
                         buffer.append(flat.vector)
                         if kept:
-                            yield SpilledGradient(plan.epoch, k, flat.vector.to("cpu", spill_dtype, copy=True))
+                            spilled = flat.vector.to("cpu", spill_dtype, copy=True)
+                            checksums.append(tensor_checksum(spilled))
+                            yield SpilledGradient(plan.epoch, k, spilled)
                     advance()
             batch_losses = losses.cpu().numpy()
             if not np.isfinite(batch_losses).all():
@@ -626,6 +684,8 @@ class GradientProbeRun:
                 buffer.close()
         test_loss, test_accuracy = self._evaluate(net_normal)
         seconds = time.perf_counter() - started
+        if kept:
+            progress.gradient_checksums[plan.epoch] = checksums
         self._record(plan, measures, float(batch_losses.mean()),
                      int(correct) / (data.num_batches * data.batch_size), test_loss, test_accuracy, seconds,
                      kept, progress)
@@ -647,18 +707,43 @@ class GradientProbeRun:
                 "Lower the learning rate of that phase (gradient_training.phases) or enable "
                 "gradient_training.augment, then rerun.")
 
-    def _check_free_space(self, epoch: int) -> None:
-        folder = self.gradients_dir
-        probe = folder
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free
-        if free < self.epoch_spill_bytes:
-            raise DiskSpaceError(
-                f"Epoch {epoch}'s kept gradients need {self.epoch_spill_bytes / GIB:.3g} GiB in '{folder}', but only "
-                f"{free / GIB:.3g} GiB are free. Free space there (the last complete epoch's checkpoint is kept; "
-                "rerun to resume), or keep fewer epochs (gradient_training.keep_gradients)."
-            )
+    def _check_free_space(self, epoch: int, kept: bool) -> None:
+        """Stop before an epoch whose files (kept gradients, scratch buffer, checkpoint) would not fit.
+
+        Needs are added up per file system, with each file rounded up to whole blocks.
+        """
+        needs: list[tuple[Path, str, int]] = []
+        if kept:
+            needs.append((self.gradients_dir, "kept gradients",
+                          self.data.num_batches * self.spill_file_bytes))
+        buffer_bytes = self.data.num_batches * self.num_params * self.param_dtype.itemsize
+        if self.probe and buffer_bytes > self.config.buffer_memory_cap_gb * GIB:
+            scratch = self.config.scratch_dir or (self.store.scratch_dir if self.store is not None else None)
+            needs.append((Path(scratch) if scratch else Path(tempfile.gettempdir()), "scratch buffer", buffer_bytes))
+        if self.store is not None:
+            distance_rows = len(self.schedule) * self.data.num_batches * len(DISTANCE_COLUMNS) * 8
+            needs.append((self.store.folder, "checkpoint", self.checkpoint_bytes + distance_rows + 2**16))
+        by_device: dict[int, list[tuple[Path, str, int, int]]] = {}
+        for folder, what, nbytes in needs:
+            existing = _existing_ancestor(folder)
+            block = os.statvfs(existing).f_frsize or 4096
+            files = self.data.num_batches if what == "kept gradients" else 1
+            on_disk = files * -(-(nbytes // files) // block) * block
+            by_device.setdefault(os.stat(existing).st_dev, []).append((folder, what, on_disk, existing))
+        for entries in by_device.values():
+            need = sum(e[2] for e in entries)
+            free = shutil.disk_usage(entries[0][3]).free
+            if free < need:
+                folders = " and ".join(f"'{folder}'" for folder, *_ in entries)
+                parts = ", ".join(f"{what} {format_bytes(n)}" for _, what, n, _ in entries)
+                last = (f"the checkpoint of epoch {epoch - 1} is kept, so the run resumes after it"
+                        if epoch > 1 and self.store is not None else "nothing was trained yet")
+                raise DiskSpaceError(
+                    f"Epoch {epoch} of '{self.ordering}' needs {format_bytes(need)} in {folders} ({parts}), but "
+                    f"only {format_bytes(free)} are free. Free space there and run the same command again ({last}), "
+                    "or keep fewer epochs' gradients (gradient_training.keep_gradients), or move them "
+                    "(runtime parameter gradients_dir).",
+                )
 
     @torch.inference_mode()
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:
@@ -721,6 +806,38 @@ class GradientProbeRun:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _torch_save_overhead(dtype: torch.dtype) -> int:
+    """Bytes ``torch.save`` adds around a 1-D tensor (its zip container; 64 bytes of alignment slack)."""
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(1, dtype=dtype), buffer)
+    return len(buffer.getvalue()) - dtype.itemsize + 64
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _gradient_file_problem(path: Path, expected_checksum: int | None, num_params: int,
+                           dtype: torch.dtype) -> str | None:
+    """Why a spilled gradient file cannot be trusted (``None``: it holds what was spilled)."""
+    if not path.exists():
+        return "missing"
+    try:
+        tensor = load_tensors(path)
+    except Exception as error:  # load_tensors names truncated and corrupt files
+        return f"unreadable: {error}"
+    if not isinstance(tensor, torch.Tensor) or tensor.shape != (num_params,) or tensor.dtype != dtype:
+        shape = (f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
+                 else type(tensor).__name__)
+        return f"holds {shape}, expected {dtype} ({num_params},)"
+    if expected_checksum is not None and tensor_checksum(tensor) != expected_checksum:
+        return "its values differ from the gradient that was spilled (checksum mismatch)"
+    return None
 
 
 def _detached_copy(model: nn.Module) -> nn.Module:
