@@ -41,7 +41,8 @@ def train_with_gradient_probe(
     """
     config = TrainingConfig.from_params(params)
     if batch_assignments.empty:
-        logger.warning("%s: no batch assignments (the metric was skipped upstream); writing empty tables", ordering)
+        # INFO, not WARNING: score_metrics already gave the one loud warning about the skip.
+        logger.info("%s: no batch assignments (the metric was skipped upstream); writing empty tables", ordering)
         yield {}, ProbeResults.empty(ordering)
         return
     if "metric" in batch_assignments and set(batch_assignments["metric"].unique()) != {ordering}:
