@@ -29,7 +29,9 @@ def tabulate_orderings(**tables: Any) -> pd.DataFrame:
         by_ordering(tables, "metric_status"), by_ordering(tables, "gradient_distances")
     )
     for row in status[status["status"] != "ok"].itertuples():
-        logger.warning("Ordering '%s' is left out of the analysis (%s): %s", row.ordering, row.status, row.reason)
+        # A skipped metric already had its one loud warning in score_metrics.
+        log = logger.info if row.status == "skipped" else logger.warning
+        log("Ordering '%s' is left out of the analysis (%s): %s", row.ordering, row.status, row.reason)
     return status
 
 
