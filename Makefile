@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export KEDRO_DISABLE_TELEMETRY := true
 export MPLBACKEND := Agg
 
-.PHONY: setup run test benchmark viz clean-outputs
+.PHONY: setup run test benchmark viz
 
 setup: $(STAMP)
 
@@ -27,8 +27,11 @@ test: setup
 	bash scripts/install_test_tools.sh
 	$(BIN)/python -m pytest
 
+# Speed targets, each printed as ratios measured side by side in one run.
 benchmark: setup
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/benchmark_metrics.py
+	$(BIN)/python benchmarks/benchmark_gradient_training.py
+	$(BIN)/python benchmarks/benchmark_models.py
 
 viz: setup
 	$(BIN)/kedro viz run --no-browser
