@@ -22,12 +22,18 @@ import pandas as pd
 import pytest
 import torch
 
-from best_minibatch.checkpoints import CheckpointError
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+from best_minibatch.checkpoints import CheckpointError, RunStore, config_hash
 from best_minibatch.datasets import PARTIAL_SUFFIX, DiskFullError, load_tensors, save_tensors_atomically
-from best_minibatch.training import GradientProbeRun
+from best_minibatch.models import build_model, count_parameters
+from best_minibatch.training import GradientProbeRun, TrainingConfig, run_identity
+from best_minibatch.validation import RunCheckError
 from tests import fault_harness
 from tests.test_training import make_config, tiny_data, tiny_model  # noqa: F401 (tiny_data is a fixture)
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NUM_BATCHES = 10
 RUN_FOLDER = "*/intensity"  # <run_name>/<ordering> under the checkpoint and gradient roots
 
@@ -340,3 +346,154 @@ def test_every_checkpoint_damaged_stops_naming_them(tmp_path, tiny_data):
     with pytest.raises(CheckpointError, match=r"cannot resume: checkpoint '.*epoch=003.pt' \(it cannot be read.*"
                                               r"checkpoint '.*epoch=002.pt'.*start the run over"):
         spill_run(config, tiny_data)
+
+
+# --------------------------------------------------------------------------- caught before any work
+
+
+@pytest.fixture(scope="module")
+def fresh_project(tmp_path_factory) -> Path:
+    """A copy of the project with only its raw data: nothing has run yet."""
+    project = tmp_path_factory.mktemp("fresh") / "project"
+    shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
+    (project / "conf" / "local").mkdir()
+    (project / "data" / "01_raw").mkdir(parents=True)
+    shutil.copy2(PROJECT_ROOT / "data/01_raw/cifar10-sample.zip", project / "data/01_raw/")
+    shutil.copy2(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
+    (project / "src").mkdir()  # the package is installed; Kedro only checks that src/ exists
+    return project
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def refused_run(project: Path, monkeypatch, pipeline: str | None = None, namespaces: list[str] | None = None,
+                **params) -> str:
+    """Run the project like ``kedro run [--pipeline P] [--namespaces N] --params ...``; it must be refused
+    before any work. Returns the error message; checks that nothing was written."""
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(project)  # catalog paths are relative to the working directory
+    before = files_under(project / "data")
+    bootstrap_project(project)
+    with pytest.raises(RunCheckError) as refused:
+        with KedroSession.create(project_path=project, runtime_params=params or None) as session:
+            session.run(pipeline_names=[pipeline] if pipeline else None, namespaces=namespaces)
+    assert files_under(project / "data") == before, "a refused run must not write anything"
+    return str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        pytest.param({"score_metrics": {"sharpness": {}}},
+                     "score_metrics.sharpness is not a registered metric (known: intensity, color, edges, perceptual, "
+                     "random). Remove it from conf/<env>/parameters_score_metrics.yml", id="unknown-metric"),
+        pytest.param({"gradient_training": {"model": {"name": "vgg16"}}},
+                     "Parameter gradient_training.model: Unknown model 'vgg16'. Known models: dpn92, resnet18, "
+                     "small_cnn. Set gradient_training.model.name to one of them", id="unknown-model"),
+        pytest.param({"sort_batches": {"batch_size": 6000}},
+                     "Parameter sort_batches.batch_size=6000 exceeds the 5000 training images, so not one full batch "
+                     "fits. Lower sort_batches.batch_size", id="batch-larger-than-training-set"),
+        pytest.param({"sort_batches": {"batch_size": 0}},
+                     "sort_batches.batch_size must be a positive integer, got 0; fix it in "
+                     "conf/<env>/parameters_sort_batches.yml", id="batch-size-not-positive"),
+        pytest.param({"gradient_training": {"phases": []}},
+                     "Parameter gradient_training.phases: the list of learning-rate phases is empty. Give at least "
+                     "one phase", id="phases-empty"),
+        pytest.param({"gradient_training": {"phases": [{"epochs": 0, "lr": 0.1}]}},
+                     "Parameter gradient_training.phases[0].epochs: must be a positive integer, got 0. Set how many "
+                     "epochs the phase lasts", id="epochs-not-positive"),
+        pytest.param({"gradient_training": {"phases": [{"epochs": 3, "lr": 0.1}, {"epochs": 3, "lr": 0}]}},
+                     "Parameter gradient_training.phases[1].lr: must be a positive number, got 0. Set the phase's "
+                     "learning rate", id="lr-not-positive"),
+        pytest.param({"gradient_training": {"keep_gradients": [1, 10]}},
+                     "Parameter gradient_training.keep_gradients: epochs [10] are outside the run's epochs 1..9. Use "
+                     "all, none, a list of epochs", id="kept-epochs-outside-the-run"),
+        pytest.param({"gradient_training": {"disk_cap_gb": 0.001}},
+                     "Parameter gradient_training.disk_cap_gb: the kept gradients need 0.0263 GiB (9 epochs x 50 "
+                     "batches x 15,698 parameters in float32), more than the cap of 0.001 GiB. Keep fewer epochs",
+                     id="disk-cap-below-one-epoch"),
+        pytest.param({"distance_analysis": {"null_ordering": "shuffled"}},
+                     "Parameter distance_analysis.null_ordering: unknown ordering 'shuffled'. Use one of intensity",
+                     id="unknown-null-ordering"),
+    ],
+)
+def test_bad_parameter_stops_the_default_run_before_any_work(fresh_project, monkeypatch, params, expected):
+    message = refused_run(fresh_project, monkeypatch, **params)
+    assert "The run was stopped before any work: 1 problem(s) found." in message
+    assert expected in message
+
+
+def test_disk_cap_smaller_than_one_epoch_is_refused_although_it_fits_when_fewer_epochs_are_kept(
+        fresh_project, monkeypatch):
+    # One epoch of the base run: 50 batches x 15,698 float32 parameters = 3.0 MiB = 0.00292 GiB.
+    message = refused_run(fresh_project, monkeypatch, gradient_training={"disk_cap_gb": 0.0029, "keep_gradients": [9]})
+    assert "need 0.00292 GiB (1 epochs x 50 batches x 15,698 parameters in float32)" in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_absent_stops_the_run_before_any_work(fresh_project, monkeypatch):
+    message = refused_run(fresh_project, monkeypatch, gradient_training={"device": "cuda"})
+    assert ("Parameter gradient_training.device: cuda was asked for but no CUDA device is available. Use device: "
+            "auto (CUDA when present, else CPU) or device: cpu.") in message
+
+
+def test_ordering_without_batches_stops_before_any_work(fresh_project, monkeypatch):
+    message = refused_run(fresh_project, monkeypatch, pipeline="gradient_training", namespaces=["random"])
+    assert ("Input 'random.batch_assignments' ('" in message and "data/05_model_input/random/batch_assignments.parquet')"
+            " does not exist yet. It is written by node 'random.sort_into_batches' of pipeline 'sort_batches': run "
+            "`kedro run --pipeline=sort_batches --namespaces=random` first" in message), message
+    assert "Input 'train_images'" in message and "`kedro run --pipeline=ingest_cifar` first" in message
+
+
+def test_ordering_without_scores_stops_sort_batches_before_any_work(fresh_project, monkeypatch):
+    message = refused_run(fresh_project, monkeypatch, pipeline="sort_batches", namespaces=["edges"])
+    assert ("Input 'edges.image_scores' (" in message and "`kedro run --pipeline=score_metrics --namespaces=edges` "
+            "first" in message), message
+
+
+def test_several_problems_are_reported_together(fresh_project, monkeypatch):
+    message = refused_run(fresh_project, monkeypatch, sort_batches={"batch_size": 6000},
+                          gradient_training={"model": {"name": "vgg16"}},
+                          score_metrics={"edges": {"aperture_size": 4}})
+    assert "3 problem(s) found" in message
+    assert "score_metrics.edges.aperture_size must be 3, 5 or 7, got 4." in message
+
+
+def test_run_name_of_another_configuration_stops_before_any_work(fresh_project, monkeypatch, tmp_path):
+    """An explicit run name whose folders hold a run with other settings would mix two runs' gradients."""
+    project = tmp_path / "project"
+    shutil.copytree(fresh_project, project)
+    other = TrainingConfig.from_params({"seed": 7, "run_name": "mine", "cpu_threads": 1,
+                                        "model": {"name": "small_cnn", "small_cnn": {"width": 8}},
+                                        "phases": [{"epochs": 3, "lr": 0.1}, {"epochs": 3, "lr": 0.01},
+                                                   {"epochs": 3, "lr": 0.001}]})
+    folder = project / "data/06_models/checkpoints"
+    model = build_model("small_cnn", width=8)
+    identity = run_identity(other, "intensity", count_parameters(model), torch.float32, "digest-of-other-data")
+    RunStore(folder, "mine", "intensity").claim(identity, config_hash(identity))  # what that run wrote
+    message = refused_run(project, monkeypatch, gradient_training={"run_name": "mine"})
+    assert ("Run 'mine' of ordering 'intensity' in 'data/06_models/checkpoints/mine/intensity' was started with "
+            "another configuration (differs in: seed). Choose another gradient_training.run_name") in message
+
+
+def test_gradients_without_a_manifest_under_the_run_name_stop_before_any_work(fresh_project, monkeypatch, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(fresh_project, project)
+    stray = project / "data/07_model_output/gradients/mine/color/epoch=001/batch=0000.pt"
+    save_tensors_atomically(torch.zeros(3), stray)
+    message = refused_run(project, monkeypatch, gradient_training={"run_name": "mine"})
+    assert ("'data/07_model_output/gradients/mine/color' already holds spilled gradients, but no run manifest "
+            "exists") in message
+
+
+def test_unknown_ordering_asked_for_stops_before_any_work(fresh_project, monkeypatch):
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(fresh_project)
+    before = files_under(fresh_project / "data")
+    bootstrap_project(fresh_project)
+    with pytest.raises(ValueError, match=r"Pipeline does not contain nodes with the following namespaces: \['sharp'\]"):
+        with KedroSession.create(project_path=fresh_project) as session:
+            session.run(pipeline_names=["gradient_training"], namespaces=["sharp"])  # Kedro's own check
+    assert files_under(fresh_project / "data") == before

@@ -143,10 +143,13 @@ class RunStore:
 
     # ------------------------------------------------------------------ identity
 
-    def check_compatible(self, config: dict[str, Any], digest: str) -> None:
+    def check_compatible(self, config: dict[str, Any], digest: str | None,
+                         unknown: tuple[str, ...] = ()) -> None:
         """Raise :class:`RunConflictError` if this run's folders hold another configuration's run.
 
-        Writes nothing; call :meth:`claim` once every other check has passed.
+        ``unknown``: keys of ``config`` not known yet (``digest`` is then ``None``);
+        only the other keys are compared. Writes nothing; call :meth:`claim` once
+        every other check has passed.
         """
         if self.manifest_path.exists():
             try:
@@ -156,11 +159,12 @@ class RunStore:
                     f"The run manifest '{self.manifest_path}' cannot be read ({error}). Delete the "
                     f"folder '{self.folder}' to start the run afresh, or choose another run_name."
                 ) from error
-            if manifest.get("config_hash") != digest:
-                differing = sorted(
-                    key for key in set(manifest.get("config", {})) | set(config)
-                    if manifest.get("config", {}).get(key) != config.get(key)
-                )
+            config = json.loads(json.dumps(config, default=str))  # compare as the manifest stores it
+            differing = sorted(
+                key for key in set(manifest.get("config", {})) | set(config)
+                if key not in unknown and manifest.get("config", {}).get(key) != config.get(key)
+            )
+            if differing or (digest is not None and manifest.get("config_hash") != digest):
                 raise RunConflictError(
                     f"Run '{self.run_name}' of ordering '{self.ordering}' in '{self.folder}' was started "
                     f"with another configuration (differs in: {', '.join(differing) or 'data or code version'}). "

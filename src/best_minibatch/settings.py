@@ -2,6 +2,11 @@
 
 from kedro.config import OmegaConfigLoader
 
+from best_minibatch.hooks import RunChecks
+
+# Every parameter and input of a run is checked before its first node (docs/reliability.md).
+HOOKS = (RunChecks(),)
+
 # kedro-viz writes a .viz/ folder on every run through its hooks; runs don't need it.
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-viz",)
 

@@ -417,6 +417,43 @@ def _history_frame(ordering: str, run_name: str, rows: Mapping[str, Any]) -> pd.
     return frame[HISTORY_COLUMNS]
 
 
+# --------------------------------------------------------------------------- checks before a run
+
+
+def check_disk_cap(config: TrainingConfig, num_params: int, num_batches: int) -> None:
+    """Raise :class:`TrainingConfigError` if the kept epochs' gradients would exceed ``disk_cap_gb``."""
+    kept = len(config.kept_epochs)
+    needed = kept * num_batches * num_params * SPILL_DTYPES[config.spill_dtype].itemsize
+    if needed > config.disk_cap_gb * GIB:
+        raise _config_error(
+            "disk_cap_gb",
+            f"the kept gradients need {needed / GIB:.3g} GiB ({kept} epochs x {num_batches} batches x "
+            f"{num_params:,} parameters in {config.spill_dtype}), more than the cap of {config.disk_cap_gb:.3g} GiB",
+            "Keep fewer epochs (keep_gradients), use a smaller spill_dtype, or raise disk_cap_gb.")
+
+
+def run_identity(config: TrainingConfig, ordering: str, num_params: int, param_dtype: torch.dtype,
+                 data_fingerprint: str | None, probe: bool = True) -> dict[str, Any]:
+    """Everything that determines a run's results and files (``run.json``; ``run_name: auto`` hashes it)."""
+    return {**config.identity(), "ordering": ordering, "probe": probe, "num_params": num_params,
+            "param_dtype": str(param_dtype), "data": data_fingerprint}
+
+
+def check_run_folder(config: TrainingConfig, ordering: str, num_params: int, param_dtype: torch.dtype) -> None:
+    """Before the data is loaded: refuse an explicit ``run_name`` whose folders hold another run.
+
+    Compares every setting but the data (whose digest needs the images); a run
+    that differs only in its data is refused when training starts, still before
+    it writes anything. ``run_name: auto`` names runs by all of it, so it never mixes.
+    """
+    if config.run_name == "auto" or config.checkpoint_dir is None:
+        return
+    store = RunStore(config.checkpoint_dir, config.run_name, ordering,
+                     Path(config.gradients_dir) / config.run_name / ordering, config.keep_checkpoints)
+    store.check_compatible(run_identity(config, ordering, num_params, param_dtype, None), None,
+                           unknown=("data",))
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -487,17 +524,9 @@ class GradientProbeRun:
         spill_bytes = self.num_params * SPILL_DTYPES[config.spill_dtype].itemsize
         self.epoch_spill_bytes = spill_bytes * data.num_batches
         self.spill_file_bytes = spill_bytes + _torch_save_overhead(SPILL_DTYPES[config.spill_dtype])
-        needed = self.epoch_spill_bytes * len(self.kept_epochs)
-        if needed > config.disk_cap_gb * GIB:
-            raise _config_error(
-                "disk_cap_gb",
-                f"the kept gradients need {needed / GIB:.3g} GiB ({len(self.kept_epochs)} epochs x "
-                f"{data.num_batches} batches x {self.num_params:,} parameters in {config.spill_dtype}), more than "
-                f"the cap of {config.disk_cap_gb:.3g} GiB",
-                "Keep fewer epochs (keep_gradients), use a smaller spill_dtype, or raise disk_cap_gb.")
-        identity = {**config.identity(), "ordering": ordering, "probe": probe,
-                    "num_params": self.num_params, "param_dtype": str(self.param_dtype),
-                    "data": data.fingerprint()}
+        if probe:
+            check_disk_cap(config, self.num_params, data.num_batches)
+        identity = run_identity(config, ordering, self.num_params, self.param_dtype, data.fingerprint(), probe)
         self.identity = identity
         self.digest = config_hash(identity)
         self.run_name = f"{config.model}-{self.digest[:12]}" if config.run_name == "auto" else config.run_name

@@ -1,0 +1,133 @@
+"""Kedro hooks: every parameter and input of a run is checked before its first node runs.
+
+A mistake in a parameter of a late pipeline (a typo in ``gradient_training``, a
+batch size larger than the training set) would otherwise surface hours into a run,
+after earlier pipelines have written their outputs. :class:`RunChecks` runs the
+checks of :mod:`best_minibatch.validation` on the parameters the run's nodes read,
+and checks that every input the run does not make itself already exists (Kedro
+would only fail when it reaches the node that loads it). Registered in
+``settings.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+from kedro.pipeline import Pipeline
+
+from best_minibatch import validation
+
+logger = logging.getLogger(__name__)
+
+TRAINING_NODE = "train_with_gradient_probe"
+# Parameter sections whose checks need the number of training images.
+_NEED_TRAIN_COUNT = {"sort_batches", "gradient_training", "batch_selection"}
+
+
+class RunChecks:
+    """``before_pipeline_run``: parameters and inputs of the run, all checked; nothing is written."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any) -> None:
+        check_pipeline_run(pipeline, catalog)
+
+
+def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
+    """Raise :class:`validation.RunCheckError` listing every problem of this run of ``pipeline``."""
+    parameters = catalog.load("parameters") if catalog.get("parameters") is not None else {}
+    sections = parameter_sections(pipeline, parameters)
+    problems = missing_input_problems(pipeline, catalog)
+    facts = validation.RunFacts(trained_orderings=trained_orderings(pipeline))
+    if sections & _NEED_TRAIN_COUNT:
+        facts.n_train = _training_image_count(pipeline, catalog, parameters)
+    for ordering in facts.trained_orderings:
+        name = f"{ordering}.batch_assignments"
+        if name not in pipeline.all_outputs() and _exists(catalog, name):
+            batches = catalog.load(name)
+            if len(batches):
+                facts.num_batches[ordering] = int(batches["batch"].max()) + 1
+    problems = validation.run_problems(parameters, sections, facts) + problems
+    if problems:
+        raise validation.RunCheckError(problems)
+    logger.info("Run checks passed: parameters %s and %d input(s)", ", ".join(sorted(sections)) or "(none)",
+                len(_data_inputs(pipeline)))
+
+
+def parameter_sections(pipeline: Pipeline, parameters: dict[str, Any]) -> set[str]:
+    """Top-level parameter keys the pipeline's nodes read (``parameters`` as a whole reads them all)."""
+    sections = set()
+    for name in pipeline.inputs():
+        if name == "parameters":
+            sections |= set(parameters)
+        elif name.startswith("params:"):
+            sections.add(name.removeprefix("params:").split(".")[0])
+    return sections
+
+
+def trained_orderings(pipeline: Pipeline) -> tuple[str, ...]:
+    """Orderings (namespaces) whose gradient_training node is part of this run."""
+    return tuple(sorted({node.namespace for node in pipeline.nodes
+                         if node.namespace and node.name.endswith(f".{TRAINING_NODE}")}))
+
+
+def _data_inputs(pipeline: Pipeline) -> list[str]:
+    return sorted(n for n in pipeline.inputs() if n != "parameters" and not n.startswith("params:"))
+
+
+def _exists(catalog: Any, name: str) -> bool:
+    try:
+        return catalog.get(name) is not None and catalog.exists(name)
+    except Exception:  # a dataset whose existence cannot be checked is treated as absent
+        return False
+
+
+def missing_input_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
+    """A message for every input the run reads but neither makes nor finds."""
+    problems = []
+    for name in _data_inputs(pipeline):
+        if _exists(catalog, name):
+            continue
+        dataset = catalog.get(name)
+        where = getattr(dataset, "_filepath", None) or getattr(dataset, "_path", None)
+        producers = _producers(name)
+        if producers:
+            pipe, node_name = producers[0]
+            namespace = name.split(".")[0] if "." in name else None
+            command = f"kedro run --pipeline={pipe}" + (f" --namespaces={namespace}" if namespace else "")
+            fix = (f"It is written by node '{node_name}' of pipeline '{pipe}': run `{command}` first, or "
+                   f"include that pipeline in this run (`kedro run --pipelines={pipe},...`).")
+        else:
+            fix = "No registered pipeline writes it; check the catalog entry."
+        kind = "is kept in memory only, so it" if dataset is None or where is None else f"('{where}')"
+        problems.append(f"Input '{name}' {kind} does not exist yet. {fix}")
+    return problems
+
+
+def _producers(name: str) -> list[tuple[str, str]]:
+    """``(pipeline, node)`` of every registered pipeline that writes dataset ``name``."""
+    from kedro.framework.project import pipelines
+
+    try:
+        # During a run Kedro loads only the pipelines asked for; this run stops anyway, so load all
+        # (as Kedro does itself to suggest a pipeline name).
+        pipelines.set_requested(None)
+        registered = {pipe_name: pipelines[pipe_name] for pipe_name in sorted(pipelines)}
+    except Exception:  # no configured project (e.g. a runner used on its own)
+        return []
+    return [(pipe_name, node.name) for pipe_name, pipe in registered.items() if pipe_name != "__default__"
+            for node in pipe.nodes if name in node.outputs]
+
+
+def _training_image_count(pipeline: Pipeline, catalog: Any, parameters: dict[str, Any]) -> int | None:
+    """Training images the run will use: from the raw source when ingest runs too, else from ``image_index``."""
+    if "image_index" in pipeline.all_outputs():
+        try:
+            return validation.count_training_images((parameters.get("ingest_cifar") or {}).get("source") or {})
+        except Exception:  # reported by the ingest_cifar check
+            return None
+    if _exists(catalog, "image_index"):
+        index = catalog.load("image_index")
+        return int((index["split"] == "train").sum())
+    return None

@@ -1,0 +1,229 @@
+"""Every parameter a run reads, checked before the run starts (so before anything is written).
+
+Knows nothing of Kedro. :func:`check_run` takes the run's parameters, the
+parameter sections its nodes read, and what is already known about the data, and
+runs each pipeline's own checks, calling the module that owns them:
+
+* ``ingest_cifar``: the raw source exists and holds training images (``cifar``);
+* ``score_metrics``: metric names and options (``metrics.metric_availability``; a
+  metric that needs no weights also scores one blank image, which runs its own
+  option checks), a strict metric that cannot run, ``device: cuda`` without CUDA;
+* ``sort_batches``: ``batch_size`` a positive integer (``batching``) that fits the
+  training set;
+* ``gradient_training``: every setting (``training.TrainingConfig``), the model's
+  name and options (by building it once), the disk cap against the kept epochs'
+  gradients, and an explicit ``run_name`` whose folders hold another run;
+* ``distance_analysis``: its settings (``analysis.check_parameters``) and that
+  ``null_ordering`` is a metric;
+* ``visualize``: the figure resolution;
+* ``batch_selection``: every setting (``selection.SelectionConfig``), its orderings
+  and its batch size against the training set.
+
+Every problem found is reported at once in one :class:`RunCheckError`, each
+message naming the parameter and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class RunCheckError(ValueError):
+    """Parameters or inputs that cannot work; raised before the first node runs."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        listed = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"The run was stopped before any work: {len(self.problems)} problem(s) found.\n{listed}")
+
+
+@dataclass
+class RunFacts:
+    """What is known about the run's data before it starts.
+
+    ``n_train``: training images the run will use (``None``: not known yet).
+    ``num_batches``: per ordering, the batches of existing batch assignments that
+    the run reads (orderings whose batches the run itself makes are absent).
+    ``trained_orderings``: the orderings whose ``gradient_training`` runs.
+    """
+
+    n_train: int | None = None
+    num_batches: dict[str, int] = field(default_factory=dict)
+    trained_orderings: tuple[str, ...] = ()
+
+
+def check_run(parameters: Mapping[str, Any], sections: Iterable[str], facts: RunFacts | None = None) -> None:
+    """Run the checks of every section in ``sections``; raise :class:`RunCheckError` listing all problems."""
+    problems = run_problems(parameters, sections, facts or RunFacts())
+    if problems:
+        raise RunCheckError(problems)
+
+
+def run_problems(parameters: Mapping[str, Any], sections: Iterable[str], facts: RunFacts) -> list[str]:
+    """The problems :func:`check_run` would report, as messages."""
+    problems = []
+    for section in _ORDER:
+        if section not in set(sections):
+            continue
+        if section not in parameters:
+            problems.append(f"Parameters '{section}' are missing: the run reads them. Add "
+                            f"conf/base/parameters_{section}.yml (or restore its top-level key '{section}').")
+            continue
+        try:
+            _CHECKS[section](parameters[section], parameters, facts)
+        except (ValueError, RuntimeError, OSError) as error:
+            problems.append(str(error))
+    return problems
+
+
+# --------------------------------------------------------------------------- per pipeline
+
+
+def _check_ingest(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    count_training_images(params.get("source") or {})
+
+
+def count_training_images(source: Mapping[str, Any]) -> int | None:
+    """Training images in the raw source named by ``ingest_cifar.source`` (``None`` if it is to be downloaded).
+
+    Reads the archive's listing only, not the images.
+    """
+    from best_minibatch import cifar
+
+    if "path" not in source:
+        raise ValueError("Parameter ingest_cifar.source.path is missing. Set it to the raw dataset "
+                         "(a folder, zip, or cifar-10-python.tar.gz).")
+    path = Path(source["path"])
+    if not path.exists():
+        if source.get("download", False):
+            return None
+        raise ValueError(
+            f"Parameter ingest_cifar.source.path: raw dataset not found: '{path}'. Set it to an existing folder, "
+            "zip, or cifar-10-python.tar.gz (relative paths start at the project root), or set "
+            "ingest_cifar.source.download: true."
+        )
+    layout = source.get("layout", "auto")
+    if layout == "auto":
+        layout = cifar.detect_layout(path)
+    if layout == "cifar_python":
+        names = {Path(name).name for name in cifar._list_names(path)}
+        return 10_000 * sum(batch in names for batch in cifar.CANONICAL_TRAIN_BATCHES)  # 10,000 images a batch
+    if layout == "image_folder":
+        by_split = cifar._group_image_folder(path, cifar._list_names(path))
+        return sum(len(names) for names in by_split["train"].values())
+    raise ValueError(f"Parameter ingest_cifar.source.layout: unknown layout {layout!r}. "
+                     "Use auto, image_folder or cifar_python.")
+
+
+def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    import torch
+
+    from best_minibatch.metrics import METRICS, metric_availability, metric_options
+
+    problems = []
+    for name, metric in METRICS.items():
+        try:
+            unavailable = metric_availability(name, params)  # option checks; raises for a strict metric
+            options = metric_options(name, params)
+            if metric.unavailable_reason is None:
+                # The metric's own option checks run when it scores; one blank image costs nothing.
+                metric.score(np.zeros((1, 32, 32, 3), dtype=np.uint8), options)
+            elif unavailable is None and options.get("device") == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"Parameter score_metrics.{name}.device is cuda but no CUDA device is available. "
+                                 "Use cpu or auto.")
+        except (ValueError, RuntimeError) as error:
+            problems.append(str(error))
+    if problems:
+        raise ValueError("\n  - ".join(problems))
+
+
+def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    from best_minibatch.batching import batch_size_from_params
+
+    batch_size = batch_size_from_params(params)
+    if facts.n_train is not None and batch_size > facts.n_train:
+        raise ValueError(
+            f"Parameter sort_batches.batch_size={batch_size} exceeds the {facts.n_train} training images, so not "
+            "one full batch fits. Lower sort_batches.batch_size (the paper uses 256 for 50,000 images)."
+        )
+
+
+def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    from best_minibatch.training import TrainingConfig, check_disk_cap, check_run_folder, named_model_factory
+
+    config = TrainingConfig.from_params(params)
+    model = named_model_factory(config)()
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    param_dtype = next(model.parameters()).dtype
+    batch_size = (parameters.get("sort_batches") or {}).get("batch_size")
+    problems = []
+    for ordering in facts.trained_orderings:
+        num_batches = facts.num_batches.get(ordering)
+        if num_batches is None and facts.n_train is not None and isinstance(batch_size, int) and batch_size > 0:
+            num_batches = facts.n_train // batch_size  # the batches sort_batches will make in this run
+        try:
+            if num_batches:
+                check_disk_cap(config, num_params, num_batches)
+            check_run_folder(config, ordering, num_params, param_dtype)
+        except (ValueError, RuntimeError) as error:
+            if str(error) not in problems:
+                problems.append(str(error))
+    if problems:
+        raise ValueError("\n  - ".join(problems))
+
+
+def _check_distance_analysis(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    from best_minibatch.analysis import check_parameters
+    from best_minibatch.metrics import METRICS
+
+    checked = check_parameters(params)
+    if checked["null_ordering"] not in METRICS:
+        raise ValueError(
+            f"Parameter distance_analysis.null_ordering: unknown ordering {checked['null_ordering']!r}. Use one of "
+            f"{', '.join(METRICS)} (random is the null control)."
+        )
+
+
+def _check_visualize(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    dpi = params.get("report_png_dpi", 110)
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 10:
+        raise ValueError(f"Parameter visualize.report_png_dpi must be an integer of at least 10, got {dpi!r}. "
+                         "Use e.g. 110.")
+
+
+def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    from best_minibatch.metrics import METRICS
+    from best_minibatch.selection import SelectionConfig
+
+    config = SelectionConfig.from_params(params)
+    for key, ordering in (("fixed_random.ordering", config.fixed_ordering),
+                          ("learned.ordering", config.learned_ordering),
+                          *((f"paper_advice.first_phase.{o}", o) for o in config.paper_first_phase),
+                          *((f"paper_advice.later_phases.{o}", o) for o in config.paper_later_phases)):
+        if ordering not in METRICS:
+            raise ValueError(f"Parameter batch_selection.{key}: unknown ordering {ordering!r}. "
+                             f"Use one of {', '.join(METRICS)}.")
+    batch_size = config.recipe.batch_size
+    if facts.n_train is not None and batch_size > facts.n_train:
+        raise ValueError(f"Parameter batch_selection.training.batch_size={batch_size} exceeds the {facts.n_train} "
+                         "training images. Lower it (e.g. 100).")
+
+
+_CHECKS = {
+    "ingest_cifar": _check_ingest,
+    "score_metrics": _check_score_metrics,
+    "sort_batches": _check_sort_batches,
+    "gradient_training": _check_gradient_training,
+    "distance_analysis": _check_distance_analysis,
+    "visualize": _check_visualize,
+    "batch_selection": _check_batch_selection,
+}
+_ORDER = tuple(_CHECKS)
