@@ -15,7 +15,7 @@ from tests.test_analysis import SKIP_REASON, planted_effects, run_analysis, synt
 PNG = b"\x89PNG\r\n\x1a\nfake"
 
 
-def _report(with_trace=False, skipped=("perceptual",), figures=None, reason=SKIP_REASON):
+def _report(with_trace=False, skipped=("perceptual",), figures=None, reason=SKIP_REASON, batch_selection_section=None):
     run = synthetic_run(effects=planted_effects(20), n_batches=20, phase_lengths=(2, 2, 2), skipped=skipped,
                         with_trace=with_trace)
     if skipped:
@@ -33,7 +33,7 @@ def _report(with_trace=False, skipped=("perceptual",), figures=None, reason=SKIP
         figures=figures if figures is not None else {"distance_heatmaps": {"heatmap_edges": PNG},
                                                      "training_curves": {"training_curves": PNG}},
         parameters={"distance_analysis": {"alpha": 0.05}, "unrelated": {"x": 1}}, null_ordering="random",
-        alpha=0.05, title="A report",
+        alpha=0.05, title="A report", batch_selection_section=batch_selection_section,
     )
     return page, result, setup
 
@@ -121,3 +121,11 @@ def test_report_escapes_text_from_the_tables():
 def test_report_without_skipped_metrics_says_so():
     page, _, _ = _report(skipped=(), figures={})
     assert "<h2>Skipped metrics</h2><p>None: every ordering ran.</p>" in page
+
+
+def test_report_includes_batch_selection_once_it_has_run(page_and_result):
+    page, _, _ = page_and_result
+    assert "Not run yet" in page and "--pipeline=batch_selection" in page
+    section = '<section id="batch-selection"><h2>Do the best batches train faster?</h2><p>No.</p></section>'
+    page_with, _, _ = _report(batch_selection_section=section)
+    assert section in page_with and "Not run yet" not in page_with

@@ -27,6 +27,7 @@ from typing import Any
 import fsspec
 import torch
 from kedro.io.core import (
+    AbstractDataset,
     AbstractVersionedDataset,
     DatasetError,
     Version,
@@ -189,3 +190,35 @@ class TensorDataset(AbstractVersionedDataset[Tensors, Tensors]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": self._filepath, "version": self._version}
+
+
+class OptionalDataset(AbstractDataset[Any, Any]):
+    """Another dataset, read as ``None`` while nothing has been saved to it.
+
+    For inputs that a separate pipeline may or may not have produced yet: the report
+    includes the batch_selection section only once ``kedro run --pipeline=batch_selection``
+    has written it. Example::
+
+        batch_selection_report_section:
+          type: best_minibatch.datasets.OptionalDataset
+          dataset:
+            type: text.TextDataset
+            filepath: data/08_reporting/batch_selection/report_fragment.html
+            versioned: true
+    """
+
+    def __init__(self, dataset: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        self._dataset = AbstractDataset.from_config("wrapped", dict(dataset))
+        self.metadata = metadata
+
+    def load(self) -> Any:
+        return self._dataset.load() if self._dataset.exists() else None
+
+    def save(self, data: Any) -> None:
+        self._dataset.save(data)
+
+    def _exists(self) -> bool:
+        return self._dataset.exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"dataset": self._dataset._describe()}

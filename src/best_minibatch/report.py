@@ -137,8 +137,13 @@ def render_report(
     null_ordering: str,
     alpha: float,
     title: str = "What's the best mini-batch? Run report",
+    batch_selection_section: str | None = None,
 ) -> str:
-    """The whole report as one HTML document (no external references)."""
+    """The whole report as one HTML document (no external references).
+
+    ``batch_selection_section`` is the HTML section the batch_selection pipeline writes
+    (None until that separate experiment has run).
+    """
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{_escape(title)}</h1>"]
     parts.append(_setup_section(setup, ordering_status, histories, parameters, null_ordering))
@@ -148,6 +153,10 @@ def render_report(
     parts.append(_trace_section(trace_check, null_ordering))
     parts.append(_best_worst_section(best_worst))
     parts.append(_skipped_section(ordering_status))
+    parts.append(batch_selection_section or (
+        "<h2>Do the best batches train faster?</h2><p>Not run yet: <code>kedro run "
+        "--pipeline=batch_selection</code> (about 20 minutes on a CPU), then <code>kedro run "
+        "--pipeline=visualize</code> to include its answer here.</p>"))
     parts.append("<h2>Figures</h2>")
     for section, pngs in figures.items():
         parts.append(f"<h3>{_escape(section.replace('_', ' '))}</h3>")

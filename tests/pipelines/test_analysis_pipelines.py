@@ -30,8 +30,9 @@ def project_catalog_config(tmp_path: Path) -> dict:
     for name in ("catalog_distance_analysis.yml", "catalog_visualize.yml"):
         config.update(yaml.safe_load((CONF / name).read_text(encoding="utf-8")))
     for entry in config.values():
-        if "filepath" in entry:
-            entry["filepath"] = str(tmp_path / entry["filepath"])
+        for dataset in (entry, entry.get("dataset") if isinstance(entry.get("dataset"), dict) else {}):
+            if "filepath" in dataset:
+                dataset["filepath"] = str(tmp_path / dataset["filepath"])
     return config
 
 
@@ -119,7 +120,9 @@ def test_every_present_ordering_gets_its_figures_in_png_and_pdf(finished_run):
 
 def test_report_is_written_and_lists_every_ordering(finished_run):
     tmp_path, _, orderings = finished_run
-    page = (tmp_path / "data" / "08_reporting" / "report.html").read_text(encoding="utf-8")
+    versions = list((tmp_path / "data" / "08_reporting" / "report.html").glob("*/report.html"))  # versioned
+    assert len(versions) == 1
+    page = versions[0].read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "<title>Test report</title>" in page
     for ordering in orderings:
         assert f"<td>{ordering}</td>" in page

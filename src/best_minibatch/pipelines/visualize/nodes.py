@@ -81,9 +81,10 @@ def write_report(
     trace_check: pd.DataFrame,
     image_index: pd.DataFrame,
     parameters: dict[str, Any],
+    batch_selection_section: str | None = None,
     **tables: Any,
 ) -> str:
-    """The self-contained HTML report of the run."""
+    """The self-contained HTML report of the run (with batch_selection's answer once it has run)."""
     analysis_params = check_parameters(parameters.get("distance_analysis"))
     histories = by_ordering(tables, "training_history")
     setup = report.run_setup(histories, by_ordering(tables, "batch_assignments"), image_index)
@@ -93,4 +94,5 @@ def write_report(
         confounds=confounds, best_worst=best_worst, trace_check=trace_check, histories=histories,
         figures=pngs, parameters=parameters, null_ordering=analysis_params["null_ordering"],
         alpha=analysis_params["alpha"], title=parameters.get("visualize", {}).get("report_title", "Run report"),
+        batch_selection_section=batch_selection_section,
     )

@@ -72,6 +72,7 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
                     "trace_check": "gradient_noise_trace_check",
                     "image_index": "image_index",
                     "parameters": "parameters",
+                    "batch_selection_section": "batch_selection_report_section",
                     **per_ordering_inputs("training_history", orderings),
                     **per_ordering_inputs("batch_assignments", orderings),
                     **{f"figures__{group}": f"figures_{group}_for_report" for group in FIGURE_GROUPS},
