@@ -21,6 +21,7 @@ from typing import NamedTuple
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
@@ -497,3 +498,90 @@ def test_unknown_ordering_asked_for_stops_before_any_work(fresh_project, monkeyp
         with KedroSession.create(project_path=fresh_project) as session:
             session.run(pipeline_names=["gradient_training"], namespaces=["sharp"])  # Kedro's own check
     assert files_under(fresh_project / "data") == before
+
+
+# --------------------------------------------------------------------------- nothing lost
+
+ANALYSIS_FAST = {"n_permutations": 100, "n_bootstrap": 100}
+
+
+def run_project(project: Path, monkeypatch, pipelines: list[str], params: dict,
+                load_versions: dict[str, str] | None = None, node_names: list[str] | None = None) -> None:
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(project)
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, runtime_params=params) as session:
+        session.run(pipeline_names=pipelines, load_versions=load_versions, node_names=node_names)
+
+
+def versions(project: Path, dataset_path: str) -> list[str]:
+    """Version folders of a versioned dataset, oldest first (timestamps sort as text)."""
+    return sorted(p.name for p in (project / dataset_path).iterdir())
+
+
+def file_digests(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def project_with_training_results(fresh_project, tmp_path, monkeypatch) -> Path:
+    """A project copy whose catalog holds the inputs of distance_analysis and visualize (a small
+    synthetic training run of every ordering, perceptual skipped), saved through the catalog."""
+    from tests.test_analysis import planted_effects, synthetic_run
+
+    project = tmp_path / "project"
+    shutil.copytree(fresh_project, project)
+    # Rendering dominates these runs: in this copy, PNG files at a low resolution, PDF figures in memory.
+    catalog_file = project / "conf" / "base" / "catalog_visualize.yml"
+    entries = yaml.safe_load(catalog_file.read_text())
+    for name in [n for n in entries if n.startswith("figures_") and n.endswith("_pdf")]:
+        entries[name] = {"type": "MemoryDataset", "copy_mode": "assign"}
+    for name in [n for n in entries if n.startswith("figures_") and n.endswith("_png")]:
+        entries[name]["save_args"]["dpi"] = 20
+    catalog_file.write_text(yaml.safe_dump(entries))
+    run = synthetic_run(effects=planted_effects(n_batches=12), phase_lengths=(2, 2), learning_rates=(0.1, 0.01),
+                        n_batches=12, seed=5)
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(project)
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project) as session:
+        catalog = session.load_context().catalog
+        catalog.save("image_index", run["image_index"])
+        catalog.save("train_images", run["train_images"])
+        for ordering, tables in run["orderings"].items():
+            for kind, data in tables.items():
+                catalog.save(f"{ordering}.{kind}", data)
+    return project
+
+
+@pytest.mark.slow  # three Kedro runs that draw figures (about 30 s on the 2-core machine)
+def test_two_runs_leave_two_versions_and_load_versions_reproduces_the_first_figures(
+        project_with_training_results, monkeypatch):
+    project = project_with_training_results
+    first = {"distance_analysis": {**ANALYSIS_FAST, "null_ordering": "random"},
+             "visualize": {"report_png_dpi": 20, "report_title": "First"}}
+    second = {"distance_analysis": {**ANALYSIS_FAST, "null_ordering": "edges"},
+              "visualize": {"report_png_dpi": 20, "report_title": "Second"}}
+    heatmaps = "data/08_reporting/figures/distance_heatmaps/png"
+    outputs = ("data/08_reporting/analysis/distance_noise_units.parquet", heatmaps,
+               "data/08_reporting/report.html")
+
+    run_project(project, monkeypatch, ["distance_analysis", "visualize"], first)
+    first_files = {path: file_digests(project / path) for path in outputs}
+    run_project(project, monkeypatch, ["distance_analysis", "visualize"], second)
+    for path in outputs:
+        assert len(versions(project, path)) == 2, path
+        assert {k: v for k, v in file_digests(project / path).items() if k in first_files[path]} == first_files[path]
+    first_version, second_version = versions(project, heatmaps)
+    first_pngs = file_digests(project / heatmaps / first_version)
+    assert first_pngs != file_digests(project / heatmaps / second_version), "the second run must draw other figures"
+    first_report = next((project / "data/08_reporting/report.html" / versions(project, outputs[2])[0]).iterdir())
+    assert "<title>First</title>" in first_report.read_text()
+
+    # Redraw the heat maps from the first run's tables (pinned like `--load-versions`) with its parameters:
+    # `kedro run --pipeline=visualize --nodes=plot_distance_heatmaps --load-versions=...`.
+    pinned = {name: versions(project, f"data/08_reporting/analysis/{name}.parquet")[0]
+              for name in ("distance_noise_units", "ordering_status")}
+    run_project(project, monkeypatch, ["visualize"], first, load_versions=pinned, node_names=["plot_distance_heatmaps"])
+    third_version = versions(project, heatmaps)[2]
+    assert file_digests(project / heatmaps / third_version) == first_pngs

@@ -56,14 +56,12 @@ def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
 
 
 def parameter_sections(pipeline: Pipeline, parameters: dict[str, Any]) -> set[str]:
-    """Top-level parameter keys the pipeline's nodes read (``parameters`` as a whole reads them all)."""
-    sections = set()
-    for name in pipeline.inputs():
-        if name == "parameters":
-            sections |= set(parameters)
-        elif name.startswith("params:"):
-            sections.add(name.removeprefix("params:").split(".")[0])
-    return sections
+    """Top-level parameter keys the pipeline's nodes read through ``params:<key>...`` inputs.
+
+    A node that takes ``parameters`` as a whole (the report, which only prints them)
+    does not make every section's checks apply to the run.
+    """
+    return {name.removeprefix("params:").split(".")[0] for name in pipeline.inputs() if name.startswith("params:")}
 
 
 def trained_orderings(pipeline: Pipeline) -> tuple[str, ...]:
@@ -85,11 +83,13 @@ def _exists(catalog: Any, name: str) -> bool:
 
 def missing_input_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
     """A message for every input the run reads but neither makes nor finds."""
+    from best_minibatch.datasets import OptionalDataset
+
     problems = []
     for name in _data_inputs(pipeline):
-        if _exists(catalog, name):
-            continue
         dataset = catalog.get(name)
+        if isinstance(dataset, OptionalDataset) or _exists(catalog, name):
+            continue  # an OptionalDataset reads as None until written
         where = getattr(dataset, "_filepath", None) or getattr(dataset, "_path", None)
         producers = _producers(name)
         if producers:

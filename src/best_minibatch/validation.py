@@ -214,7 +214,7 @@ def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, A
     batch_size = config.recipe.batch_size
     if facts.n_train is not None and batch_size > facts.n_train:
         raise ValueError(f"Parameter batch_selection.training.batch_size={batch_size} exceeds the {facts.n_train} "
-                         "training images. Lower it (e.g. 100).")
+                         "training images, so not one full batch fits. Lower batch_selection.training.batch_size.")
 
 
 _CHECKS = {
