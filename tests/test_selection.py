@@ -14,6 +14,7 @@ from torch import nn
 
 from best_minibatch import selection as S
 from best_minibatch import selection_stats as T
+from best_minibatch.analysis import holm_adjust
 from best_minibatch.metrics import METRICS
 
 # --------------------------------------------------------------------------- a synthetic experiment
@@ -28,7 +29,7 @@ def base_params(**overrides) -> dict:
         "policies": list(S.POLICIES),
         "validation": {"fraction": 0.2, "seed": 7},
         "target_validation_accuracy": 0.3,
-        "model": {"name": "small_cnn", "options": {"width": 4}},
+        "model": {"name": "small_cnn", "small_cnn": {"width": 4}},
         "training": {"batch_size": BATCH, "phases": [{"epochs": 2, "lr": 0.05}, {"epochs": 1, "lr": 0.005},
                                                      {"epochs": 1, "lr": 0.0005}],
                      "evaluations_per_epoch": 2, "eval_batch_size": 100, "device": "cpu"},
@@ -111,6 +112,7 @@ def test_parameters_parse_and_bad_values_name_the_parameter():
         (base_params(seeds=[0, 0]), "batch_selection.seeds"),
         (base_params(policies=["fixed_random", "oracle"]), "batch_selection.policies"),
         (base_params(policies=["shuffle", "bogus"]), "batch_selection.policies"),
+        (base_params(policies=["shuffle", "random_subset"]), "batch_selection.policies"),  # needs fixed_random
         (base_params(target_validation_accuracy=1.5), "batch_selection.target_validation_accuracy"),
         (base_params(validation={"fraction": 0.0}), "batch_selection.validation.fraction"),
         (base_params(learned={"measure": "cosine_similarity_mean"}), "batch_selection.learned.measure"),
@@ -119,7 +121,8 @@ def test_parameters_parse_and_bad_values_name_the_parameter():
          "batch_selection.training.phases[0].epochs"),
         (base_params(oracle={"candidates": 0}), "batch_selection.oracle.candidates"),
         (base_params(model={"name": "alexnet"}), "batch_selection.model.name"),
-        (base_params(model={"name": "small_cnn", "options": {"depth": 3}}), "batch_selection.model.options.depth"),
+        (base_params(model={"name": "small_cnn", "small_cnn": {"depth": 3}}), "batch_selection.model.small_cnn.depth"),
+        (base_params(model={"name": "small_cnn", "options": {"width": 3}}), "batch_selection.model.options"),
         (base_params(surprise=1), "batch_selection.surprise"),
     ]
     for params, named in cases:
@@ -249,6 +252,35 @@ def test_learned_pool_keeps_the_batches_the_analysis_found_closest(experiment):
     assert any("phase 3" in note for note in notes)
     with pytest.raises(S.SelectionDataError, match="learned.ordering"):
         S.learned_pool(batches, stats, "perceptual", "noise_z_mean", 0.25, 3)
+
+
+def test_random_subset_trains_on_as_many_random_batches_as_learned_keeps(experiment):
+    config, train_ids, pools = experiment["config"], experiment["train_ids"], experiment["pools"]
+    random_batches = experiment["orderings"]["random"]
+    k = len(random_batches)
+    learned_counts = pools.loc[pools["policy"] == "learned"].groupby("phase").size()
+    n_keep = S.kept_count(config.learned_keep_fraction, k)
+    assert n_keep == round(0.25 * k) == 6 and (learned_counts == n_keep).all()
+    oracle = S.build_policy("oracle", config, 0, train_ids, pools)
+    assert oracle.keep == n_keep  # equal keep fractions: the oracle keeps the same count of its K candidates
+    subsets = {}
+    for seed in (0, 1):
+        policy = S.build_policy("random_subset", config, seed, train_ids, pools)
+        used_by_phase: dict[int, list] = {}
+        for epoch, phase, _ in config.recipe.epoch_plan():
+            used_by_phase.setdefault(phase, []).extend(map(tuple, policy.epoch_batches(epoch, phase)))
+        for phase, used in used_by_phase.items():
+            counts = pd.Series(used).value_counts()
+            assert len(counts) == n_keep  # exactly learned's count of distinct batches in the phase
+            assert counts.max() - counts.min() <= 1  # cycled: every kept batch used equally often
+            assert set(counts.index) <= {tuple(b) for b in random_batches}  # whole batches of the random ordering
+            subsets[seed, phase] = frozenset(counts.index)
+    assert subsets[0, 1] != subsets[1, 1]  # drawn per seed
+    assert subsets[0, 1] != subsets[0, 2]  # and per phase
+    again = S.build_policy("random_subset", config, 0, train_ids, pools).epoch_batches(1, 1)
+    assert {tuple(b) for b in again} <= subsets[0, 1]  # reproducible for a seed
+    np.testing.assert_array_equal(S.random_subset_pools(random_batches, 0.25, 3, 0)[2],
+                                  S.random_subset_pools(random_batches, 0.25, 3, 0)[2])
 
 
 def test_pool_cycler_uses_every_batch_equally_often():
@@ -539,6 +571,49 @@ def test_summary_says_no_detectable_difference_when_there_is_none():
     assert sentence.count(".") >= 1 and "\n" not in sentence
 
 
+CONTROL_EFFECTS = {"shuffle": 0.0, "random_subset": -0.1, "paper_advice": -0.2, "learned": -0.1, "oracle": 0.0}
+
+
+def test_subset_policies_are_compared_with_the_random_subset_control():
+    curves, results = planted_curves(CONTROL_EFFECTS)
+    summary = T.policy_summary(curves, results, target=0.3, policies=list(CONTROL_EFFECTS)).set_index("policy")
+    # Against shuffle: the control and the two weaker policies are slower, the oracle is not.
+    assert summary["verdict"].to_dict() == {"shuffle": T.BASELINE_VERDICT, "random_subset": T.SLOWER,
+                                            "paper_advice": T.SLOWER, "learned": T.SLOWER, "oracle": T.NO_DIFFERENCE}
+    # Against the control: learned is no worse than random batches, paper_advice is, the oracle is better.
+    assert summary["control_verdict"].to_dict() == {"shuffle": "", "random_subset": "", "paper_advice": T.SLOWER,
+                                                    "learned": T.NO_DIFFERENCE, "oracle": T.FASTER}
+    assert (summary["control"] == "random_subset").all()
+    for policy, planted in (("paper_advice", -0.1), ("oracle", 0.1)):
+        row = summary.loc[policy]
+        assert row["val_auc_ctrl_diff"] == pytest.approx(planted, abs=0.003)  # within the planted noise
+        assert row["val_auc_ctrl_diff_low"] < row["val_auc_ctrl_diff"] < row["val_auc_ctrl_diff_high"]
+        assert row["val_auc_ctrl_diff_high"] - row["val_auc_ctrl_diff_low"] < 0.01
+    assert summary.loc[["shuffle", "random_subset"], "val_auc_ctrl_p"].isna().all()
+    compared = summary.loc[["paper_advice", "learned", "oracle"]]
+    np.testing.assert_allclose(compared["val_auc_ctrl_p_holm"], holm_adjust(compared["val_auc_ctrl_p"]))
+    # The same paired test as against shuffle, on the per-seed differences from the control.
+    by_run = T.run_endpoints(curves, results, 0.3).set_index(["policy", "seed"])["val_auc"]
+    direct = T.paired_comparison(by_run.loc["learned"].sort_index(), by_run.loc["random_subset"].sort_index())
+    assert summary.loc["learned", "val_auc_ctrl_diff"] == pytest.approx(direct["difference"])
+    assert summary.loc["learned", "val_auc_ctrl_p"] == pytest.approx(direct["p_value"])
+    sentence = T.answer_sentence(summary.reset_index())
+    main, control = sentence.split("; against the random_subset control: ")
+    assert "oracle showed no detectable difference" in main
+    assert "oracle converged faster than random_subset" in control
+    assert "paper_advice converged slower" in control and "learned showed no detectable difference" in control
+    assert "\n" not in sentence and sentence.endswith(").")
+
+
+def test_without_the_control_there_is_no_control_comparison():
+    curves, results = planted_curves({"shuffle": 0.0, "learned": -0.1})
+    summary = T.policy_summary(curves, results, target=0.3)
+    assert "control_verdict" not in summary.columns and (summary["control"] == "").all()
+    assert "control" not in T.answer_sentence(summary)
+    content = T.report_content(summary, T.curve_summary(curves), "answer", {})
+    assert content.control_rows == [] and "random_subset" not in T.markdown_fragment(content)
+
+
 def test_time_to_target_takes_the_first_evaluation_at_or_above_it():
     curves = pd.DataFrame({"seed": 0, "policy": "p", "step": [0, 10, 20, 30], "passes": [0, 15, 30, 45],
                            "seconds": [0.0, 1.0, 2.0, 3.0], "epoch": [0, 1, 2, 3],
@@ -566,3 +641,17 @@ def test_figure_and_fragments_show_every_policy():
     assert content.answer in markdown
     assert "data:image/png;base64," in html and html.startswith('<section id="batch-selection">')
     assert len(content.epochs_rows) == curves["epoch"].nunique()
+    distinct = content.summary_header.index("distinct images trained / run")
+    assert [row[distinct] for row in content.summary_rows] == ["100", "100"]
+
+
+def test_fragments_hold_the_control_table():
+    curves, results = planted_curves(CONTROL_EFFECTS)
+    summary = T.policy_summary(curves, results, target=0.3, policies=list(CONTROL_EFFECTS))
+    content = T.report_content(summary, T.curve_summary(curves), T.answer_sentence(summary), {})
+    assert "six policies" not in content.intro and "five policies" in content.intro
+    assert [row[0] for row in content.control_rows] == ["paper_advice", "learned", "oracle"]
+    assert [row[-2] for row in content.control_rows] == [T.SLOWER, T.NO_DIFFERENCE, T.FASTER]
+    markdown, html = T.markdown_fragment(content), T.html_fragment(content)
+    for text in (markdown, html):
+        assert "Against the random_subset control" in text and "diff. vs random_subset" in text

@@ -1,6 +1,6 @@
 """Batch selection: does training on the "best" mini-batches converge faster than shuffling?
 
-Knows nothing of Kedro. This module holds the five policies compared by the
+Knows nothing of Kedro. This module holds the six policies compared by the
 ``batch_selection`` pipeline (the paper's open question, section 5, future work
 2) and the training loop that runs them; ``selection_stats.py`` holds the
 statistics and the report. ``docs/batch_selection.md`` states every policy
@@ -17,6 +17,9 @@ checks this on every epoch).
 * ``shuffle`` - a fresh random partition every epoch (the usual baseline).
 * ``fixed_random`` - the ``random`` ordering's batches, in the same order every
   epoch (the paper's null: ``net_normal`` without shuffling).
+* ``random_subset`` - per phase, a random subset (drawn per seed) of those
+  batches, as many as ``learned`` keeps, cycled: the control for training on a
+  fraction of the batches, without choosing which.
 * ``paper_advice`` - per phase, the union of the batches that section 5
   recommends, taken from each metric's sorted batching.
 * ``learned`` - per phase, the batches of one metric's ordering that
@@ -52,8 +55,11 @@ from best_minibatch.probing import EpochGradients, batch_gradient
 logger = logging.getLogger(__name__)
 
 PARAMS_NAME = "batch_selection"
-POLICIES = ("shuffle", "fixed_random", "paper_advice", "learned", "oracle")
+POLICIES = ("shuffle", "fixed_random", "random_subset", "paper_advice", "learned", "oracle")
 BASELINE = "shuffle"
+#: Trains on a random subset of the batches, as many as ``learned`` keeps: separates "fewer distinct
+#: images" from "worse batches" for the policies that train on a fraction of the batches.
+CONTROL = "random_subset"
 DEVICES = ("auto", "cpu", "cuda")
 GIB = 2**30
 
@@ -186,6 +192,10 @@ class SelectionConfig:
                                 "Every comparison is against shuffle; keep it in the list.")
         if len(set(policies)) != len(policies):
             raise _config_error("policies", f"lists a policy twice: {policies!r}", "List each policy once.")
+        if CONTROL in policies and "fixed_random" not in policies:
+            raise _config_error("policies", f"'{CONTROL}' is listed without 'fixed_random'",
+                                f"{CONTROL} draws its batches from fixed_random's ordering, whose batches are only "
+                                "prepared when fixed_random runs; list fixed_random too.")
 
         validation = _section(params, "validation", {"fraction", "seed"})
         fraction = validation.get("fraction", 0.2)
@@ -202,18 +212,22 @@ class SelectionConfig:
             raise _config_error("target_validation_accuracy", f"must be a number in (0, 1), got {target!r}",
                                 "Fix it before the run, e.g. 0.45 (see docs/batch_selection.md for how).")
 
-        model = _section(params, "model", {"name", "options"})
+        # Options per model (only the named model's apply), as in gradient_training: environments merge
+        # softly, so a single `options` block of the base model would leak into conf/paper's model.
+        model = _section(params, "model", {"name", *MODELS})
         model_name = model.get("name", "small_cnn")
         if not isinstance(model_name, str) or not model_name:
             raise _config_error("model.name", f"expected a model name, got {model_name!r}", "Use e.g. small_cnn.")
         if model_name not in MODELS:
             raise _config_error("model.name", f"unknown model {model_name!r}", f"Use one of {', '.join(sorted(MODELS))}.")
-        model_options = model.get("options") or {}
-        if not isinstance(model_options, Mapping):
-            raise _config_error("model.options", f"expected a mapping, got {model_options!r}", "Use e.g. {width: 16}.")
+        for name in sorted(set(model) - {"name"}):
+            if model[name] is not None and not isinstance(model[name], Mapping):
+                raise _config_error(f"model.{name}", f"expected a mapping of {name}'s options, got {model[name]!r}",
+                                    "Use e.g. {width: 16}.")
+        model_options = model.get(model_name) or {}
         accepted = set(inspect.signature(MODELS[model_name]).parameters) - {"num_classes"}
         if unknown_options := sorted(set(model_options) - accepted):
-            raise _config_error(f"model.options.{unknown_options[0]}", f"{model_name} does not take this option",
+            raise _config_error(f"model.{model_name}.{unknown_options[0]}", f"{model_name} does not take this option",
                                 f"It takes {sorted(accepted) or 'no options'}.")
 
         training = _section(params, "training", {"batch_size", "phases", "momentum", "weight_decay", "augment",
@@ -321,6 +335,15 @@ def _fraction(section: Mapping[str, Any], name: str, key: str, default: float) -
     if not _is_number(value) or not 0 < value <= 1:
         raise _config_error(f"{name}.{key}", f"must be a number in (0, 1], got {value!r}", "Use e.g. 0.25.")
     return float(value)
+
+
+def kept_count(keep_fraction: float, num_batches: int) -> int:
+    """How many of ``num_batches`` a policy keeping ``keep_fraction`` trains on: ``round(f K)``, at least 1.
+
+    One rule for ``learned``, ``random_subset`` (with ``learned``'s fraction) and
+    the oracle (of its candidates), so equal fractions keep equal counts.
+    """
+    return max(1, int(round(keep_fraction * num_batches)))
 
 
 def _parse_recipe(training: Mapping[str, Any]) -> TrainingRecipe:
@@ -580,7 +603,7 @@ def learned_pool(
     analysed_phases = sorted(int(p) for p in table["phase"].unique())
     k = len(batches)
     positions = rank_positions(k)
-    n_keep = max(1, int(round(keep_fraction * k)))
+    n_keep = kept_count(keep_fraction, k)
     rows: list[dict] = []
     for phase in range(1, num_phases + 1):
         source_phase = phase if phase in analysed_phases else analysed_phases[-1]
@@ -601,6 +624,25 @@ def learned_pool(
         chosen[chosen_order] = True
         rows += _pool_rows("learned", phase, ordering, batches, chosen)
     return _pool_table(rows), notes
+
+
+def random_subset_pools(batches: np.ndarray, keep_fraction: float, num_phases: int, seed: int) -> dict[int, np.ndarray]:
+    """The ``random_subset`` control's batches: ``{phase: P x m}``, a random ``P``-subset of ``batches`` per phase.
+
+    ``P = kept_count(keep_fraction, K)`` of the ``K`` batches (in the pipeline:
+    the fixed-random ordering's batches and ``learned.keep_fraction``, so ``P``
+    is exactly the count ``learned`` keeps). The subset of each phase is drawn
+    independently, uniformly without replacement, from a generator of the seed
+    and the phase only: the same for a seed on every rerun, different between
+    seeds (so the control averages over random subsets rather than testing one).
+    """
+    batches = np.asarray(batches, dtype=np.int64)
+    n_keep = kept_count(keep_fraction, len(batches))
+    pools = {}
+    for phase in range(1, num_phases + 1):
+        chosen = policy_rng(seed, CONTROL, "subset", phase).choice(len(batches), size=n_keep, replace=False)
+        pools[phase] = batches[np.sort(chosen)]
+    return pools
 
 
 def pools_by_phase(pools: pd.DataFrame, policy: str) -> dict[int, np.ndarray]:
@@ -693,7 +735,7 @@ class PoolCycler:
 
 
 class PoolPolicy(BatchPolicy):
-    """Per phase, ``steps_per_epoch`` batches cycled from that phase's pool (``paper_advice``, ``learned``)."""
+    """Per phase, ``steps_per_epoch`` batches cycled from that phase's pool (``paper_advice``, ``learned``, ``random_subset``)."""
 
     def __init__(self, name: str, pools: Mapping[int, np.ndarray], steps_per_epoch: int, seed: int) -> None:
         batch_sizes = {p.shape[1] for p in pools.values()}
@@ -741,7 +783,7 @@ class OraclePolicy(BatchPolicy):
         super().__init__(len(train_ids) // batch_size, batch_size)
         self.train_ids = np.asarray(train_ids, dtype=np.int64)
         self.num_candidates = self.steps_per_epoch if candidates is None else min(candidates, self.steps_per_epoch)
-        self.keep = max(1, int(round(keep_fraction * self.num_candidates)))
+        self.keep = kept_count(keep_fraction, self.num_candidates)
         self.seed = seed
         self.rng = policy_rng(seed, self.name)
         #: The last epoch's candidate distances and kept indices (for logs and tests).
@@ -776,12 +818,17 @@ def build_policy(
         return ShufflePolicy(train_ids, m, seed)
     if name == "oracle":
         return OraclePolicy(train_ids, m, seed, config.oracle_keep_fraction, config.oracle_candidates)
-    by_phase = pools_by_phase(pools, name)
-    if name == "fixed_random":
+    by_phase = pools_by_phase(pools, "fixed_random" if name == CONTROL else name)
+    if name in ("fixed_random", CONTROL):
         batches = by_phase[min(by_phase)]
         if len(batches) != steps:
             raise SelectionDataError(f"fixed_random has {len(batches)} batches, the baseline takes {steps} steps.")
-        return FixedOrderPolicy(batches)
+        if name == "fixed_random":
+            return FixedOrderPolicy(batches)
+        subsets = random_subset_pools(batches, config.learned_keep_fraction, config.recipe.num_phases, seed)
+        logger.info("batch_selection: %s, seed %d, trains per phase on %d of the %d batches of %s's ordering",
+                    CONTROL, seed, len(subsets[1]), steps, config.fixed_ordering)
+        return PoolPolicy(CONTROL, subsets, steps, seed)
     if name in ("paper_advice", "learned"):
         return PoolPolicy(name, by_phase, steps, seed)
     raise SelectionConfigError(f"Unknown policy {name!r}; use one of {', '.join(POLICIES)}.")
@@ -1044,6 +1091,7 @@ def describe_setup(config: SelectionConfig, split: pd.DataFrame, results: pd.Dat
     n_validation = int((split["subset"] == "validation").sum())
     m = config.recipe.batch_size
     k = n_train // m
+    candidates = k if config.oracle_candidates is None else min(config.oracle_candidates, k)
     phases = ", ".join(f"{p.epochs} x lr {p.learning_rate:g}" for p in config.recipe.phases)
     options = "".join(f", {key}={value}" for key, value in config.model_options.items())
     setup = {
@@ -1056,12 +1104,17 @@ def describe_setup(config: SelectionConfig, split: pd.DataFrame, results: pd.Dat
         "seeds": f"{len(config.seeds)} per policy ({', '.join(map(str, config.seeds))})",
         "target": f"validation accuracy {config.target_validation_accuracy:.3f}",
         "policies": ", ".join(config.policies),
-        "learned": f"{config.learned_keep_fraction:.0%} of {config.learned_ordering}'s batches with the lowest "
-                   f"{config.learned_measure}",
+        "learned": f"per phase the {kept_count(config.learned_keep_fraction, k)} of {config.learned_ordering}'s "
+                   f"{k} batches ({config.learned_keep_fraction:.0%}) with the lowest {config.learned_measure}",
         "oracle": f"keeps the {config.oracle_keep_fraction:.0%} closest of "
-                  f"{'all' if config.oracle_candidates is None else config.oracle_candidates} probed candidates",
+                  f"{'all' if config.oracle_candidates is None else config.oracle_candidates} probed candidates "
+                  f"({kept_count(config.oracle_keep_fraction, candidates)} of {candidates} per epoch)",
         "device": str(config.resolved_device()),
     }
+    if CONTROL in config.policies:
+        setup[CONTROL] = (f"per phase a random {kept_count(config.learned_keep_fraction, k)} of "
+                          f"{config.fixed_ordering}'s {k} batches (learned's count), drawn per seed and phase")
+        setup["device"] = setup.pop("device")
     if results is not None and len(results):
         setup["total training time"] = f"{results['seconds'].sum() / 60:.1f} min over {len(results)} runs"
     return setup

@@ -22,6 +22,11 @@ Conventions (also in ``docs/batch_selection.md``):
   p-values are Holm-adjusted over the policies compared with the baseline, and
   the verdict (``faster``, ``slower``, ``no detectable difference``) reads off
   them at ``alpha``.
+* The policies that train on a fraction of the batches (``paper_advice``,
+  ``learned``, ``oracle``) are also compared with the ``random_subset`` control
+  (a random subset of the batches, as many as ``learned`` keeps), with the same
+  paired tests; those p-values form their own Holm family. This separates
+  "worse batches" from "fewer distinct images".
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -41,6 +46,9 @@ from scipy import special
 from best_minibatch.analysis import holm_adjust
 
 FASTER, SLOWER, NO_DIFFERENCE, BASELINE_VERDICT = "faster", "slower", "no detectable difference", "baseline"
+#: The control for training on a subset of the batches, and the policies compared with it.
+CONTROL = "random_subset"
+COMPARED_WITH_CONTROL = ("paper_advice", "learned", "oracle")
 PAIRED_T, WELCH_T = "paired t-test", "Welch t-test"
 #: Endpoints compared with the baseline: (column in the per-run table, larger is better, unit for text).
 ENDPOINTS = {
@@ -216,6 +224,24 @@ def curve_summary(curves: pd.DataFrame, confidence: float = 0.95) -> pd.DataFram
 # --------------------------------------------------------------------------- policy summary
 
 
+def _compare(part: pd.DataFrame, reference: pd.DataFrame, confidence: float) -> dict[str, dict[str, Any]]:
+    """Every endpoint of ``part - reference`` (both indexed by seed); time to target on seeds where both reached it."""
+    comparisons = {}
+    for endpoint in ENDPOINTS:
+        a, b = part[endpoint], reference[endpoint]
+        if endpoint in ("steps_to_target", "seconds_to_target"):
+            both = a.dropna().index.intersection(b.dropna().index)
+            a, b = a.loc[both], b.loc[both]
+        comparisons[endpoint] = compare_with_baseline(a, b, confidence)
+    return comparisons
+
+
+def _comparison_columns(prefix: str, comparison: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}_diff": comparison["difference"], f"{prefix}_diff_low": comparison["difference_low"],
+            f"{prefix}_diff_high": comparison["difference_high"], f"{prefix}_p": comparison["p_value"],
+            f"{prefix}_p_sign_flip": comparison["p_sign_flip"], f"{prefix}_n": comparison["n"]}
+
+
 def policy_summary(
     curves: pd.DataFrame,
     results: pd.DataFrame,
@@ -224,6 +250,8 @@ def policy_summary(
     confidence: float = 0.95,
     alpha: float = 0.05,
     policies: Sequence[str] | None = None,
+    control: str | None = CONTROL,
+    compared_with_control: Sequence[str] = COMPARED_WITH_CONTROL,
 ) -> pd.DataFrame:
     """One row per policy: intervals of every endpoint, not-reached counts, and the comparison with ``baseline``.
 
@@ -234,43 +262,52 @@ def policy_summary(
     both runs reached it). ``val_auc_p_holm`` and ``test_accuracy_p_holm`` are
     Holm-adjusted over the non-baseline policies; ``verdict`` reads the primary
     endpoint (``val_auc``).
+
+    When ``control`` has runs, each policy of ``compared_with_control`` that has
+    runs is also compared with it, in the same way: columns ``e_ctrl_diff``,
+    ``e_ctrl_diff_low``, ``e_ctrl_diff_high``, ``e_ctrl_p``, ``e_ctrl_p_sign_flip``,
+    ``e_ctrl_n``, ``val_auc_ctrl_p_holm`` and ``test_accuracy_ctrl_p_holm`` (Holm
+    over the policies compared with the control, a family of its own) and
+    ``control_verdict``; NaN / empty on the other rows. ``control`` names the
+    control (empty when it did not run).
     """
     table = run_endpoints(curves, results, target)
     if baseline not in set(table["policy"]):
         raise ValueError(f"The results have no runs of the baseline policy '{baseline}'.")
     order = list(policies) if policies is not None else sorted(table["policy"].unique(),
                                                                 key=lambda p: (p != baseline, p))
+    present = set(table["policy"])
     base = table.loc[table["policy"] == baseline].set_index("seed")
+    has_control = control is not None and control in present and control != baseline
+    against_control = [p for p in order if has_control and p in compared_with_control and p in present and p != control]
+    reference = table.loc[table["policy"] == control].set_index("seed") if has_control else None
     rows = []
-    tests = set()
     for policy in order:
         part = table.loc[table["policy"] == policy].set_index("seed")
         row: dict[str, Any] = {"policy": policy, "n_seeds": len(part),
                                "reached_target": int(part["reached"].sum()),
                                "not_reached": int((~part["reached"].astype(bool)).sum())}
         for column in ("final_val_accuracy", "val_auc", "test_accuracy", "steps_to_target", "passes_to_target",
-                       "seconds_to_target", "seconds", "probe_seconds", "probe_passes", "steps"):
+                       "seconds_to_target", "seconds", "probe_seconds", "probe_passes", "steps",
+                       "distinct_images_trained"):
             interval = t_interval(part[column], confidence)
             row[f"{column}_mean"], row[f"{column}_low"], row[f"{column}_high"] = interval.mean, interval.low, interval.high
-        for endpoint in ENDPOINTS:
-            if policy == baseline:
-                comparison = {"difference": 0.0, "difference_low": math.nan, "difference_high": math.nan,
-                              "p_value": math.nan, "p_sign_flip": math.nan, "n": len(part), "test": ""}
+        if policy == baseline:
+            none = {"difference": 0.0, "difference_low": math.nan, "difference_high": math.nan,
+                    "p_value": math.nan, "p_sign_flip": math.nan, "n": len(part), "test": ""}
+            comparisons = {endpoint: none for endpoint in ENDPOINTS}
+        else:
+            comparisons = _compare(part, base, confidence)
+        for endpoint, comparison in comparisons.items():
+            row.update(_comparison_columns(endpoint, comparison))
+        row["test"] = comparisons["val_auc"]["test"]
+        if against_control:
+            if policy in against_control:
+                for endpoint, comparison in _compare(part, reference, confidence).items():
+                    row.update(_comparison_columns(f"{endpoint}_ctrl", comparison))
             else:
-                a, b = part[endpoint], base[endpoint]
-                if endpoint in ("steps_to_target", "seconds_to_target"):
-                    both = a.dropna().index.intersection(b.dropna().index)
-                    a, b = a.loc[both], b.loc[both]
-                comparison = compare_with_baseline(a, b, confidence)
-                tests.add(comparison["test"])
-            row[f"{endpoint}_diff"] = comparison["difference"]
-            row[f"{endpoint}_diff_low"] = comparison["difference_low"]
-            row[f"{endpoint}_diff_high"] = comparison["difference_high"]
-            row[f"{endpoint}_p"] = comparison["p_value"]
-            row[f"{endpoint}_p_sign_flip"] = comparison["p_sign_flip"]
-            row[f"{endpoint}_n"] = comparison["n"]
-            if endpoint == "val_auc":
-                row["test"] = comparison["test"]
+                row.update({f"{endpoint}_ctrl{suffix}": math.nan for endpoint in ENDPOINTS
+                            for suffix in ("_diff", "_diff_low", "_diff_high", "_p", "_p_sign_flip", "_n")})
         rows.append(row)
     summary = pd.DataFrame(rows)
     others = summary["policy"] != baseline
@@ -281,6 +318,16 @@ def policy_summary(
         BASELINE_VERDICT if policy == baseline else verdict(diff, p, True, alpha)
         for policy, diff, p in zip(summary["policy"], summary["val_auc_diff"], summary["val_auc_p_holm"])
     ]
+    summary["control"] = control if against_control else ""
+    if against_control:
+        compared = summary["policy"].isin(against_control)
+        for endpoint in ("val_auc", "test_accuracy"):
+            summary[f"{endpoint}_ctrl_p_holm"] = math.nan
+            summary.loc[compared, f"{endpoint}_ctrl_p_holm"] = holm_adjust(summary.loc[compared, f"{endpoint}_ctrl_p"])
+        summary["control_verdict"] = [
+            verdict(diff, p, True, alpha) if is_compared else ""
+            for is_compared, diff, p in zip(compared, summary["val_auc_ctrl_diff"], summary["val_auc_ctrl_p_holm"])
+        ]
     summary["target_validation_accuracy"] = target
     summary["confidence"] = confidence
     summary["alpha"] = alpha
@@ -308,22 +355,36 @@ def answer_sentence(summary: pd.DataFrame, baseline: str = "shuffle") -> str:
     confidence = float(summary["confidence"].iloc[0])
     n = int(summary["n_seeds"].min())
     test = others["test"].iloc[0] or PAIRED_T
-    method = (f"{test}s over {n} seeds, {100 * confidence:.0f}% intervals, Holm-adjusted p-values, "
-              f"alpha = {alpha:g}")
+    holm = "Holm-adjusted p-values"
+    if "control_verdict" in summary.columns and (summary["control_verdict"] != "").any():
+        holm += " (within each comparison)"
+    method = f"{test}s over {n} seeds, {100 * confidence:.0f}% intervals, {holm}, alpha = {alpha:g}"
 
-    def numbers(group: pd.DataFrame) -> str:
-        differences = [f"{_points(r['val_auc_diff'])} [{_points(r['val_auc_diff_low'])}, "
-                       f"{_points(r['val_auc_diff_high'])}]" for _, r in group.iterrows()]
-        p_values = [f"{r['val_auc_p_holm']:.2g}" for _, r in group.iterrows()]
+    def numbers(group: pd.DataFrame, prefix: str = "val_auc") -> str:
+        differences = [f"{_points(r[f'{prefix}_diff'])} [{_points(r[f'{prefix}_diff_low'])}, "
+                       f"{_points(r[f'{prefix}_diff_high'])}]" for _, r in group.iterrows()]
+        p_values = [f"{r[f'{prefix}_p_holm']:.2g}" for _, r in group.iterrows()]
         return (f"mean validation accuracy over training {_join(differences)} points, "
                 f"p = {_join(p_values)}")
+
+    control_clause = ""
+    if "control_verdict" in summary.columns and (summary["control_verdict"] != "").any():
+        control = str(summary["control"].iloc[0])
+        compared = summary.loc[summary["control_verdict"] != ""]
+        parts = []
+        for word, label in ((FASTER, f"converged faster than {control}"), (SLOWER, "converged slower"),
+                            (NO_DIFFERENCE, "showed no detectable difference")):
+            group = compared.loc[compared["control_verdict"] == word]
+            if len(group):
+                parts.append(f"{_join(list(group['policy']))} {label} ({numbers(group, 'val_auc_ctrl')})")
+        control_clause = f"; against the {control} control: " + _join(parts)
 
     faster = others.loc[others["verdict"] == FASTER]
     slower = others.loc[others["verdict"] == SLOWER]
     neutral = others.loc[others["verdict"] == NO_DIFFERENCE]
     if len(faster) == 0 and len(slower) == 0:
         return (f"No: none of the selection policies ({_join(list(others['policy']))}) converged detectably "
-                f"faster than {baseline} - no detectable difference ({numbers(others)}; {method}).")
+                f"faster than {baseline} - no detectable difference ({numbers(others)}){control_clause} ({method}).")
     clauses = []
     if len(faster):
         clauses.append(f"{_join(list(faster['policy']))} converged faster than {baseline} ({numbers(faster)})")
@@ -337,7 +398,7 @@ def answer_sentence(summary: pd.DataFrame, baseline: str = "shuffle") -> str:
     if len(oracle) and not math.isnan(oracle.iloc[0]["seconds_to_target_diff"]):
         sentence += (f", though counting its probing the oracle took {oracle.iloc[0]['seconds_to_target_diff']:+.1f} s "
                      f"to the target relative to {baseline}")
-    return sentence + f" ({method})."
+    return sentence + control_clause + f" ({method})."
 
 
 # --------------------------------------------------------------------------- figure
@@ -413,6 +474,9 @@ class ReportContent:
     epochs_rows: list[list[str]]
     notes: list[str]
     figure_caption: str
+    control_caption: str = ""
+    control_header: list[str] = field(default_factory=list)
+    control_rows: list[list[str]] = field(default_factory=list)
 
 
 def report_content(
@@ -429,7 +493,7 @@ def report_content(
     pct = f"{100 * confidence:.0f}%"
     header = ["policy", "mean val. acc. over training (%)", "diff. vs shuffle (Holm p)", "final test acc. (%)",
               "diff. vs shuffle (Holm p)", "steps to target", "diff. (p, pairs)", "seconds to target",
-              "diff. (p)", "not reached", "probe passes / run", "verdict", "test"]
+              "diff. (p)", "not reached", "probe passes / run", "distinct images trained / run", "verdict", "test"]
     rows = []
     for _, r in summary.iterrows():
         is_base = r["policy"] == baseline
@@ -449,9 +513,34 @@ def report_content(
                                 f" (p {_p(r['seconds_to_target_p'])})",
             f"{int(r['not_reached'])} of {int(r['n_seeds'])}",
             f"{r['probe_passes_mean']:.0f}",
+            f"{r['distinct_images_trained_mean']:.0f}",
             str(r["verdict"]),
             str(r["test"]) or "-",
         ])
+    control_caption, control_header, control_rows = "", [], []
+    if "control_verdict" in summary.columns and (summary["control_verdict"] != "").any():
+        control = str(summary["control"].iloc[0])
+        control_caption = (f"Against the {control} control (a random subset of the batches, as many as learned "
+                           f"keeps, cycled for the same steps): policy minus {control}, paired by seed; the accuracy "
+                           "p-values are Holm-adjusted over the policies in this table. A negative difference means "
+                           "the chosen batches did worse than random batches of the same count.")
+        control_header = ["policy", f"mean val. acc. over training: diff. vs {control} (Holm p)",
+                          f"final test acc.: diff. vs {control} (Holm p)", "steps to target: diff. (p, pairs)",
+                          "seconds to target: diff. (p)", "verdict", "test"]
+        for _, r in summary.loc[summary["control_verdict"] != ""].iterrows():
+            control_rows.append([
+                str(r["policy"]),
+                f"{_ci(r['val_auc_ctrl_diff'], r['val_auc_ctrl_diff_low'], r['val_auc_ctrl_diff_high'], signed=True)}"
+                f" (p {_p(r['val_auc_ctrl_p_holm'])})",
+                f"{_ci(r['test_accuracy_ctrl_diff'], r['test_accuracy_ctrl_diff_low'], r['test_accuracy_ctrl_diff_high'], signed=True)}"
+                f" (p {_p(r['test_accuracy_ctrl_p_holm'])})",
+                f"{_ci(r['steps_to_target_ctrl_diff'], r['steps_to_target_ctrl_diff_low'], r['steps_to_target_ctrl_diff_high'], 1, 0, True)}"
+                f" (p {_p(r['steps_to_target_ctrl_p'])}, {int(r['steps_to_target_ctrl_n'])})",
+                f"{_ci(r['seconds_to_target_ctrl_diff'], r['seconds_to_target_ctrl_diff_low'], r['seconds_to_target_ctrl_diff_high'], 1, 1, True)}"
+                f" (p {_p(r['seconds_to_target_ctrl_p'])})",
+                str(r["control_verdict"]),
+                str(r["test"]) or "-",
+            ])
     ends = curves_summary.sort_values("step").groupby(["policy", "epoch"]).tail(1)
     policies = list(summary["policy"])
     epochs_rows = []
@@ -462,8 +551,9 @@ def report_content(
         epochs_rows.append([str(int(epoch)), str(int(at["phase"].iloc[0])), *cells])
     return ReportContent(
         title='Batch selection: does training on the "best" mini-batches converge faster?',
-        intro="The paper's open question (section 5, future work 2), tested: five policies with the same model, "
-              "data, batch size, learning-rate schedule and number of optimizer steps (docs/batch_selection.md).",
+        intro=f"The paper's open question (section 5, future work 2), tested: {_count_words(len(summary))} policies "
+              "with the same model, data, batch size, learning-rate schedule and number of optimizer steps "
+              "(docs/batch_selection.md).",
         answer=sentence,
         setup="; ".join(f"{key}: {value}" for key, value in setup.items()) + ".",
         method=(f"Means over seeds with {pct} t intervals; accuracies in percent. Differences are policy minus "
@@ -472,7 +562,8 @@ def report_content(
                 f"The target is a validation accuracy of {100 * target:.1f}%, fixed before the run; steps and "
                 "seconds to it average the seeds that reached it, their differences use the seeds where both runs "
                 "did (their p-values are not adjusted). Seconds count training steps and the oracle's gradient "
-                "probing, not evaluations. The verdict reads the first accuracy column (the primary endpoint)."),
+                "probing, not evaluations. Distinct images trained counts the training images used at least "
+                "once in a run. The verdict reads the first accuracy column (the primary endpoint)."),
         summary_header=header,
         summary_rows=rows,
         epochs_caption=f"Validation accuracy at the end of each epoch (%, mean [{pct} interval]):",
@@ -482,7 +573,15 @@ def report_content(
         figure_caption="Validation accuracy against optimizer steps (left) and against wall-clock seconds of "
                        f"training plus probing (right); lines are means over seeds, bands {pct} t intervals, the "
                        "dashed line is the target.",
+        control_caption=control_caption,
+        control_header=control_header,
+        control_rows=control_rows,
     )
+
+
+def _count_words(n: int) -> str:
+    words = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+    return words[n] if 0 <= n < len(words) else str(n)
 
 
 def markdown_fragment(content: ReportContent, figure_name: str = "") -> str:
@@ -494,6 +593,8 @@ def markdown_fragment(content: ReportContent, figure_name: str = "") -> str:
     lines = [f"## {content.title}", "", content.intro, "", f"**Answer.** {content.answer}", "",
              f"**Setup.** {content.setup}", "", content.method, ""]
     lines += table(content.summary_header, content.summary_rows)
+    if content.control_rows:
+        lines += ["", content.control_caption, ""] + table(content.control_header, content.control_rows)
     lines += ["", content.epochs_caption, ""] + table(content.epochs_header, content.epochs_rows)
     if content.notes:
         lines += ["", "**Notes.**", ""] + [f"- {note}" for note in content.notes]
@@ -516,6 +617,8 @@ def html_fragment(content: ReportContent, figure_png: bytes | None = None) -> st
     parts = [f'<section id="batch-selection"><h2>{esc(content.title)}</h2>', f"<p>{esc(content.intro)}</p>",
              f"<p><b>Answer.</b> {esc(content.answer)}</p>", f"<p><b>Setup.</b> {esc(content.setup)}</p>",
              f'<p class="note">{esc(content.method)}</p>', table(content.summary_header, content.summary_rows)]
+    if content.control_rows:
+        parts += [f"<p>{esc(content.control_caption)}</p>", table(content.control_header, content.control_rows)]
     if figure_png is not None:
         encoded = base64.b64encode(figure_png).decode("ascii")
         parts.append(f'<figure><img alt="batch selection convergence" src="data:image/png;base64,{encoded}">'

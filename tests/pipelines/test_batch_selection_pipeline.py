@@ -24,7 +24,7 @@ PARAMS = {
     "policies": list(S.POLICIES),
     "validation": {"fraction": 0.2, "seed": 1},
     "target_validation_accuracy": 0.15,
-    "model": {"name": "small_cnn", "options": {"width": 4}},
+    "model": {"name": "small_cnn", "small_cnn": {"width": 4}},
     "training": {"batch_size": 32, "phases": [{"epochs": 1, "lr": 0.1}, {"epochs": 1, "lr": 0.01}],
                  "evaluations_per_epoch": 1, "eval_batch_size": 200, "device": "cpu", "cpu_threads": 1},
     "learned": {"ordering": "intensity", "measure": "noise_z_mean", "keep_fraction": 0.25},
@@ -112,8 +112,17 @@ def test_pipeline_runs_every_policy_and_reports(inputs, tmp_path):
     curves = load("learning_curves")
     assert len(curves) == 2 * len(S.POLICIES) * 3  # the start and one evaluation per epoch
 
+    # The control trains per phase on as many random-ordering batches as learned keeps (2 of the 10).
+    learned_counts = pools.loc[pools["policy"] == "learned"].groupby("phase").size()
+    assert S.kept_count(0.25, steps_per_epoch) == 2 and (learned_counts == 2).all()
+    distinct = results.groupby("policy")["distinct_images_trained"].max()
+    assert distinct["random_subset"] <= 2 * 2 * 32 < distinct["shuffle"]
+
     summary = load("summary")
     assert list(summary["policy"]) == list(S.POLICIES)
+    compared = summary.loc[summary["control_verdict"] != "", "policy"]
+    assert list(compared) == ["paper_advice", "learned", "oracle"]
+    assert summary.loc[summary["policy"].isin(compared), "val_auc_ctrl_p_holm"].notna().all()
     assert summary.loc[summary["policy"] == "shuffle", "verdict"].item() == "baseline"
     assert summary.loc[summary["policy"] != "shuffle", "test"].eq("paired t-test").all()
     curve_summary = load("curve_summary")
@@ -123,6 +132,7 @@ def test_pipeline_runs_every_policy_and_reports(inputs, tmp_path):
     for policy in S.POLICIES:
         assert policy in markdown and policy in html
     assert "**Answer.**" in markdown and "data:image/png;base64," in html
+    assert "against the random_subset control: " in markdown and "Against the random_subset control" in html
     reporting = tmp_path / "data" / "08_reporting" / "batch_selection"
     png = list((reporting / "convergence.png").glob("*/convergence.png"))
     pdf = list((reporting / "convergence.pdf").glob("*/convergence.pdf"))
