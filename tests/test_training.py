@@ -263,6 +263,10 @@ def test_divergence_stops_with_epoch_and_batch_and_keeps_the_last_checkpoint(tmp
     with pytest.raises(DivergenceError, match=r"epoch 2, batch \d+.*not finite.*checkpoint \(epoch 1\)"):
         list(run.run())
     assert run.store.checkpoint_epochs() == [1]
+    assert run.results is None, "no table full of NaN is published"
+    kept = run.store.read_checkpoint(1, run.digest)  # intact, and its numbers are finite
+    assert all(torch.isfinite(t).all() for t in kept["model"].values() if t.is_floating_point())
+    assert np.isfinite(kept["distances"]["distance"].numpy()).all()
 
 
 def test_too_little_free_space_for_a_kept_epoch_stops_cleanly(tmp_path, tiny_data, monkeypatch):
