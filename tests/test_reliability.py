@@ -415,6 +415,9 @@ def refused_run(project: Path, monkeypatch, pipeline: str | None = None, namespa
                      "Parameter gradient_training.disk_cap_gb: the kept gradients need 0.0263 GiB (9 epochs x 50 "
                      "batches x 15,698 parameters in float32), more than the cap of 0.001 GiB. Keep fewer epochs",
                      id="disk-cap-below-one-epoch"),
+        pytest.param({"gradient_training": {"trace_check": ["rnd"]}},
+                     "Parameter gradient_training.trace_check: unknown orderings ['rnd']. Use true, false or a list of "
+                     "intensity, color", id="unknown-trace-ordering"),
         pytest.param({"distance_analysis": {"null_ordering": "shuffled"}},
                      "Parameter distance_analysis.null_ordering: unknown ordering 'shuffled'. Use one of intensity",
                      id="unknown-null-ordering"),

@@ -16,7 +16,8 @@ from torch import nn
 from best_minibatch.checkpoints import RunConflictError
 from best_minibatch.datasets import load_tensors
 from best_minibatch.images import to_model_input
-from best_minibatch.probing import batch_gradient
+from best_minibatch.analysis import per_example_gradient_trace
+from best_minibatch.probing import GradientVarianceTrace, batch_gradient
 from best_minibatch.training import (
     DISTANCE_COLUMNS,
     HISTORY_COLUMNS,
@@ -293,3 +294,58 @@ def test_training_data_from_tables_checks_equal_batches(sample_dataset):
     assert data.batches.tolist() == [[0, 1]] and data.test_labels.shape == (1000,)
     with pytest.raises(TrainingDataError, match="not training images"):
         TrainingData.from_tables(good.assign(image_id=[0, 10**7]), index, sample_dataset.images["train"], None)
+
+
+# --------------------------------------------------------------------------- gradient variance trace
+
+
+def per_example_trace_by_brute_force(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """One backward pass per example in eval mode, then analysis's own formula."""
+    model.eval()
+    rows = np.stack([batch_gradient(model, inputs[i:i + 1], targets[i:i + 1]).numpy() for i in range(len(inputs))])
+    return per_example_gradient_trace(rows)
+
+
+def test_gradient_variance_trace_equals_per_example_brute_force():
+    torch.manual_seed(0)
+    model = tiny_model()
+    model(torch.randn(64, 3, 16, 16, dtype=torch.float64))  # running statistics away from their start values
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs, targets = torch.randn(30, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (30,))
+    trace = GradientVarianceTrace(model, max_chunk_bytes=286 * 8 * 7)  # chunks of 7 examples
+    trace.add(inputs[:20], targets[:20])
+    trace.add(inputs[20:], targets[20:])
+    assert trace.chunk == 7 and trace.count == 30
+    assert model.training, "the model's mode is restored"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "nothing in the model changes"
+    expected = per_example_trace_by_brute_force(model, inputs, targets)
+    assert trace.trace() == pytest.approx(expected, rel=1e-10)
+
+
+def test_trace_check_records_the_epoch_start_trace_for_the_orderings_asked(tmp_path, tiny_data):
+    config = make_config(tmp_path, keep_gradients="none", keep_checkpoints=10, trace_check=["intensity"])
+    traced = run_to_end(config, tiny_data)
+    history = traced.run.results.history
+    assert list(history.columns) == HISTORY_COLUMNS
+    assert history["n_train"].tolist() == [NUM_TRAIN] * 3 and history["batch_size"].tolist() == [BATCH] * 3
+    # Epoch 2 starts from epoch 1's checkpoint: per-example gradients of every training image there.
+    start = tiny_model()
+    start.load_state_dict(load_tensors(traced.run.store.checkpoint_path(1))["model"])
+    rows = tiny_data.batches.reshape(-1)
+    inputs = to_model_input(tiny_data.train_images[rows], dtype=torch.float64)
+    expected = per_example_trace_by_brute_force(start, inputs, tiny_data.train_labels[rows])
+    assert history["gradient_variance_trace"].iloc[1] == pytest.approx(expected, rel=1e-9)
+    assert history["gradient_variance_trace"].gt(0).all()
+    # The trace does not disturb training, and only the orderings asked for pay for it.
+    plain = run_to_end(make_config(tmp_path / "plain", keep_gradients="none"), tiny_data)
+    pd.testing.assert_frame_equal(traced.run.results.distances, plain.run.results.distances, check_exact=True)
+    assert plain.run.results.history["gradient_variance_trace"].isna().all()
+    assert traced.run.run_name != plain.run.run_name
+    other = GradientProbeRun(config, tiny_data, tiny_model, "color")
+    assert not other.trace and other.run_name == GradientProbeRun(
+        make_config(tmp_path, keep_gradients="none", keep_checkpoints=10), tiny_data, tiny_model, "color").run_name
+
+
+def test_trace_check_must_be_a_switch_or_a_list_of_orderings(tmp_path):
+    with pytest.raises(TrainingConfigError, match="gradient_training.trace_check: expected true, false or a list"):
+        make_config(tmp_path, trace_check="random")

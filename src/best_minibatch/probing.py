@@ -242,3 +242,72 @@ class FlatGradient:
             if p.grad is None or p.grad.data_ptr() != self.vector[offset:].data_ptr():
                 raise RuntimeError("A parameter's .grad no longer views the flat gradient vector.")
             offset += p.numel()
+
+
+# --------------------------------------------------------------------------- per-example gradient variance
+
+
+class GradientVarianceTrace:
+    """``tr(Sigma)`` of the per-example gradients at fixed parameters, accumulated batch by batch.
+
+    ``tr(Sigma) = (1/N) sum_i ||g_i - g_mean||^2`` over the ``N`` examples added (the
+    population normalisation, for which ``E||g_batch - g_full||^2 = tr(Sigma)/m *
+    (N-m)/(N-1)`` holds exactly; see ``analysis.expected_batch_distance_sq``). Each
+    ``g_i`` is the gradient of example ``i``'s own cross-entropy loss, computed with
+    ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``), in chunks that fit
+    ``max_chunk_bytes``, and accumulated as a float64 sum and sum of squares.
+
+    The model runs in eval mode: BatchNorm normalises with the running statistics in
+    ``buffers`` (by default the model's own, copied when this object is made), since a
+    single example has no batch statistics. The mini-batch gradients of the probe are
+    taken in training mode (batch statistics), so the sampling identity above holds
+    only approximately for a network with BatchNorm. The model's mode is restored
+    after each :meth:`add`; its parameters, buffers and ``.grad`` are not touched.
+    """
+
+    def __init__(self, model: nn.Module, buffers: dict[str, torch.Tensor] | None = None,
+                 max_chunk_bytes: float = 2**28) -> None:
+        self.model = model
+        self.params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("The model has no trainable parameters.")
+        self.buffers = ({name: b.detach().clone() for name, b in model.named_buffers()}
+                        if buffers is None else dict(buffers))
+        first = next(iter(self.params.values()))
+        self.num_params = sum(p.numel() for p in self.params.values())
+        self.chunk = max(1, int(max_chunk_bytes // (self.num_params * first.element_size())))
+        self._sum = torch.zeros(self.num_params, dtype=torch.float64, device=first.device)
+        self._sum_sq = torch.zeros((), dtype=torch.float64, device=first.device)
+        self.count = 0
+
+        def example_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = torch.func.functional_call(self.model, (params, self.buffers), (x.unsqueeze(0),))
+            return nn.functional.cross_entropy(out, y.unsqueeze(0))
+
+        self._per_example = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))
+
+    def per_example_gradients(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``len(inputs) x P`` per-example gradients, flattened in ``model.parameters()`` order."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            grads = self._per_example(self.params, inputs, targets)
+        finally:
+            self.model.train(was_training)
+        return torch.cat([grads[name].reshape(len(inputs), -1) for name in self.params], dim=1)
+
+    def add(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Accumulate the per-example gradients of ``inputs`` (a batch of examples)."""
+        for start in range(0, len(inputs), self.chunk):
+            rows = self.per_example_gradients(inputs[start:start + self.chunk], targets[start:start + self.chunk])
+            rows64 = rows.to(torch.float64)
+            self._sum += rows64.sum(dim=0)
+            self._sum_sq += (rows64 * rows64).sum()
+            self.count += len(rows)
+
+    def trace(self) -> float:
+        """``tr(Sigma)`` of everything added so far (``(1/N) sum ||g_i||^2 - ||g_mean||^2``, in float64)."""
+        if self.count == 0:
+            raise RuntimeError("No examples were added.")
+        mean = self._sum / self.count
+        return float(self._sum_sq / self.count - torch.dot(mean, mean))

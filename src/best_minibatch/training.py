@@ -42,7 +42,13 @@ from torch import nn
 from best_minibatch.checkpoints import CheckpointError, RunStore, config_hash, tensor_checksum
 from best_minibatch.datasets import format_bytes, load_tensors
 from best_minibatch.images import augment, batch_generator, to_model_input
-from best_minibatch.probing import GRADIENT_MEASURES, EpochGradients, FlatGradient, NonFiniteGradientError
+from best_minibatch.probing import (
+    GRADIENT_MEASURES,
+    EpochGradients,
+    FlatGradient,
+    GradientVarianceTrace,
+    NonFiniteGradientError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +61,8 @@ GIB = 2**30
 DISTANCE_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "batch", "distance", "cosine_similarity",
                     "relative_distance", "grad_norm", "full_grad_norm"]
 HISTORY_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "train_loss", "train_accuracy", "test_loss",
-                   "test_accuracy", "mean_distance", "seconds", "full_grad_norm", "run_name", "gradients_kept"]
+                   "test_accuracy", "mean_distance", "seconds", "full_grad_norm", "run_name", "gradients_kept",
+                   "gradient_variance_trace", "n_train", "batch_size"]
 _HISTORY_NUMERIC = [c for c in HISTORY_COLUMNS if c not in ("ordering", "run_name")]
 
 
@@ -116,6 +123,7 @@ class TrainingConfig:
     scratch_dir: str | None = None
     progress_bar: bool = True
     cpu_threads: int | None = None
+    trace_check: Any = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -159,6 +167,11 @@ class TrainingConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise _config_error(key, f"must be a non-negative number of GiB, got {value!r}", "Use e.g. 2.")
         self.kept_epochs  # validates keep_gradients
+        trace = self.trace_check
+        if not isinstance(trace, bool) and not (
+                isinstance(trace, (list, tuple)) and all(isinstance(o, str) and o for o in trace)):
+            raise _config_error("trace_check", f"expected true, false or a list of orderings, got {trace!r}",
+                                "Use e.g. [random] (the null ordering, which the analysis's trace check reads).")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "TrainingConfig":
@@ -212,6 +225,8 @@ class TrainingConfig:
             params["scratch_dir"] = buffer["scratch_dir"]
         if isinstance(params.get("keep_gradients"), list):
             params["keep_gradients"] = tuple(params["keep_gradients"])
+        if isinstance(params.get("trace_check"), list):
+            params["trace_check"] = tuple(params["trace_check"])
         return cls(phases=tuple(parsed), **params)
 
     @property
@@ -246,6 +261,10 @@ class TrainingConfig:
                 raise _config_error("keep_gradients", f"epochs {bad} are outside the run's epochs 1..{total}", fix)
             return tuple(sorted(set(keep)))
         raise _config_error("keep_gradients", f"cannot read {keep!r}", fix)
+
+    def traces(self, ordering: str) -> bool:
+        """Whether ``trace_check`` asks for the per-example gradient variance of ``ordering``."""
+        return self.trace_check is True or (not isinstance(self.trace_check, bool) and ordering in self.trace_check)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -411,6 +430,9 @@ def _history_frame(ordering: str, run_name: str, rows: Mapping[str, Any]) -> pd.
     frame = pd.DataFrame({c: np.asarray(rows[c], dtype=np.float64) for c in _HISTORY_NUMERIC})
     for c in ("epoch", "phase"):
         frame[c] = frame[c].astype(np.int64)
+    for c in ("n_train", "batch_size"):  # NaN only in epochs resumed from checkpoints that predate them
+        if frame[c].notna().all():
+            frame[c] = frame[c].astype(np.int64)
     frame["gradients_kept"] = frame["gradients_kept"].astype(bool)
     frame["ordering"] = pd.Series([ordering] * n, dtype=object)
     frame["run_name"] = pd.Series([run_name] * n, dtype=object)
@@ -435,8 +457,11 @@ def check_disk_cap(config: TrainingConfig, num_params: int, num_batches: int) ->
 def run_identity(config: TrainingConfig, ordering: str, num_params: int, param_dtype: torch.dtype,
                  data_fingerprint: str | None, probe: bool = True) -> dict[str, Any]:
     """Everything that determines a run's results and files (``run.json``; ``run_name: auto`` hashes it)."""
-    return {**config.identity(), "ordering": ordering, "probe": probe, "num_params": num_params,
-            "param_dtype": str(param_dtype), "data": data_fingerprint}
+    identity = {**config.identity(), "ordering": ordering, "probe": probe, "num_params": num_params,
+                "param_dtype": str(param_dtype), "data": data_fingerprint}
+    if probe and config.traces(ordering):
+        identity["trace_check"] = True  # only when on, so that runs without it keep their names
+    return identity
 
 
 def check_run_folder(config: TrainingConfig, ordering: str, num_params: int, param_dtype: torch.dtype) -> None:
@@ -481,8 +506,9 @@ class _Progress:
         progress = cls()
         for c in progress.distances:
             progress.distances[c] = state["distances"][c].tolist()
-        for c in progress.history:
-            progress.history[c] = state["history"][c].tolist()
+        epochs = len(state["history"]["epoch"])
+        for c in progress.history:  # columns added later read as NaN in older checkpoints
+            progress.history[c] = state["history"][c].tolist() if c in state["history"] else [math.nan] * epochs
         for e, v in state.get("gradient_checksums", {}).items():
             progress.gradient_checksums[int(e)] = v.tolist()
         return progress
@@ -511,6 +537,7 @@ class GradientProbeRun:
         self.device = config.resolved_device()
         self.schedule = config.schedule
         self.kept_epochs = set(config.kept_epochs) if probe else set()
+        self.trace = probe and config.traces(ordering)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             probe_model = model_factory()
@@ -669,6 +696,8 @@ class GradientProbeRun:
             scratch = config.scratch_dir or (self.store.scratch_dir if self.store is not None else None)
             buffer = EpochGradients(data.num_batches, self.num_params, flat.vector.dtype,
                                     self.device if on_device else "cpu", config.buffer_memory_cap_gb * GIB, scratch)
+        # Per-example gradients at the epoch-start parameters, BatchNorm on the epoch-start running statistics.
+        variance = GradientVarianceTrace(net_compare) if self.trace else None
         spill_dtype = SPILL_DTYPES[config.spill_dtype]
         losses = torch.zeros(data.num_batches, dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -693,6 +722,8 @@ class GradientProbeRun:
                             compare_loss = nn.functional.cross_entropy(net_compare(inputs), targets)
                         compare_loss.backward()
                         buffer.append(flat.vector)
+                        if variance is not None:
+                            variance.add(inputs, targets)
                         if kept:
                             spilled = flat.vector.to("cpu", spill_dtype, copy=True)
                             checksums.append(tensor_checksum(spilled))
@@ -717,7 +748,7 @@ class GradientProbeRun:
             progress.gradient_checksums[plan.epoch] = checksums
         self._record(plan, measures, float(batch_losses.mean()),
                      int(correct) / (data.num_batches * data.batch_size), test_loss, test_accuracy, seconds,
-                     kept, progress)
+                     kept, progress, variance.trace() if variance is not None else math.nan)
         if self.store is not None:
             state = {
                 "model": net_normal.state_dict(),
@@ -794,7 +825,8 @@ class GradientProbeRun:
         return float(total_loss) / n, int(correct) / n
 
     def _record(self, plan: EpochPlan, measures: dict | None, train_loss: float, train_accuracy: float,
-                test_loss: float, test_accuracy: float, seconds: float, kept: bool, progress: _Progress) -> None:
+                test_loss: float, test_accuracy: float, seconds: float, kept: bool, progress: _Progress,
+                gradient_variance_trace: float = math.nan) -> None:
         k_count = self.data.num_batches
         mean_distance = full_norm = float("nan")
         if measures is not None:
@@ -813,7 +845,10 @@ class GradientProbeRun:
                            ("train_loss", train_loss), ("train_accuracy", train_accuracy),
                            ("test_loss", test_loss), ("test_accuracy", test_accuracy),
                            ("mean_distance", mean_distance), ("seconds", seconds),
-                           ("full_grad_norm", full_norm), ("gradients_kept", float(kept))):
+                           ("full_grad_norm", full_norm), ("gradients_kept", float(kept)),
+                           ("gradient_variance_trace", gradient_variance_trace),
+                           ("n_train", self.data.num_batches * self.data.batch_size),
+                           ("batch_size", self.data.batch_size)):
             history[key].append(float(value))
         logger.info(
             "%s epoch %d/%d (phase %d, lr %g): train loss %.4f acc %.3f | test loss %.4f acc %.3f | "

@@ -160,6 +160,12 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
     from best_minibatch.training import TrainingConfig, check_disk_cap, check_run_folder, named_model_factory
 
     config = TrainingConfig.from_params(params)
+    if not isinstance(config.trace_check, bool):
+        from best_minibatch.metrics import METRICS
+
+        if unknown := [o for o in config.trace_check if o not in METRICS]:
+            raise ValueError(f"Parameter gradient_training.trace_check: unknown orderings {unknown}. Use true, false "
+                             f"or a list of {', '.join(METRICS)}.")
     model = named_model_factory(config)()
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_dtype = next(model.parameters()).dtype
