@@ -588,3 +588,17 @@ def test_two_runs_leave_two_versions_and_load_versions_reproduces_the_first_figu
     run_project(project, monkeypatch, ["visualize"], first, load_versions=pinned, node_names=["plot_distance_heatmaps"])
     third_version = versions(project, heatmaps)[2]
     assert file_digests(project / heatmaps / third_version) == first_pngs
+
+
+def test_in_memory_input_of_a_partial_run_is_named_before_any_work(fresh_project, monkeypatch):
+    """`kedro run --nodes=random.publish_probe_results` alone: its input lives only during a run."""
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(fresh_project)
+    bootstrap_project(fresh_project)
+    before = files_under(fresh_project / "data")
+    with pytest.raises(RunCheckError, match=r"Input 'random.probe_results' is kept in memory only, so it does not "
+                                            r"exist yet. It lives only during a run: include node "
+                                            r"'random.train_with_gradient_probe' in this run."):
+        with KedroSession.create(project_path=fresh_project) as session:
+            session.run(pipeline_names=["gradient_training"], node_names=["random.publish_probe_results"])
+    assert files_under(fresh_project / "data") == before

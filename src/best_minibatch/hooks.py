@@ -92,7 +92,9 @@ def missing_input_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
             continue  # an OptionalDataset reads as None until written
         where = getattr(dataset, "_filepath", None) or getattr(dataset, "_path", None)
         producers = _producers(name)
-        if producers:
+        if producers and where is None:
+            fix = f"It lives only during a run: include node '{producers[0][1]}' in this run."
+        elif producers:
             pipe, node_name = producers[0]
             namespace = name.split(".")[0] if "." in name else None
             command = f"kedro run --pipeline={pipe}" + (f" --namespaces={namespace}" if namespace else "")
@@ -100,7 +102,7 @@ def missing_input_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
                    f"include that pipeline in this run (`kedro run --pipelines={pipe},...`).")
         else:
             fix = "No registered pipeline writes it; check the catalog entry."
-        kind = "is kept in memory only, so it" if dataset is None or where is None else f"('{where}')"
+        kind = "is kept in memory only, so it" if where is None else f"('{where}')"
         problems.append(f"Input '{name}' {kind} does not exist yet. {fix}")
     return problems
 
