@@ -243,3 +243,12 @@ def test_truncated_tar_is_refused(tmp_path):
     damaged.write_bytes(archive.read_bytes()[:2_000])
     with pytest.raises(DatasetInputError, match="(corrupt|truncated|missing)"):
         read_image_dataset(damaged)
+
+
+def test_count_training_images_without_decoding(tmp_path, sample_dataset):
+    from best_minibatch.cifar import count_training_images
+    from tests.conftest import SAMPLE_ZIP
+
+    assert count_training_images(SAMPLE_ZIP) == len(sample_dataset.images["train"]) == 5_000
+    _write_canonical_release(tmp_path, np.random.default_rng(4), per_batch=7)
+    assert count_training_images(tmp_path / "cifar-10-python.tar.gz") == 5 * 7

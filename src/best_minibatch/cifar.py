@@ -81,6 +81,21 @@ def read_image_dataset(path: str | Path, layout: str = "auto") -> ImageDataset:
     return readers[layout](path)
 
 
+def count_training_images(path: str | Path, layout: str = "auto") -> int:
+    """Training images in a raw dataset, without decoding any image (for checks before a run).
+
+    Image folders are counted from their listing; the python release from its label lists.
+    """
+    path = Path(path)
+    layout = detect_layout(path) if layout == "auto" else layout
+    if layout == "image_folder":
+        return sum(len(names) for names in _group_image_folder(path, _list_names(path))["train"].values())
+    if layout == "cifar_python":
+        batches = _load_canonical_pickles(path)
+        return sum(len(_get(batches[name], "labels", name, path)) for name in CANONICAL_TRAIN_BATCHES if name in batches)
+    raise DatasetInputError(f"Unknown layout '{layout}' for '{path}'. Use one of: auto, image_folder, cifar_python.")
+
+
 def detect_layout(path: Path) -> str:
     """Guess the layout of ``path`` from its entries, or raise naming what was found."""
     names = _list_names(path)

@@ -94,7 +94,7 @@ def _check_ingest(params: Mapping[str, Any], parameters: Mapping[str, Any], fact
 def count_training_images(source: Mapping[str, Any]) -> int | None:
     """Training images in the raw source named by ``ingest_cifar.source`` (``None`` if it is to be downloaded).
 
-    Reads the archive's listing only, not the images.
+    Reads the archive's listing (or the release's label lists), not the images.
     """
     from best_minibatch import cifar
 
@@ -111,16 +111,10 @@ def count_training_images(source: Mapping[str, Any]) -> int | None:
             "ingest_cifar.source.download: true."
         )
     layout = source.get("layout", "auto")
-    if layout == "auto":
-        layout = cifar.detect_layout(path)
-    if layout == "cifar_python":
-        names = {Path(name).name for name in cifar._list_names(path)}
-        return 10_000 * sum(batch in names for batch in cifar.CANONICAL_TRAIN_BATCHES)  # 10,000 images a batch
-    if layout == "image_folder":
-        by_split = cifar._group_image_folder(path, cifar._list_names(path))
-        return sum(len(names) for names in by_split["train"].values())
-    raise ValueError(f"Parameter ingest_cifar.source.layout: unknown layout {layout!r}. "
-                     "Use auto, image_folder or cifar_python.")
+    if layout not in ("auto", "image_folder", "cifar_python"):
+        raise ValueError(f"Parameter ingest_cifar.source.layout: unknown layout {layout!r}. "
+                         "Use auto, image_folder or cifar_python.")
+    return cifar.count_training_images(path, layout)
 
 
 def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
