@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import pickle
-import shutil
 import tarfile
 import zipfile
 from pathlib import Path

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from best_minibatch.runtime import cpu_threads
 from best_minibatch import selection as S
 from best_minibatch import selection_stats as T
 from best_minibatch.analysis import holm_adjust
@@ -374,7 +375,7 @@ def test_oracle_probes_batchnorm_models_in_training_mode_without_touching_them()
 @pytest.fixture(autouse=True)
 def one_cpu_thread():
     """Tiny models run fastest on one thread (two threads on the shared 2-core machine are ~10x slower)."""
-    with S.cpu_threads(1):
+    with cpu_threads(1):
         yield
 
 

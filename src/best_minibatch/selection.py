@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from best_minibatch.runtime import deterministic_algorithms
 from best_minibatch.analysis import EXTREMES, UPPER_QUARTILE, group_mask
 from best_minibatch.batching import assign_batches
 from best_minibatch.images import augment, batch_generator, to_model_input
@@ -1055,34 +1056,6 @@ def _check_schedule(policy: BatchPolicy, batches: np.ndarray, allowed: np.ndarra
         )
 
 
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool, device: torch.device):
-    """Deterministic kernels while the experiment runs, restoring the caller's settings after."""
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    previous_benchmark = torch.backends.cudnn.benchmark
-    if enabled and device.type == "cuda":
-        import os
-
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not enabled
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.backends.cudnn.benchmark = previous_benchmark
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int | None):
-    """Run with ``count`` intra-op CPU threads (None: leave torch's setting), restoring it after."""
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def describe_setup(config: SelectionConfig, split: pd.DataFrame, results: pd.DataFrame | None = None) -> dict[str, str]:

@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from best_minibatch.runtime import cpu_threads, deterministic_algorithms
 from best_minibatch.checkpoints import CheckpointError, RunStore, config_hash, tensor_checksum
 from best_minibatch.datasets import format_bytes, load_tensors
 from best_minibatch.images import augment, batch_generator, to_model_input
@@ -574,7 +575,7 @@ class GradientProbeRun:
     def run(self) -> Iterator[SpilledGradient]:
         """Train every remaining epoch; yield kept gradients as they are computed; set :attr:`results`."""
         config = self.config
-        with _deterministic(config.deterministic, self.device), _cpu_threads(config.cpu_threads):
+        with deterministic_algorithms(config.deterministic, self.device), cpu_threads(config.cpu_threads):
             if self.store is not None:
                 self.store.claim(self.identity, self.digest)
             torch.manual_seed(config.seed)
@@ -912,40 +913,6 @@ def _detached_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
-@contextlib.contextmanager
-def _deterministic(enabled: bool, device: torch.device):
-    """Deterministic kernels on CUDA while the run lasts, restoring the caller's settings after.
-
-    On the CPU the kernels this loop uses are deterministic for a fixed thread count
-    (``cpu_threads``), which the resume test checks bit for bit; there the switch is
-    left alone, because turning it on imports torch's compiler stack (seconds).
-    """
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    previous_benchmark = torch.backends.cudnn.benchmark
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    torch.backends.cudnn.benchmark = not enabled
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.backends.cudnn.benchmark = previous_benchmark
-
-
-@contextlib.contextmanager
-def _cpu_threads(threads: int | None):
-    """Use ``threads`` intra-op CPU threads while the run lasts (``None``: leave torch's setting)."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def named_model_factory(config: TrainingConfig, num_classes: int = 10) -> Callable[[], nn.Module]:

@@ -16,6 +16,7 @@ import torch
 
 from best_minibatch import selection, selection_stats
 from best_minibatch.models import build_model
+from best_minibatch.runtime import cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def run_selection_experiment(
     def model_factory() -> torch.nn.Module:
         return build_model(config.model_name, num_classes=num_classes, **config.model_options)
 
-    with selection.cpu_threads(config.cpu_threads):
+    with cpu_threads(config.cpu_threads):
         results = selection.run_experiment(config, data, batch_pools, model_factory)
     return results.curves, results.results
 
