@@ -1,5 +1,7 @@
 """Kedro project settings."""
 
+import warnings
+
 from kedro.config import OmegaConfigLoader
 
 from best_minibatch.hooks import RunChecks
@@ -9,6 +11,12 @@ HOOKS = (RunChecks(),)
 
 # kedro-viz writes a .viz/ folder on every run through its hooks; runs don't need it.
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-viz",)
+
+# Keep a run's log for what a user can act on (the one loud warning of a skipped metric):
+# Kedro 1.7's config loader calls a deprecated OmegaConf API, and the analysis nodes read
+# namespaced datasets such as "intensity.gradient_distances" by design (docs/data_flow.md).
+warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
+warnings.filterwarnings("ignore", message="One or more dataset names contain '.'", category=UserWarning)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
