@@ -2,9 +2,9 @@
 
 from functools import partial, update_wrapper
 
-from kedro.pipeline import Pipeline, node, pipeline
+from kedro.pipeline import Pipeline, node
 
-from best_minibatch.metrics import METRICS
+from best_minibatch.pipelines.orderings import per_ordering
 
 from .nodes import publish_probe_results, train_with_gradient_probe
 
@@ -32,15 +32,4 @@ def _ordering_template(ordering: str) -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return sum(
-        (
-            pipeline(
-                _ordering_template(ordering),
-                namespace=ordering,
-                inputs=SHARED_INPUTS,
-                parameters={"params:gradient_training": "params:gradient_training"},
-            )
-            for ordering in METRICS
-        ),
-        Pipeline([]),
-    )
+    return per_ordering(_ordering_template, SHARED_INPUTS, "gradient_training")

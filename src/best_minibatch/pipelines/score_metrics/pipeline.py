@@ -3,14 +3,14 @@
 import warnings
 from functools import partial, update_wrapper
 
-from kedro.pipeline import Pipeline, node, pipeline
+from kedro.pipeline import Pipeline, node
 
 from best_minibatch.metrics import METRICS
+from best_minibatch.pipelines.orderings import per_ordering
 
 from .nodes import combine_metric_scores, score_training_images
 
 SHARED_INPUTS = {"train_images", "image_index"}
-SHARED_PARAMETERS = {"params:score_metrics": "params:score_metrics"}
 
 
 def ordering_template(metric: str) -> Pipeline:
@@ -29,10 +29,7 @@ def ordering_template(metric: str) -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    orderings = [
-        pipeline(ordering_template(metric), namespace=metric, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS)
-        for metric in METRICS
-    ]
+    orderings = per_ordering(ordering_template, SHARED_INPUTS, "score_metrics")
     with warnings.catch_warnings():
         # This node reads every namespace's table by its namespaced name on purpose (the data
         # contract); Kedro's advice against dots in dataset names does not apply.
@@ -47,4 +44,4 @@ def create_pipeline(**kwargs) -> Pipeline:
                 )
             ]
         )
-    return sum(orderings, Pipeline([])) + combined
+    return orderings + combined

@@ -2,14 +2,13 @@
 
 from functools import partial, update_wrapper
 
-from kedro.pipeline import Pipeline, node, pipeline
+from kedro.pipeline import Pipeline, node
 
-from best_minibatch.metrics import METRICS
+from best_minibatch.pipelines.orderings import per_ordering
 
 from .nodes import sort_scores_into_batches
 
 SHARED_INPUTS = {"image_index"}
-SHARED_PARAMETERS = {"params:sort_batches": "params:sort_batches"}
 
 
 def ordering_template(metric: str) -> Pipeline:
@@ -28,8 +27,4 @@ def ordering_template(metric: str) -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    orderings = [
-        pipeline(ordering_template(metric), namespace=metric, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS)
-        for metric in METRICS
-    ]
-    return sum(orderings, Pipeline([]))
+    return per_ordering(ordering_template, SHARED_INPUTS, "sort_batches")
