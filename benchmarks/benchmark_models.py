@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from best_minibatch.cifar import read_image_dataset
-from best_minibatch.images import to_model_input
-from best_minibatch.models import build_model, count_parameters
+from best_minibatch.data.cifar import read_image_dataset
+from best_minibatch.data.images import to_model_input
+from best_minibatch.training.models import build_model, count_parameters
 
 SAMPLE_ZIP = Path(__file__).resolve().parents[1] / "data" / "01_raw" / "cifar10-sample.zip"
 DEFAULT_POLICY = "default"

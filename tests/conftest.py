@@ -11,7 +11,7 @@ import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from best_minibatch.cifar import ImageDataset, read_image_dataset
+from best_minibatch.data.cifar import ImageDataset, read_image_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_ZIP = PROJECT_ROOT / "data" / "01_raw" / "cifar10-sample.zip"

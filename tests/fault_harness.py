@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from best_minibatch.datasets import save_tensors_atomically
-from best_minibatch.training import GradientProbeRun, TrainingConfig, TrainingData
+from best_minibatch.data.tensor_io import save_tensors_atomically
+from best_minibatch.training.gradient_training import GradientProbeRun, TrainingConfig, TrainingData
 
 EPOCHS = 4
 KEEP_CHECKPOINTS = 2

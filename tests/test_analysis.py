@@ -1,4 +1,4 @@
-"""Tests of ``best_minibatch.analysis``: phases, noise units, the claims as tests, confounds, the trace identity.
+"""Tests of ``best_minibatch.analysis.statistics``: phases, noise units, the claims as tests, confounds, the trace identity.
 
 ``synthetic_run`` builds every input table of the analysis with the schemas of
 ``docs/data_flow.md``; the figure, report and pipeline tests reuse it.
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from best_minibatch import analysis
-from best_minibatch.probing import batch_gradient, distance_measures
+from best_minibatch.analysis import statistics as analysis
+from best_minibatch.training.probing import batch_gradient, distance_measures
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat")
 ORDERINGS = ("intensity", "color", "edges", "perceptual", "random")

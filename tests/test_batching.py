@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 from scipy.stats import entropy
 
-from best_minibatch.batching import (
+from best_minibatch.batches.batching import (
     ASSIGNMENT_COLUMNS,
     BatchingError,
     batch_size_from_params,
     sort_into_batches,
 )
-from best_minibatch.metrics import METRICS, score_images
+from best_minibatch.metrics.scoring import METRICS, score_images
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_summary_counts_classes_and_their_entropy_in_nats():
 
 def test_skipped_metric_gives_empty_tables_with_all_columns(caplog):
     empty = METRICS["perceptual"].empty_scores()
-    with caplog.at_level(logging.INFO, logger="best_minibatch.batching"):
+    with caplog.at_level(logging.INFO, logger="best_minibatch.batches.batching"):
         assignments, summary = sort_into_batches(empty, tiny_index([0, 1, 2]), "perceptual", 2)
     assert len(assignments) == 0 and list(assignments.columns) == list(ASSIGNMENT_COLUMNS)
     assert assignments.dtypes[["batch", "position", "image_id"]].tolist() == [np.dtype("int64")] * 3

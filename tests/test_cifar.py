@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from best_minibatch.cifar import DatasetInputError, read_image_dataset
+from best_minibatch.data.cifar import DatasetInputError, read_image_dataset
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -244,7 +244,7 @@ def test_truncated_tar_is_refused(tmp_path):
 
 
 def test_count_training_images_without_decoding(tmp_path, sample_dataset):
-    from best_minibatch.cifar import count_training_images
+    from best_minibatch.data.cifar import count_training_images
     from tests.conftest import SAMPLE_ZIP
 
     assert count_training_images(SAMPLE_ZIP) == len(sample_dataset.images["train"]) == 5_000

@@ -1,4 +1,4 @@
-"""Tests of ``best_minibatch.figures``: panels and axes per phase count, shared scales, real PNG and PDF files."""
+"""Tests of ``best_minibatch.analysis.figures``: panels and axes per phase count, shared scales, real PNG and PDF files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from kedro.io import DataCatalog
 from matplotlib.collections import PolyCollection
 from matplotlib.patches import Rectangle
 
-from best_minibatch import analysis, figures
+from best_minibatch.analysis import statistics as analysis
+from best_minibatch.analysis import figures
 from tests.test_analysis import run_analysis, synthetic_run
 
 ORDERINGS = ("intensity", "edges", "perceptual", "random")

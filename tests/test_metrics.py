@@ -13,8 +13,8 @@ import pytest
 import torch
 import torchvision
 
-from best_minibatch import metrics
-from best_minibatch.metrics import (
+from best_minibatch.metrics import scoring as metrics
+from best_minibatch.metrics.scoring import (
     METRICS,
     MetricConfigError,
     MetricUnavailableError,
@@ -231,7 +231,7 @@ def test_random_scores_are_reproducible_per_seed():
 def test_perceptual_missing_weights_default_skips_with_one_loud_warning(
     no_cached_alexnet, perceptual_must_not_score, caplog
 ):
-    with caplog.at_level(logging.WARNING, logger="best_minibatch.metrics"):
+    with caplog.at_level(logging.WARNING, logger="best_minibatch.metrics.scoring"):
         table, status = score_images("perceptual", HAND_MADE, np.arange(5), {})
     assert status["metric"] == "perceptual" and status["status"] == "skipped"
     assert "alexnet-owt-7be5be79.pth" in status["reason"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from best_minibatch.cifar import ImageDataset
-from best_minibatch.images import to_model_input
-from best_minibatch.models import MODEL_PARAMETER, MODELS, build_model, count_parameters
+from best_minibatch.data.cifar import ImageDataset
+from best_minibatch.data.images import to_model_input
+from best_minibatch.training.models import MODEL_PARAMETER, MODELS, build_model, count_parameters
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "adding_a_model.md"
 
@@ -22,7 +22,7 @@ DPN92_CIFAR_PARAMETERS = 34_236_634
 
 # --------------------------------------------------------------------------- counting by formula
 # These formulas know the architectures only from their published descriptions,
-# not from best_minibatch.models: layer by layer, weights plus biases.
+# not from best_minibatch.training.models: layer by layer, weights plus biases.
 
 
 def conv(in_channels: int, out_channels: int, kernel: int, groups: int = 1) -> int:

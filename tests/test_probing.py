@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from best_minibatch.probing import (
+from best_minibatch.training.probing import (
     EpochGradients,
     FlatGradient,
     NonFiniteGradientError,

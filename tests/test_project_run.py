@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from best_minibatch.metrics import METRICS
+from best_minibatch.metrics.scoring import METRICS
 from tests.conftest import copy_project, run_session
 
 

@@ -1,4 +1,4 @@
-"""Tests of ``best_minibatch.report``: the HTML report states the setup, lists every ordering and the claims."""
+"""Tests of ``best_minibatch.analysis.report``: the HTML report states the setup, lists every ordering and the claims."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from best_minibatch import analysis, report
+from best_minibatch.analysis import statistics as analysis
+from best_minibatch.analysis import report
 from tests.test_analysis import SKIP_REASON, planted_effects, run_analysis, synthetic_run
 
 PNG = b"\x89PNG\r\n\x1a\nfake"

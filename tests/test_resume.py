@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from best_minibatch.datasets import load_tensors
+from best_minibatch.data.tensor_io import load_tensors
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 12
@@ -25,8 +25,8 @@ import logging, sys
 from pathlib import Path
 import torch
 from torch import nn
-from best_minibatch.datasets import save_tensors_atomically
-from best_minibatch.training import GradientProbeRun, TrainingConfig, TrainingData
+from best_minibatch.data.tensor_io import save_tensors_atomically
+from best_minibatch.training.gradient_training import GradientProbeRun, TrainingConfig, TrainingData
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 work, out = Path(sys.argv[1]), Path(sys.argv[2])

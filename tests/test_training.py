@@ -1,4 +1,4 @@
-"""The gradient-probe training loop (``best_minibatch.training``) on a tiny model and real images."""
+"""The gradient-probe training loop (``best_minibatch.training.gradient_training``) on a tiny model and real images."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from best_minibatch.checkpoints import RunConflictError
-from best_minibatch.datasets import load_tensors
-from best_minibatch.images import to_model_input
-from best_minibatch.analysis import per_example_gradient_trace
-from best_minibatch.probing import GradientVarianceTrace, batch_gradient
-from best_minibatch.training import (
+from best_minibatch.training.checkpoints import RunConflictError
+from best_minibatch.data.tensor_io import load_tensors
+from best_minibatch.data.images import to_model_input
+from best_minibatch.analysis.statistics import per_example_gradient_trace
+from best_minibatch.training.probing import GradientVarianceTrace, batch_gradient
+from best_minibatch.training.gradient_training import (
     DISTANCE_COLUMNS,
     HISTORY_COLUMNS,
     DiskSpaceError,

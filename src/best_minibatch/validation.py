@@ -96,7 +96,7 @@ def count_training_images(source: Mapping[str, Any]) -> int | None:
 
     Reads the archive's listing (or the release's label lists), not the images.
     """
-    from best_minibatch import cifar
+    from best_minibatch.data import cifar
 
     if "path" not in source:
         raise ValueError("Parameter ingest_cifar.source.path is missing. Set it to the raw dataset "
@@ -120,7 +120,7 @@ def count_training_images(source: Mapping[str, Any]) -> int | None:
 def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
     import torch
 
-    from best_minibatch.metrics import METRICS, metric_availability, metric_options
+    from best_minibatch.metrics.scoring import METRICS, metric_availability, metric_options
 
     problems = []
     for name, metric in METRICS.items():
@@ -140,7 +140,7 @@ def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any
 
 
 def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.batching import batch_size_from_params
+    from best_minibatch.batches.batching import batch_size_from_params
 
     batch_size = batch_size_from_params(params)
     if facts.n_train is not None and batch_size > facts.n_train:
@@ -151,11 +151,11 @@ def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any]
 
 
 def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.training import TrainingConfig, check_disk_cap, check_run_folder, named_model_factory
+    from best_minibatch.training.gradient_training import TrainingConfig, check_disk_cap, check_run_folder, named_model_factory
 
     config = TrainingConfig.from_params(params)
     if not isinstance(config.trace_check, bool):
-        from best_minibatch.metrics import METRICS
+        from best_minibatch.metrics.scoring import METRICS
 
         if unknown := [o for o in config.trace_check if o not in METRICS]:
             raise ValueError(f"Parameter gradient_training.trace_check: unknown orderings {unknown}. Use true, false "
@@ -181,8 +181,8 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
 
 
 def _check_distance_analysis(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.analysis import check_parameters
-    from best_minibatch.metrics import METRICS
+    from best_minibatch.analysis.statistics import check_parameters
+    from best_minibatch.metrics.scoring import METRICS
 
     checked = check_parameters(params)
     if checked["null_ordering"] not in METRICS:
@@ -200,8 +200,8 @@ def _check_visualize(params: Mapping[str, Any], parameters: Mapping[str, Any], f
 
 
 def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.metrics import METRICS
-    from best_minibatch.selection import SelectionConfig
+    from best_minibatch.metrics.scoring import METRICS
+    from best_minibatch.selection.experiment import SelectionConfig
 
     config = SelectionConfig.from_params(params)
     for key, ordering in (("fixed_random.ordering", config.fixed_ordering),

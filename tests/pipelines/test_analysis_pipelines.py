@@ -11,8 +11,8 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from matplotlib.figure import Figure
 
-from best_minibatch.analysis import DEFAULT_PARAMETERS
-from best_minibatch.metrics import METRICS
+from best_minibatch.analysis.statistics import DEFAULT_PARAMETERS
+from best_minibatch.metrics.scoring import METRICS
 from best_minibatch.pipelines.distance_analysis import create_pipeline as create_analysis
 from best_minibatch.pipelines.visualize import create_pipeline as create_visualize
 from best_minibatch.pipelines.visualize.pipeline import FIGURE_GROUPS

@@ -12,8 +12,8 @@ import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from best_minibatch import selection as S
-from best_minibatch.metrics import METRICS, score_images
+from best_minibatch.selection import experiment as S
+from best_minibatch.metrics.scoring import METRICS, score_images
 from best_minibatch.pipelines.batch_selection import create_pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import ParquetDataset
 
 from best_minibatch import settings
-from best_minibatch.metrics import METRICS
+from best_minibatch.metrics.scoring import METRICS
 from best_minibatch.pipelines.score_metrics import create_pipeline as create_score_metrics
 from best_minibatch.pipelines.sort_batches import create_pipeline as create_sort_batches
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 from kedro.pipeline import Pipeline, pipeline
 
-from best_minibatch.metrics import METRICS
+from best_minibatch.metrics.scoring import METRICS
 
 
 def per_ordering(

@@ -1,4 +1,4 @@
-"""Nodes of ``batch_selection``; the logic is in :mod:`best_minibatch.selection` and :mod:`best_minibatch.selection_stats`.
+"""Nodes of ``batch_selection``; the logic is in :mod:`best_minibatch.selection.experiment` and :mod:`best_minibatch.selection.statistics`.
 
 Per-ordering datasets arrive as keyword arguments named ``<kind>__<ordering>``
 (the pipeline builds them from the metric registry).
@@ -14,9 +14,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from best_minibatch import selection, selection_stats
-from best_minibatch.models import build_model
-from best_minibatch.runtime import cpu_threads
+from best_minibatch.selection import experiment as selection
+from best_minibatch.selection import statistics as selection_stats
+from best_minibatch.training.models import build_model
+from best_minibatch.training.runtime import cpu_threads
 
 logger = logging.getLogger(__name__)
 

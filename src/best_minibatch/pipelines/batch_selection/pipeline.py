@@ -20,7 +20,7 @@ def _per_ordering(kind: str, orderings: Sequence[str]) -> dict[str, str]:
 def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipeline:
     """``orderings`` defaults to every metric in ``best_minibatch.metrics.METRICS``."""
     if orderings is None:
-        from best_minibatch.metrics import METRICS
+        from best_minibatch.metrics.scoring import METRICS
 
         orderings = list(METRICS)
     params = "params:batch_selection"

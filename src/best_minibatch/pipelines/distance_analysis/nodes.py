@@ -1,4 +1,4 @@
-"""Nodes of ``distance_analysis``; the logic is in :mod:`best_minibatch.analysis`.
+"""Nodes of ``distance_analysis``; the logic is in :mod:`best_minibatch.analysis.statistics`.
 
 Per-ordering datasets arrive as keyword arguments named ``<kind>__<ordering>``
 (the pipeline builds them from the metric registry); :func:`by_ordering` turns
@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from best_minibatch import analysis
+from best_minibatch.analysis import statistics as analysis
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Nodes of ``gradient_training``: thin wrappers around ``best_minibatch.training``."""
+"""Nodes of ``gradient_training``: thin wrappers around ``best_minibatch.training.gradient_training``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from best_minibatch.training import (
+from best_minibatch.training.gradient_training import (
     GradientProbeRun,
     ProbeResults,
     TrainingConfig,

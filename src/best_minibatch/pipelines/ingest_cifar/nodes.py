@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from best_minibatch.cifar import download_cifar_python, read_image_dataset
+from best_minibatch.data.cifar import download_cifar_python, read_image_dataset
 
 logger = logging.getLogger(__name__)
 

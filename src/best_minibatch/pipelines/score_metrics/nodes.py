@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from best_minibatch.metrics import METRICS, combine_scores, score_images
+from best_minibatch.metrics.scoring import METRICS, combine_scores, score_images
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Pipeline, node
 
-from best_minibatch.metrics import METRICS
+from best_minibatch.metrics.scoring import METRICS
 from best_minibatch.pipelines.orderings import per_ordering
 
 from .nodes import combine_metric_scores, score_training_images

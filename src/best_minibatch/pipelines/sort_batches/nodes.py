@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from best_minibatch.batching import batch_size_from_params, sort_into_batches
+from best_minibatch.batches.batching import batch_size_from_params, sort_into_batches
 
 
 def sort_scores_into_batches(

@@ -1,5 +1,5 @@
-"""Nodes of ``visualize``; the figures are drawn by :mod:`best_minibatch.figures`, the report by
-:mod:`best_minibatch.report`.
+"""Nodes of ``visualize``; the figures are drawn by :mod:`best_minibatch.analysis.figures`, the report by
+:mod:`best_minibatch.analysis.report`.
 
 Each figure node returns its figures twice, keyed ``<stem>.png`` and
 ``<stem>.pdf`` (two ``MatplotlibDataset`` entries, each with its ``format``:
@@ -15,8 +15,9 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from best_minibatch import figures, report
-from best_minibatch.analysis import check_parameters
+from best_minibatch.analysis import figures
+from best_minibatch.analysis import report
+from best_minibatch.analysis.statistics import check_parameters
 from best_minibatch.pipelines.distance_analysis.nodes import by_ordering
 
 FigureOutputs = tuple[dict[str, Figure], dict[str, Figure], dict[str, bytes]]

@@ -28,7 +28,7 @@ def figure_outputs(group: str) -> list[str]:
 def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipeline:
     """``orderings`` defaults to every metric in ``best_minibatch.metrics.METRICS``, in registry order."""
     if orderings is None:
-        from best_minibatch.metrics import METRICS
+        from best_minibatch.metrics.scoring import METRICS
 
         orderings = list(METRICS)
     analysis_params, params = "params:distance_analysis", "params:visualize"

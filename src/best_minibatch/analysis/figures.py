@@ -2,7 +2,7 @@
 
 Knows nothing of Kedro. Every function returns ``matplotlib.figure.Figure``
 objects built without pyplot (no global figure state), styled with seaborn. The
-tables are those of :mod:`best_minibatch.analysis` and ``docs/data_flow.md``.
+tables are those of :mod:`best_minibatch.analysis.statistics` and ``docs/data_flow.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from best_minibatch.analysis import epoch_phase_table, phase_spans
+from best_minibatch.analysis.statistics import epoch_phase_table, phase_spans
 
 #: Light = short distance, as in the paper's heat maps.
 DISTANCE_CMAP = "rocket_r"

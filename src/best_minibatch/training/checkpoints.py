@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from best_minibatch.datasets import PARTIAL_SUFFIX, load_tensors, save_tensors_atomically
+from best_minibatch.data.tensor_io import PARTIAL_SUFFIX, load_tensors, save_tensors_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from best_minibatch.analysis import epoch_phase_table, phase_spans, summarise_trace_check
+from best_minibatch.analysis.statistics import epoch_phase_table, phase_spans, summarise_trace_check
 
 VERDICT_COLORS = {"supported": "#d9f2d9", "contradicted": "#f9d6d5", "undecided": "#eeeeee"}
 

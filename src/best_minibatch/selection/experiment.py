@@ -46,12 +46,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from best_minibatch.runtime import deterministic_algorithms
-from best_minibatch.analysis import EXTREMES, UPPER_QUARTILE, group_mask
-from best_minibatch.batching import assign_batches
-from best_minibatch.images import augment, batch_generator, to_model_input
-from best_minibatch.models import MODELS
-from best_minibatch.probing import EpochGradients, batch_gradient
+from best_minibatch.training.runtime import deterministic_algorithms
+from best_minibatch.analysis.statistics import EXTREMES, UPPER_QUARTILE, group_mask
+from best_minibatch.batches.batching import assign_batches
+from best_minibatch.data.images import augment, batch_generator, to_model_input
+from best_minibatch.training.models import MODELS
+from best_minibatch.training.probing import EpochGradients, batch_gradient
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from best_minibatch.analysis import holm_adjust
+from best_minibatch.analysis.statistics import holm_adjust
 
 FASTER, SLOWER, NO_DIFFERENCE, BASELINE_VERDICT = "faster", "slower", "no detectable difference", "baseline"
 #: The control for training on a subset of the batches, and the policies compared with it.

@@ -1,7 +1,7 @@
 """Fixed-order mini-batches: sort the training set by a metric and cut it into equal batches.
 
 Knows nothing of Kedro. Images sort ascending by the metric's ``sort_columns``
-(registered in :mod:`best_minibatch.metrics`), ties broken by ``image_id``, and
+(registered in :mod:`best_minibatch.metrics.scoring`), ties broken by ``image_id``, and
 the sorted sequence is cut into ``K = floor(N / m)`` batches of exactly ``m``
 images; the ``N - K m`` images with the largest sort keys are dropped (as in the
 paper: 50,000 / 256 gives 195 batches and drops 80).
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from best_minibatch.metrics import METRICS
+from best_minibatch.metrics.scoring import METRICS
 
 logger = logging.getLogger(__name__)
 

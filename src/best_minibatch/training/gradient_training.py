@@ -39,11 +39,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from best_minibatch.runtime import cpu_threads, deterministic_algorithms
-from best_minibatch.checkpoints import CheckpointError, RunStore, config_hash, tensor_checksum
-from best_minibatch.datasets import format_bytes, load_tensors
-from best_minibatch.images import augment, batch_generator, to_model_input
-from best_minibatch.probing import (
+from best_minibatch.training.runtime import cpu_threads, deterministic_algorithms
+from best_minibatch.training.checkpoints import CheckpointError, RunStore, config_hash, tensor_checksum
+from best_minibatch.data.tensor_io import format_bytes, load_tensors
+from best_minibatch.data.images import augment, batch_generator, to_model_input
+from best_minibatch.training.probing import (
     GRADIENT_MEASURES,
     EpochGradients,
     FlatGradient,
@@ -916,8 +916,8 @@ def _detached_copy(model: nn.Module) -> nn.Module:
 
 
 def named_model_factory(config: TrainingConfig, num_classes: int = 10) -> Callable[[], nn.Module]:
-    """A builder of the model the configuration names (``best_minibatch.models``)."""
-    from best_minibatch.models import build_model
+    """A builder of the model the configuration names (``best_minibatch.training.models``)."""
+    from best_minibatch.training.models import build_model
 
     options = dict(config.model_options)
     try:
