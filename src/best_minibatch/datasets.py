@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
+import torch
 from kedro.io.core import (
     AbstractDataset,
     AbstractVersionedDataset,

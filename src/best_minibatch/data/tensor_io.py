@@ -31,6 +31,10 @@ PARTIAL_SUFFIX = ".partial"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+class TensorFileError(ValueError):
+    """A tensor file that cannot be read (corrupt or truncated); the message names it."""
+
+
 class DiskFullError(OSError):
     """A write ran out of disk space; the message names the folder and the space needed."""
 
@@ -120,7 +124,7 @@ def load_tensors(path: str | os.PathLike) -> Tensors:
     except FileNotFoundError:
         raise
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError...
-        raise DatasetError(
+        raise TensorFileError(
             f"Tensor file '{path}' is corrupt or truncated ({error}). Delete it and rerun the "
             "node that writes it."
         ) from error
