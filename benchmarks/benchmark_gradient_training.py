@@ -65,9 +65,9 @@ def load_data(num_batches: int) -> TrainingData:
 
 def config(threads: int, epochs: int, **extra) -> TrainingConfig:
     return TrainingConfig.from_params({
-        "model": base_model_params(), "phases": [{"epochs": epochs, "lr": 0.05}],
-        "device": "cpu", "cpu_threads": threads, "checkpoint_dir": None, "progress_bar": False,
-        "keep_gradients": "none", "disk_cap_gb": 10, **extra,
+        "training": {"model": base_model_params(), "phases": [{"epochs": epochs, "lr": 0.05}], "device": "cpu",
+                     "cpu_threads": threads, "progress_bar": False},
+        "checkpoint_dir": None, "keep_gradients": "none", "disk_cap_gb": 10, **extra,
     })
 
 

@@ -390,23 +390,23 @@ def refused_run(project: Path, monkeypatch, pipeline: str | None = None, namespa
         pytest.param({"score_metrics": {"sharpness": {}}},
                      "score_metrics.sharpness is not a registered metric (known: intensity, color, edges, perceptual, "
                      "random). Remove it from conf/<env>/parameters_score_metrics.yml", id="unknown-metric"),
-        pytest.param({"gradient_training": {"model": {"name": "vgg16"}}},
-                     "Parameter gradient_training.model: Unknown model 'vgg16'. Known models: dpn92, resnet18, "
-                     "small_cnn. Set gradient_training.model.name to one of them", id="unknown-model"),
+        pytest.param({"training": {"model": {"name": "vgg16"}}},
+                     "Parameter training.model.name: unknown value 'vgg16'. Use one of dpn92, resnet18, small_cnn.",
+                     id="unknown-model"),
         pytest.param({"sort_batches": {"batch_size": 6000}},
                      "Parameter sort_batches.batch_size=6000 exceeds the 5000 training images, so not one full batch "
                      "fits. Lower sort_batches.batch_size", id="batch-larger-than-training-set"),
         pytest.param({"sort_batches": {"batch_size": 0}},
                      "sort_batches.batch_size must be a positive integer, got 0; fix it in "
                      "conf/<env>/parameters_sort_batches.yml", id="batch-size-not-positive"),
-        pytest.param({"gradient_training": {"phases": []}},
-                     "Parameter gradient_training.phases: the list of learning-rate phases is empty. Give at least "
-                     "one phase", id="phases-empty"),
-        pytest.param({"gradient_training": {"phases": [{"epochs": 0, "lr": 0.1}]}},
-                     "Parameter gradient_training.phases[0].epochs: must be a positive integer, got 0. Set how many "
+        pytest.param({"training": {"phases": []}},
+                     "Parameter training.phases: expected a non-empty list of {epochs, lr}, got []. Write e.g. ",
+                     id="phases-empty"),
+        pytest.param({"training": {"phases": [{"epochs": 0, "lr": 0.1}]}},
+                     "Parameter training.phases[0].epochs: must be a positive integer, got 0. Set how many "
                      "epochs the phase lasts", id="epochs-not-positive"),
-        pytest.param({"gradient_training": {"phases": [{"epochs": 3, "lr": 0.1}, {"epochs": 3, "lr": 0}]}},
-                     "Parameter gradient_training.phases[1].lr: must be a positive number, got 0. Set the phase's "
+        pytest.param({"training": {"phases": [{"epochs": 3, "lr": 0.1}, {"epochs": 3, "lr": 0}]}},
+                     "Parameter training.phases[1].lr: must be a positive number, got 0. Set the phase's "
                      "learning rate", id="lr-not-positive"),
         pytest.param({"gradient_training": {"keep_gradients": [1, 10]}},
                      "Parameter gradient_training.keep_gradients: epochs [10] are outside the run's epochs 1..9. Use "
@@ -438,8 +438,8 @@ def test_disk_cap_smaller_than_one_epoch_is_refused_although_it_fits_when_fewer_
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_but_absent_stops_the_run_before_any_work(fresh_project, monkeypatch):
-    message = refused_run(fresh_project, monkeypatch, gradient_training={"device": "cuda"})
-    assert ("Parameter gradient_training.device: cuda was asked for but no CUDA device is available. Use device: "
+    message = refused_run(fresh_project, monkeypatch, training={"device": "cuda"})
+    assert ("Parameter training.device: cuda was asked for but no CUDA device is available. Use device: "
             "auto (CUDA when present, else CPU) or device: cpu.") in message
 
 
@@ -459,7 +459,7 @@ def test_ordering_without_scores_stops_sort_batches_before_any_work(fresh_projec
 
 def test_several_problems_are_reported_together(fresh_project, monkeypatch):
     message = refused_run(fresh_project, monkeypatch, sort_batches={"batch_size": 6000},
-                          gradient_training={"model": {"name": "vgg16"}},
+                          training={"model": {"name": "vgg16"}},
                           score_metrics={"edges": {"aperture_size": 4}})
     assert "3 problem(s) found" in message
     assert "score_metrics.edges.aperture_size must be 3, 5 or 7, got 4." in message
@@ -469,10 +469,9 @@ def test_run_name_of_another_configuration_stops_before_any_work(fresh_project, 
     """An explicit run name whose folders hold a run with other settings would mix two runs' gradients."""
     project = tmp_path / "project"
     shutil.copytree(fresh_project, project)
-    other = TrainingConfig.from_params({"seed": 7, "run_name": "mine", "cpu_threads": 1,
-                                        "model": {"name": "small_cnn", "small_cnn": {"width": 8}},
-                                        "phases": [{"epochs": 3, "lr": 0.1}, {"epochs": 3, "lr": 0.01},
-                                                   {"epochs": 3, "lr": 0.001}]})
+    other = TrainingConfig.from_params({"seed": 7, "run_name": "mine"}, {
+        "cpu_threads": 1, "model": {"name": "small_cnn", "small_cnn": {"width": 8}},
+        "phases": [{"epochs": 3, "lr": 0.1}, {"epochs": 3, "lr": 0.01}, {"epochs": 3, "lr": 0.001}]})
     folder = project / "data/06_models/checkpoints"
     model = build_model("small_cnn", width=8)
     identity = run_identity(other, "intensity", count_parameters(model), torch.float32, "digest-of-other-data")

@@ -58,9 +58,12 @@ def tiny_data(sample_dataset) -> TrainingData:
     )
 
 
+RECIPE = ("model", "phases", "augment", "device", "cpu_threads", "progress_bar", "deterministic", "bf16_autocast")
+
+
 def make_config(tmp_path: Path, **params) -> TrainingConfig:
     base = {
-        "model": {"name": "tiny"},
+        "model": {"name": "small_cnn"},  # the runs pass their own tiny model's factory
         "phases": [{"epochs": 2, "lr": 0.05}, {"epochs": 1, "lr": 0.01}],
         "checkpoint_dir": str(tmp_path / "checkpoints"),
         "gradients_dir": str(tmp_path / "gradients"),
@@ -68,7 +71,9 @@ def make_config(tmp_path: Path, **params) -> TrainingConfig:
         "cpu_threads": 1,
         "progress_bar": False,
     }
-    return TrainingConfig.from_params({**base, **params})
+    params = {**base, **params}
+    training = {k: params.pop(k) for k in RECIPE if k in params}
+    return TrainingConfig.from_params({**params, "training": training})
 
 
 Finished = namedtuple("Finished", "run spilled")
@@ -196,7 +201,7 @@ def test_auto_run_names_separate_configurations(tmp_path, tiny_data):
     }
     assert len(names) == 4
     same = GradientProbeRun(make_config(tmp_path), tiny_data, tiny_model, "intensity").run_name
-    assert same in names and same.startswith("tiny-")
+    assert same in names and same.startswith("small_cnn-")  # the configured model names the run
 
 
 def test_explicit_run_name_with_another_configuration_is_refused_before_work(tmp_path, tiny_data):
@@ -223,7 +228,7 @@ def test_gradients_folder_without_a_manifest_is_refused(tmp_path, tiny_data):
 @pytest.mark.parametrize(
     ("params", "named"),
     [
-        ({"phases": []}, "gradient_training.phases"),
+        ({"phases": []}, "gradient_training.training.phases"),
         ({"phases": [{"epochs": 0, "lr": 0.1}]}, r"phases\[0\].epochs"),
         ({"phases": [{"epochs": 1, "lr": -0.1}]}, r"phases\[0\].lr"),
         ({"phases": [{"epochs": 1}]}, r"phases\[0\]"),

@@ -1,8 +1,9 @@
 """Every parameter a run reads, checked before the run starts (so before anything is written).
 
-Knows nothing of Kedro. :func:`check_run` takes the run's parameters, the
+Knows nothing of Kedro. :func:`run_problems` takes the run's parameters, the
 parameter sections its nodes read, and what is already known about the data, and
-runs each pipeline's own checks, calling the module that owns them:
+builds each section's typed config (each validates itself when built), adding the
+checks that span sections:
 
 * ``ingest_cifar``: the raw source exists and holds training images (``cifar``);
 * ``score_metrics``: metric names and options (``metrics.metric_availability``; a
@@ -10,6 +11,8 @@ runs each pipeline's own checks, calling the module that owns them:
   option checks), a strict metric that cannot run, ``device: cuda`` without CUDA;
 * ``sort_batches``: ``batch_size`` a positive integer (``batching``) that fits the
   training set;
+* ``training``: the shared recipe (``training.recipe.TrainingRecipe``), its model
+  built once, and its batch size equal to ``sort_batches.batch_size``;
 * ``gradient_training``: every setting (``training.TrainingConfig``), the model's
   name and options (by building it once), the disk cap against the kept epochs'
   gradients, and an explicit ``run_name`` whose folders hold another run;
@@ -32,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from best_minibatch.config import Section
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +65,8 @@ class RunFacts:
     trained_orderings: tuple[str, ...] = ()
 
 
-def check_run(parameters: Mapping[str, Any], sections: Iterable[str], facts: RunFacts | None = None) -> None:
-    """Run the checks of every section in ``sections``; raise :class:`RunCheckError` listing all problems."""
-    problems = run_problems(parameters, sections, facts or RunFacts())
-    if problems:
-        raise RunCheckError(problems)
-
-
 def run_problems(parameters: Mapping[str, Any], sections: Iterable[str], facts: RunFacts) -> list[str]:
-    """The problems :func:`check_run` would report, as messages."""
+    """Every problem of the run's parameter sections, as messages (empty: the run may start)."""
     problems = []
     for section in _ORDER:
         if section not in set(sections):
@@ -80,7 +78,8 @@ def run_problems(parameters: Mapping[str, Any], sections: Iterable[str], facts: 
         try:
             _CHECKS[section](parameters[section], parameters, facts)
         except (ValueError, RuntimeError, OSError) as error:
-            problems.append(str(error))
+            # Sections that read the shared recipe report its problem too: list each problem once.
+            problems.extend(p for p in str(error).split("\n  - ") if p not in problems)
     return problems
 
 
@@ -88,6 +87,8 @@ def run_problems(parameters: Mapping[str, Any], sections: Iterable[str], facts: 
 
 
 def _check_ingest(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    section = Section(params, "ingest_cifar", ("source",))
+    section.section("source", ("path", "layout", "download", "download_root"))
     count_training_images(params.get("source") or {})
 
 
@@ -142,6 +143,7 @@ def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any
 def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
     from best_minibatch.batches.batching import batch_size_from_params
 
+    Section(params, "sort_batches", ("batch_size",))
     batch_size = batch_size_from_params(params)
     if facts.n_train is not None and batch_size > facts.n_train:
         raise ValueError(
@@ -150,16 +152,41 @@ def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any]
         )
 
 
-def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.training.gradient_training import TrainingConfig, check_disk_cap, check_run_folder, named_model_factory
+def _check_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    from best_minibatch.training.gradient_training import named_model_factory
+    from best_minibatch.training.recipe import TrainingRecipe
 
-    config = TrainingConfig.from_params(params)
+    recipe = TrainingRecipe.from_params(params)
+    named_model_factory(recipe)  # a bad model option fails here, not hours later
+    _check_batch_size_rule(recipe.batch_size, "training.batch_size", parameters)
+
+
+def _check_batch_size_rule(batch_size: int | None, key: str, parameters: Mapping[str, Any]) -> None:
+    """Both experiments train on sort_batches' batch size: gradient_training probes its batches and
+    batch_selection's "learned" policy reads distances measured at that size."""
+    sort_size = (parameters.get("sort_batches") or {}).get("batch_size")
+    if batch_size is not None and batch_size != sort_size:
+        raise ValueError(f"Parameter {key}={batch_size} differs from sort_batches.batch_size={sort_size}: every "
+                         "experiment trains on the batch size sort_batches cuts. Set it to null (follow "
+                         "sort_batches) or change sort_batches.batch_size.")
+
+
+def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    from best_minibatch.training.gradient_training import (
+        TrainingConfig,
+        check_disk_cap,
+        check_run_folder,
+        named_model_factory,
+    )
+
+    config = TrainingConfig.from_params(params, parameters.get("training"))
     if not isinstance(config.trace_check, bool):
         from best_minibatch.metrics.scoring import METRICS
 
         if unknown := [o for o in config.trace_check if o not in METRICS]:
             raise ValueError(f"Parameter gradient_training.trace_check: unknown orderings {unknown}. Use true, false "
                              f"or a list of {', '.join(METRICS)}.")
+    _check_batch_size_rule(config.recipe.batch_size, "gradient_training.training.batch_size", parameters)
     model = named_model_factory(config)()
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_dtype = next(model.parameters()).dtype
@@ -193,6 +220,7 @@ def _check_distance_analysis(params: Mapping[str, Any], parameters: Mapping[str,
 
 
 def _check_visualize(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    Section(params, "visualize", ("report_title", "report_png_dpi"))
     dpi = params.get("report_png_dpi", 110)
     if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 10:
         raise ValueError(f"Parameter visualize.report_png_dpi must be an integer of at least 10, got {dpi!r}. "
@@ -203,7 +231,10 @@ def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, A
     from best_minibatch.metrics.scoring import METRICS
     from best_minibatch.selection.experiment import SelectionConfig
 
-    config = SelectionConfig.from_params(params)
+    sort_size = (parameters.get("sort_batches") or {}).get("batch_size")
+    config = SelectionConfig.from_params(params, parameters.get("training"),
+                                         sort_size if isinstance(sort_size, int) else None)
+    _check_batch_size_rule(config.batch_size, "batch_selection.training.batch_size", parameters)
     for key, ordering in (("fixed_random.ordering", config.fixed_ordering),
                           ("learned.ordering", config.learned_ordering),
                           *((f"paper_advice.first_phase.{o}", o) for o in config.paper_first_phase),
@@ -211,7 +242,7 @@ def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, A
         if ordering not in METRICS:
             raise ValueError(f"Parameter batch_selection.{key}: unknown ordering {ordering!r}. "
                              f"Use one of {', '.join(METRICS)}.")
-    batch_size = config.recipe.batch_size
+    batch_size = config.batch_size
     if facts.n_train is not None and batch_size > facts.n_train:
         raise ValueError(f"Parameter batch_selection.training.batch_size={batch_size} exceeds the {facts.n_train} "
                          "training images, so not one full batch fits. Lower batch_selection.training.batch_size.")
@@ -221,6 +252,7 @@ _CHECKS = {
     "ingest_cifar": _check_ingest,
     "score_metrics": _check_score_metrics,
     "sort_batches": _check_sort_batches,
+    "training": _check_training,
     "gradient_training": _check_gradient_training,
     "distance_analysis": _check_distance_analysis,
     "visualize": _check_visualize,

@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from best_minibatch.config import closest
+
 #: The three measures of ``gradient_distances`` summarised per phase.
 DISTANCE_MEASURES = ("distance", "cosine_similarity", "relative_distance")
 #: Noise-unit versions of ``distance``.
@@ -767,7 +769,7 @@ def check_parameters(params: Mapping | None) -> dict:
     if unknown:
         raise AnalysisInputError(
             f"Unknown distance_analysis parameters {unknown}; the known ones are {sorted(DEFAULT_PARAMETERS)} "
-            "(conf/base/parameters_distance_analysis.yml)."
+            f"(conf/base/parameters_distance_analysis.yml).{closest(unknown[0], DEFAULT_PARAMETERS)}"
         )
     merged = {**DEFAULT_PARAMETERS, **params}
 

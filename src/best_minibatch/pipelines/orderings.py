@@ -10,18 +10,18 @@ from best_minibatch.metrics.scoring import METRICS
 
 
 def per_ordering(
-    template: Callable[[str], Pipeline], shared_inputs: Iterable[str], parameter_section: str
+    template: Callable[[str], Pipeline], shared_inputs: Iterable[str], *parameter_sections: str
 ) -> Pipeline:
     """``template(ordering)`` in namespace ``ordering`` for each metric of ``METRICS``.
 
-    The datasets in ``shared_inputs`` and the pipeline's own ``params:<parameter_section>``
-    stay un-namespaced; every other dataset becomes ``<ordering>.<name>``, so that
+    The datasets in ``shared_inputs`` and the ``params:<section>`` of each parameter
+    section stay un-namespaced; every other dataset becomes ``<ordering>.<name>``, so that
     ``kedro run --namespaces=edges`` runs one ordering.
     """
-    section = f"params:{parameter_section}"
+    parameters = {f"params:{section}": f"params:{section}" for section in parameter_sections}
     return sum(
         (
-            pipeline(template(ordering), namespace=ordering, inputs=set(shared_inputs), parameters={section: section})
+            pipeline(template(ordering), namespace=ordering, inputs=set(shared_inputs), parameters=parameters)
             for ordering in METRICS
         ),
         Pipeline([]),

@@ -29,6 +29,7 @@ def train_with_gradient_probe(
     image_index: pd.DataFrame,
     train_images: torch.Tensor,
     test_images: torch.Tensor,
+    training: dict[str, Any],
     params: dict[str, Any],
     *,
     ordering: str,
@@ -39,7 +40,7 @@ def train_with_gradient_probe(
     as it is computed (Kedro writes it to ``batch_gradients`` before training goes
     on), then ``({}, ProbeResults)`` once. Every check runs before the first yield.
     """
-    config = TrainingConfig.from_params(params)
+    config = TrainingConfig.from_params(params, training)
     if batch_assignments.empty:
         # INFO, not WARNING: score_metrics already gave the one loud warning about the skip.
         logger.info("%s: no batch assignments (the metric was skipped upstream); writing empty tables", ordering)
