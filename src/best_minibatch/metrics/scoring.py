@@ -377,15 +377,12 @@ def lpips_with_random_backbone_not_pretrained(seed: int = 0) -> "lpips.LPIPS":
 
 
 def _resolve_device(name: str) -> "torch.device":
-    import torch
+    from best_minibatch.training.runtime import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise MetricConfigError(f"score_metrics.perceptual.device must be cpu, cuda or auto, got {name!r}.")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MetricConfigError("score_metrics.perceptual.device is cuda but no GPU is visible; use cpu or auto.")
-    return torch.device(name)
+    try:
+        return resolve_device(name)
+    except ValueError as error:
+        raise MetricConfigError(f"score_metrics.perceptual.device: {error}; use cpu or auto.") from error
 
 
 def _to_lpips_input(images: np.ndarray, upsample_to: int | None, device: "torch.device") -> "torch.Tensor":
