@@ -18,6 +18,7 @@ them). See ``docs/gradient_training.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -441,28 +442,27 @@ def estimate_hours(config: TrainingConfig, num_batches: int, batch_size: int, or
     over 5 s is the measurement (a model that slow needs no second look).
     Evaluation and spilling are left out.
     """
-    recipe = config.recipe
+    recipe = dataclasses.replace(config.recipe, progress_bar=False)
     device = recipe.resolved_device()
     images = min(batch_size, timed_images)
     with training_environment(recipe), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net_normal = recipe.model_factory(num_classes)().to(device)
         optimizer = recipe.optimizer(net_normal)
-        probe = GradientProbe(net_normal, 1, lambda count: EpochGradients(count, sum(
-            p.numel() for p in net_normal.parameters()), next(net_normal.parameters()).dtype, device), recipe.autocast)
-        inputs = torch.randn(images, *image_shape, device=device)
-        targets = torch.randint(0, num_classes, (images,), device=device)
+        num_params = sum(p.numel() for p in net_normal.parameters())
+        dtype = next(net_normal.parameters()).dtype
+        probe = GradientProbe(net_normal, 1, lambda count: EpochGradients(count, num_params, dtype, device),
+                              recipe.autocast)
+        batch = (torch.randn(images, *image_shape, device=device), torch.randint(0, num_classes, (images,),
+                                                                                   device=device))
         seconds, steps = math.inf, 0
         while steps < 2 and not (steps == 1 and seconds > 5):
             steps += 1
             started = time.perf_counter()
-            probe.begin(net_normal, 1)
-            optimizer.zero_grad(set_to_none=True)
-            with recipe.autocast():
-                nn.functional.cross_entropy(net_normal(inputs), targets).backward()
-            optimizer.step()
-            probe.gradient(inputs, targets)
-            probe.close()
+            for _ in train_epochs(net_normal, optimizer, recipe, recipe.schedule[:1], lambda plan: [batch],
+                                  lambda plan: 1, hook=probe):
+                pass
+            probe.measures()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - started
