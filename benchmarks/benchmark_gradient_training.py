@@ -125,7 +125,7 @@ def main() -> None:
     cfg = config(args.threads, args.epochs)
     probe_model = named_model_factory(cfg)()
     num_params = sum(p.numel() for p in probe_model.parameters())
-    print(f"model {cfg.model} {dict(cfg.model_options)}: {num_params:,} parameters; {data.num_batches} batches of "
+    print(f"model {cfg.model} {dict(cfg.recipe.model_options)}: {num_params:,} parameters; {data.num_batches} batches of "
           f"{data.batch_size} real CIFAR-10 images; CPU, {args.threads} thread(s); torch {torch.__version__}")
 
     # Wall-clock seconds per epoch come from the run's history; CPU seconds per epoch are the
