@@ -79,6 +79,9 @@ def synthetic_run(
         tables = {}
         if ordering in skipped:
             tables["metric_status"] = {"metric": ordering, "status": "skipped", "reason": SKIP_REASON}
+            tables["null_distances"] = pd.DataFrame({"epoch": pd.Series(dtype="int64"),
+                                                     "draw": pd.Series(dtype="int64"),
+                                                     "distance": pd.Series(dtype="float64")})
             tables["gradient_distances"] = pd.DataFrame(
                 {c: pd.Series(dtype=t) for c, t in _DISTANCE_DTYPES.items()}
             )
@@ -90,6 +93,9 @@ def synthetic_run(
             run["orderings"][ordering] = tables
             continue
         tables["metric_status"] = {"metric": ordering, "status": "ok", "reason": None}
+        # Trained without the same-parameter null: noise units fall back on the null ordering's batches.
+        tables["null_distances"] = pd.DataFrame({"epoch": pd.Series(dtype="int64"), "draw": pd.Series(dtype="int64"),
+                                                 "distance": pd.Series(dtype="float64")})
         image_ids = rng.permutation(n_train)[: n_batches * batch_size]
         assignments = pd.DataFrame(
             {
@@ -234,6 +240,30 @@ def test_noise_units_carry_the_phase_training_recorded():
 
 
 # --------------------------------------------------------------------------- noise units
+
+
+def test_noise_units_use_each_orderings_same_network_null_and_keep_the_cross_network_one():
+    distances = {
+        "random": pd.DataFrame({"ordering": "random", "epoch": 1, "phase": 1, "learning_rate": 0.1,
+                                "batch": [0, 1, 2], "distance": [1.0, 2.0, 3.0]}),
+        "edges": pd.DataFrame({"ordering": "edges", "epoch": 1, "phase": 1, "learning_rate": 0.1,
+                               "batch": [0, 1], "distance": [4.0, 2.0]}),
+        "color": pd.DataFrame({"ordering": "color", "epoch": 1, "phase": 1, "learning_rate": 0.1,
+                               "batch": [0, 1], "distance": [4.0, 2.0]}),
+    }
+    for table in distances.values():
+        table["cosine_similarity"], table["relative_distance"] = 0.5, 1.0
+    nulls = {  # edges' own random batches at its own parameters: mean 3, sd 1; color was trained without
+        "edges": pd.DataFrame({"epoch": 1, "draw": [0, 1, 2], "distance": [2.0, 3.0, 4.0]}),
+        "color": pd.DataFrame({"epoch": [], "draw": [], "distance": []}),
+    }
+    out = analysis.noise_unit_distances(distances, "random", nulls).set_index(["ordering", "batch"])
+    assert out.loc[("edges", 0), "noise_z"] == pytest.approx(1.0)  # (4 - 3) / 1, same network
+    assert out.loc[("edges", 0), "noise_ratio"] == pytest.approx(4 / 3)
+    assert out.loc[("edges", 0), "null_source"] == "same_network"
+    assert out.loc[("edges", 0), "noise_z_cross"] == pytest.approx(2.0)  # (4 - 2) / 1 against random's batches
+    assert out.loc[("color", 0), "null_source"] == "cross_network"  # no null of its own: the cross-network z
+    assert out.loc[("color", 0), "noise_z"] == pytest.approx(2.0) == out.loc[("color", 0), "noise_z_cross"]
 
 
 def test_noise_units_are_z_scores_and_ratios_against_random_batches_of_the_same_epoch():
