@@ -476,7 +476,7 @@ def test_run_name_of_another_configuration_stops_before_any_work(fresh_project, 
     """An explicit run name whose folders hold a run with other settings would mix two runs' gradients."""
     project = tmp_path / "project"
     shutil.copytree(fresh_project, project)
-    other = TrainingConfig.from_params({"seed": 7, "run_name": "mine"}, {
+    other = TrainingConfig.from_params({"seeds": [7], "run_name": "mine"}, {
         "cpu_threads": 1, "model": {"name": "small_cnn", "small_cnn": {"width": 8}},
         "phases": [{"epochs": 3, "lr": 0.1}, {"epochs": 3, "lr": 0.01}, {"epochs": 3, "lr": 0.001}]})
     folder = project / "data/06_models/checkpoints"

@@ -196,7 +196,7 @@ def test_identical_rerun_reuses_the_finished_run(tmp_path, tiny_data):
 
 def test_auto_run_names_separate_configurations(tmp_path, tiny_data):
     names = {
-        GradientProbeRun(make_config(tmp_path, seed=seed, **extra), tiny_data, tiny_model, "intensity").run_name
+        GradientProbeRun(make_config(tmp_path, seeds=[seed], **extra), tiny_data, tiny_model, "intensity").run_name
         for seed, extra in ((0, {}), (1, {}), (0, {"augment": True}), (0, {"spill_dtype": "float32"}))
     }
     assert len(names) == 4
@@ -207,8 +207,8 @@ def test_auto_run_names_separate_configurations(tmp_path, tiny_data):
 def test_explicit_run_name_with_another_configuration_is_refused_before_work(tmp_path, tiny_data):
     run_to_end(make_config(tmp_path, run_name="mine", keep_gradients="none"), tiny_data)
     before = sorted(p for p in tmp_path.rglob("*"))
-    with pytest.raises(RunConflictError, match=r"(?s)mine.*another configuration.*seed"):
-        GradientProbeRun(make_config(tmp_path, run_name="mine", keep_gradients="none", seed=7),
+    with pytest.raises(RunConflictError, match=r"(?s)mine.*another configuration.*augment"):
+        GradientProbeRun(make_config(tmp_path, run_name="mine", keep_gradients="none", augment=True),
                          tiny_data, tiny_model, "intensity")
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
@@ -220,6 +220,62 @@ def test_gradients_folder_without_a_manifest_is_refused(tmp_path, tiny_data):
     with pytest.raises(RunConflictError, match="already holds spilled gradients"):
         GradientProbeRun(make_config(tmp_path, run_name="mine"), tiny_data, tiny_model, "intensity")
     assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def test_each_seed_starts_from_its_own_weights_on_the_same_batches(tmp_path, tiny_data):
+    """Epoch 1's probed gradients are taken at the initial weights: for each seed they equal the gradient of
+    the model built after ``torch.manual_seed(seed)`` on the data's fixed batch k, and they differ between seeds."""
+    config = make_config(tmp_path, seeds=[0, 4], keep_gradients=[1], null_batches=2)
+    runs = {seed: GradientProbeRun(config, tiny_data, tiny_model, "intensity", seed=seed) for seed in (0, 4)}
+    spilled = {seed: {(s.epoch, s.batch): s.gradient for s in run.run()} for seed, run in runs.items()}
+    for seed in (0, 4):
+        torch.manual_seed(seed)
+        initial = tiny_model().train()
+        for k in (0, 7, tiny_data.num_batches - 1):
+            rows = tiny_data.batches[k]  # the batch is the data's, whatever the seed
+            expected = batch_gradient(initial, to_model_input(tiny_data.train_images[rows], dtype=torch.float64),
+                                      tiny_data.train_labels[rows])
+            torch.testing.assert_close(spilled[seed][(1, k)], expected, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(spilled[0][(1, 0)], spilled[4][(1, 0)])
+    results = {seed: run.results for seed, run in runs.items()}
+    assert runs[0].run_name != runs[4].run_name
+    for seed, result in results.items():
+        assert set(result.distances["seed"]) == set(result.history["seed"]) == set(result.null_distances["seed"]) \
+            == {seed}
+    assert not np.allclose(results[0].distances["distance"], results[4].distances["distance"])
+    # The null batches are drawn per seed too (another sample of random batches, not a copy).
+    assert not np.allclose(results[0].null_distances["distance"], results[4].null_distances["distance"])
+
+
+def test_seed_zero_keeps_its_run_name_whatever_other_seeds_are_configured(tmp_path, tiny_data):
+    alone = GradientProbeRun(make_config(tmp_path), tiny_data, tiny_model, "intensity")
+    assert alone.seed == 0 and alone.identity["seed"] == 0 and "seeds" not in alone.identity
+    several = make_config(tmp_path, seeds=[2, 0, 5])
+    with_others = GradientProbeRun(several, tiny_data, tiny_model, "intensity", seed=0)
+    assert with_others.run_name == alone.run_name
+    assert GradientProbeRun(several, tiny_data, tiny_model, "intensity").seed == 2  # default: the first seed
+    # Explicit names: the name itself for seed 0, a suffix for the others.
+    named = make_config(tmp_path, run_name="mine", seeds=[0, 5])
+    assert [GradientProbeRun(named, tiny_data, tiny_model, "intensity", seed=s).run_name for s in (0, 5)] == [
+        "mine", "mine-seed5"]
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"seed": 3}, r"gradient_training.seed: was replaced by seeds.*Write seeds: \[3\]"),
+        ({"seeds": 3}, r"gradient_training.seeds: expected a non-empty list"),
+        ({"seeds": []}, r"gradient_training.seeds: expected a non-empty list"),
+        ({"seeds": [0, 0]}, r"gradient_training.seeds: .*distinct"),
+        ({"seeds": [-1]}, r"gradient_training.seeds: .*non-negative"),
+    ],
+)
+def test_seeds_must_be_a_list_of_distinct_seeds(tmp_path, params, named):
+    with pytest.raises(TrainingConfigError, match=named):
+        make_config(tmp_path, **params)
 
 
 # --------------------------------------------------------------------------- bad parameters and faults

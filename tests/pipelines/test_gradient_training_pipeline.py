@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from best_minibatch.training.gradient_training import DISTANCE_COLUMNS, HISTORY_
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "base"
 NUM_BATCHES, BATCH = 10, 20
+SEEDS = [0, 3]
 
 
 def project_catalog_config(tmp_path: Path) -> dict:
@@ -49,13 +51,13 @@ def params(tmp_path: Path) -> dict:
         "spill_dtype": "float32",
         "checkpoint_dir": str(tmp_path / "checkpoints"),
         "gradients_dir": str(tmp_path / "gradients"),
+        "seeds": SEEDS,
     }
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, sample_dataset):
-    """intensity (10 batches of 20 real images) and perceptual (skipped upstream: zero rows)."""
-    tmp_path = tmp_path_factory.mktemp("gradient_training_run")
+def run_pipeline(tmp_path: Path, sample_dataset) -> tuple[DataCatalog, list]:
+    """gradient_training of intensity and perceptual through the project's catalog; returns the catalog and
+    the log records of the run."""
     index = sample_dataset.index
     image_ids = index[index["split"] == "train"]["image_id"].to_numpy()[:: 25][: NUM_BATCHES * BATCH]
     assignments = pd.DataFrame({
@@ -74,7 +76,23 @@ def finished(tmp_path_factory, sample_dataset):
     catalog["test_images"] = sample_dataset.images["test"]
     catalog["params:training"] = TRAINING
     catalog["params:gradient_training"] = params(tmp_path)
-    SequentialRunner().run(pipeline, catalog)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("best_minibatch")
+    logger.addHandler(handler)
+    try:
+        SequentialRunner().run(pipeline, catalog)
+    finally:
+        logger.removeHandler(handler)
+    return catalog, records
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, sample_dataset):
+    """intensity (10 batches of 20 real images, seeds 0 and 3) and perceptual (skipped upstream: zero rows)."""
+    tmp_path = tmp_path_factory.mktemp("gradient_training_run")
+    catalog, _ = run_pipeline(tmp_path, sample_dataset)
     return tmp_path, catalog
 
 
@@ -87,10 +105,11 @@ def test_one_namespace_per_ordering_with_shared_inputs():
     assert {f"{m}.gradient_distances" for m in METRICS} <= pipeline.outputs()
 
 
-def test_gradients_are_spilled_per_run_and_match_the_distance_table(finished):
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gradients_are_spilled_per_run_and_match_the_distance_table(finished, seed):
     tmp_path, catalog = finished
     history = catalog.load("intensity.training_history")
-    run_name = history["run_name"].iloc[0]
+    run_name = history.loc[history["seed"] == seed, "run_name"].iloc[0]
     # The way docs/gradient_spill_format.md loads one run's gradients.
     gradients = PartitionedDataset(path=str(tmp_path / "gradients" / run_name / "intensity"),
                                    dataset=TensorDataset, filename_suffix=".pt").load()
@@ -98,6 +117,7 @@ def test_gradients_are_spilled_per_run_and_match_the_distance_table(finished):
     assert sorted(gradients) == expected_ids
     num_params = sum(p.numel() for p in build_model("small_cnn", width=2).parameters())
     table = catalog.load("intensity.gradient_distances")
+    table = table[table["seed"] == seed]
     for epoch in (1, 2):
         rows = torch.stack([gradients[f"epoch={epoch:03d}/batch={k:04d}"]() for k in range(NUM_BATCHES)])
         assert rows.dtype == torch.float32 and rows.shape == (NUM_BATCHES, num_params)
@@ -112,15 +132,23 @@ def test_gradients_are_spilled_per_run_and_match_the_distance_table(finished):
 def test_versioned_outputs_follow_the_contract(finished):
     tmp_path, catalog = finished
     table = catalog.load("intensity.gradient_distances")
-    assert list(table.columns) == DISTANCE_COLUMNS and len(table) == 2 * NUM_BATCHES
-    assert (table["ordering"] == "intensity").all() and table["phase"].tolist() == [1] * 10 + [2] * 10
-    matrix = catalog.load("intensity.distance_matrix")
-    assert matrix.dtype == torch.float64 and matrix.shape == (2, NUM_BATCHES)
+    assert list(table.columns) == DISTANCE_COLUMNS and len(table) == len(SEEDS) * 2 * NUM_BATCHES
+    assert (table["ordering"] == "intensity").all() and table["phase"].tolist() == ([1] * 10 + [2] * 10) * 2
+    assert table["seed"].tolist() == [0] * 20 + [3] * 20
+    matrix = catalog.load("intensity.distance_matrix")  # seeds x epochs x batches
+    assert matrix.dtype == torch.float64 and matrix.shape == (len(SEEDS), 2, NUM_BATCHES)
     np.testing.assert_array_equal(matrix.numpy().ravel(), table["distance"].to_numpy())
     history = catalog.load("intensity.training_history")
-    assert list(history.columns)[:10] == HISTORY_COLUMNS[:10] and len(history) == 2
-    model = build_model("small_cnn", width=2)
-    model.load_state_dict(catalog.load("intensity.trained_model"))  # a complete state_dict
+    assert list(history.columns)[:11] == HISTORY_COLUMNS[:11] and len(history) == 2 * len(SEEDS)
+    assert history["seed"].tolist() == [0, 0, 3, 3] and history["run_name"].nunique() == 2
+    nulls = catalog.load("intensity.null_distances")
+    assert "seed" in nulls.columns
+    models = catalog.load("intensity.trained_model")  # {seed: state_dict}
+    assert sorted(models) == SEEDS
+    for seed in SEEDS:
+        model = build_model("small_cnn", width=2)
+        model.load_state_dict(models[seed])  # a complete state_dict
+    assert not torch.equal(models[0]["0.weight"], models[3]["0.weight"])
     # Versioned: each output sits in a timestamped folder.
     assert len(list((tmp_path / "data/07_model_output/intensity/gradient_distances.parquet").iterdir())) == 1
     for name in ("gradient_distances", "distance_matrix", "training_history"):
@@ -133,7 +161,24 @@ def test_skipped_ordering_gets_zero_row_tables(finished):
     history = catalog.load("perceptual.training_history")
     assert distances.empty and list(distances.columns) == DISTANCE_COLUMNS
     assert history.empty and list(history.columns) == HISTORY_COLUMNS
-    assert catalog.load("perceptual.distance_matrix").shape == (0, 0)
+    assert catalog.load("perceptual.distance_matrix").shape == (0, 0, 0)
     assert catalog.load("perceptual.trained_model") == {}
     assert not list((tmp_path / "gradients").glob("*/perceptual"))
-    assert len(list((tmp_path / "gradients").rglob("*.pt"))) == 2 * NUM_BATCHES
+    assert len(list((tmp_path / "gradients").rglob("*.pt"))) == len(SEEDS) * 2 * NUM_BATCHES
+
+
+def test_a_rerun_reuses_every_ordering_and_seed(finished, sample_dataset):
+    """The same command again: each (ordering, seed) run is found by its name and reused, nothing retrained."""
+    tmp_path, catalog = finished
+    first = catalog.load("intensity.training_history")
+    again, records = run_pipeline(tmp_path, sample_dataset)
+    messages = [r.getMessage() for r in records]
+    for seed in SEEDS:
+        run_name = first.loc[first["seed"] == seed, "run_name"].iloc[0]
+        label = f"intensity seed {seed}"
+        assert any(m.startswith(f"{label}: run '{run_name}' found") and "complete; reusing its results" in m
+                   for m in messages), messages
+    assert not any(" epoch 1/2 " in m for m in messages)  # no epoch was trained
+    # Reused, not retrained: the histories (with their wall-clock seconds) come back unchanged.
+    pd.testing.assert_frame_equal(again.load("intensity.training_history"), first, check_exact=True)
+    assert len(list((tmp_path / "gradients").rglob("*.pt"))) == len(SEEDS) * 2 * NUM_BATCHES

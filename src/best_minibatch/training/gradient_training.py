@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from best_minibatch.config import ConfigError, Section
+from best_minibatch.config import ConfigError, Section, is_int
 from best_minibatch.data.images import augment, batch_generator, to_model_input
 from best_minibatch.training.algorithm1 import GradientProbe
 from best_minibatch.training.checkpoints import CheckpointError, RunStore, config_hash, tensor_checksum
@@ -68,16 +68,16 @@ SPILL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
                 "float64": torch.float64}
 GIB = 2**30
 
-DISTANCE_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "batch", "distance", "cosine_similarity",
+DISTANCE_COLUMNS = ["ordering", "seed", "epoch", "phase", "learning_rate", "batch", "distance", "cosine_similarity",
                     "relative_distance", "grad_norm", "full_grad_norm"]
 #: The same-parameter null: random batches probed at the same epoch-start parameters, against the same ∇_e.
-NULL_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "draw", "distance", "cosine_similarity",
+NULL_COLUMNS = ["ordering", "seed", "epoch", "phase", "learning_rate", "draw", "distance", "cosine_similarity",
                 "relative_distance", "grad_norm", "full_grad_norm"]
-HISTORY_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "train_loss", "train_accuracy", "test_loss",
+HISTORY_COLUMNS = ["ordering", "seed", "epoch", "phase", "learning_rate", "train_loss", "train_accuracy", "test_loss",
                    "test_accuracy", "mean_distance", "seconds", "full_grad_norm", "run_name", "gradients_kept",
                    "gradient_variance_trace", "n_train", "batch_size"]
 _HISTORY_NUMERIC = HISTORY_NUMERIC
-RUN_KEYS = ("training", "seed", "run_name", "checkpoint_dir", "gradients_dir", "keep_checkpoints", "keep_gradients",
+RUN_KEYS = ("training", "seeds", "run_name", "checkpoint_dir", "gradients_dir", "keep_checkpoints", "keep_gradients",
             "spill_dtype", "disk_cap_gb", "gradient_buffer", "trace_check", "expected_hours", "null_batches")
 
 
@@ -98,10 +98,15 @@ def _config_error(key: str, problem: str, fix: str) -> TrainingConfigError:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """The shared recipe plus what only ``gradient_training`` has: seed, run folders, spilling, caps."""
+    """The shared recipe plus what only ``gradient_training`` has: seeds, run folders, spilling, caps.
+
+    ``seeds``: each ordering trains once per seed (its own :class:`GradientProbeRun`,
+    run name and folders); a seed sets the initial weights, the augmentation and the
+    null batches' draws, never the fixed batches.
+    """
 
     recipe: TrainingRecipe = TrainingRecipe()
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     run_name: str = "auto"
     checkpoint_dir: str | None = "data/06_models/checkpoints"
     gradients_dir: str = "data/07_model_output/gradients"
@@ -119,6 +124,10 @@ class TrainingConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any], training: Mapping[str, Any] | None = None) -> TrainingConfig:
         """Build from the ``gradient_training`` section and the shared ``training`` recipe; all checked."""
+        if isinstance(params, Mapping) and "seed" in params:
+            # The single seed became a list; say so instead of "unknown parameter".
+            raise _config_error("seed", "was replaced by seeds (a list: each ordering trains once per seed)",
+                                f"Write seeds: [{params['seed']}] (or e.g. seeds: [0, 1, 2]).")
         section = Section(params, PARAMS_NAME, RUN_KEYS, TrainingConfigError)
         recipe = TrainingRecipe.from_params(training, section.get("training"), override_path=f"{PARAMS_NAME}.training",
                                             error_type=TrainingConfigError)
@@ -135,7 +144,7 @@ class TrainingConfig:
                                 "Use e.g. [random] (the null ordering, which the analysis's trace check reads).")
         config = cls(
             recipe=recipe,
-            seed=section.integer("seed", cls.seed, 0, "Use e.g. 0."),
+            seeds=_seeds(section),
             run_name=run_name,
             checkpoint_dir=section.get("checkpoint_dir", cls.checkpoint_dir),
             gradients_dir=section.get("gradients_dir", cls.gradients_dir),
@@ -197,7 +206,8 @@ class TrainingConfig:
         return self.trace_check is True or (not isinstance(self.trace_check, bool) and ordering in self.trace_check)
 
     def identity(self) -> dict[str, Any]:
-        """The settings that determine a run's results and spilled files (what ``run_name: auto`` hashes)."""
+        """The settings shared by every seed's run that determine its results and files (``run_identity`` adds
+        the seed, the ordering and the data)."""
         recipe, device = self.recipe, self.resolved_device()
         return {
             "model": recipe.model,
@@ -206,7 +216,6 @@ class TrainingConfig:
             "momentum": float(recipe.momentum),
             "weight_decay": float(recipe.weight_decay),
             "augment": bool(recipe.augment),
-            "seed": self.seed,
             "device": device.type,
             "bf16_autocast": bool(recipe.bf16_autocast and device.type == "cuda"),
             "deterministic": bool(recipe.deterministic),
@@ -214,6 +223,24 @@ class TrainingConfig:
             "kept_epochs": list(self.kept_epochs),
             "spill_dtype": self.spill_dtype,
         }
+
+
+def _seeds(section: Section) -> tuple[int, ...]:
+    seeds = section.get("seeds", list(TrainingConfig.seeds))
+    if (not isinstance(seeds, (list, tuple)) or not seeds
+            or any(not is_int(s) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds)):
+        raise section.error("seeds", f"expected a non-empty list of distinct non-negative integers, got {seeds!r}",
+                            "Use e.g. [0] or [0, 1, 2]; each ordering trains once per seed.")
+    return tuple(int(s) for s in seeds)
+
+
+def seed_run_name(run_name: str, seed: int) -> str:
+    """An explicit ``run_name``'s folder name for one seed: the name itself for seed 0, ``<name>-seed<S>`` else.
+
+    A seed's run name never depends on the other seeds in the list, so adding a seed
+    leaves the existing runs where they are. (``auto`` names hash the seed instead.)
+    """
+    return run_name if seed == 0 else f"{run_name}-seed{seed}"
 
 
 # --------------------------------------------------------------------------- data
@@ -314,7 +341,7 @@ class SpilledGradient:
 
 @dataclass
 class ProbeResults:
-    """Everything a finished run publishes."""
+    """Everything a finished run (one ordering, one seed) publishes; every table has a ``seed`` column."""
 
     ordering: str
     run_name: str
@@ -322,26 +349,63 @@ class ProbeResults:
     distance_matrix: torch.Tensor
     history: pd.DataFrame
     model_state: dict[str, torch.Tensor]
-    null_distances: pd.DataFrame = dataclasses.field(default_factory=lambda: _null_frame("", {}))
+    null_distances: pd.DataFrame = dataclasses.field(default_factory=lambda: _null_frame("", 0, {}))
+    seed: int = 0
 
     @classmethod
     def empty(cls, ordering: str, run_name: str = "") -> "ProbeResults":
         return cls(ordering, run_name, empty_distance_table(), torch.zeros(0, 0, dtype=torch.float64),
-                   empty_history_table(), {}, _null_frame("", {}))
+                   empty_history_table(), {}, _null_frame("", 0, {}))
+
+
+@dataclass
+class OrderingResults:
+    """One ordering's runs over every seed, as the pipeline publishes them.
+
+    The tables are the seeds' tables one after another (in the order of
+    ``gradient_training.seeds``; the ``seed`` column tells them apart);
+    ``distance_matrix`` stacks the seeds' ``E x K`` matrices into ``S x E x K``
+    (float64, ``0 x 0 x 0`` for a skipped ordering); ``model_states`` maps each seed
+    to its final ``net_normal`` state dict (``{}`` for a skipped ordering).
+    """
+
+    ordering: str
+    seeds: tuple[int, ...]
+    distances: pd.DataFrame
+    distance_matrix: torch.Tensor
+    history: pd.DataFrame
+    model_states: dict[int, dict[str, torch.Tensor]]
+    null_distances: pd.DataFrame
+
+    @classmethod
+    def from_runs(cls, ordering: str, results: list[ProbeResults]) -> "OrderingResults":
+        if not results:
+            empty = ProbeResults.empty(ordering)
+            return cls(ordering, (), empty.distances, torch.zeros(0, 0, 0, dtype=torch.float64), empty.history, {},
+                       empty.null_distances)
+        return cls(
+            ordering, tuple(r.seed for r in results),
+            pd.concat([r.distances for r in results], ignore_index=True),
+            torch.stack([r.distance_matrix for r in results]),
+            pd.concat([r.history for r in results], ignore_index=True),
+            {r.seed: r.model_state for r in results},
+            pd.concat([r.null_distances for r in results], ignore_index=True),
+        )
 
 
 def empty_distance_table() -> pd.DataFrame:
-    return _distance_frame("", {c: [] for c in ("epoch", "phase", "learning_rate", "batch", *GRADIENT_MEASURES,
-                                                "full_grad_norm")})
+    return _distance_frame("", 0, {c: [] for c in ("epoch", "phase", "learning_rate", "batch", *GRADIENT_MEASURES,
+                                                   "full_grad_norm")})
 
 
 def empty_history_table() -> pd.DataFrame:
-    return _history_frame("", "", {c: [] for c in _HISTORY_NUMERIC})
+    return _history_frame("", 0, "", {c: [] for c in _HISTORY_NUMERIC})
 
 
-def _distance_frame(ordering: str, rows: Mapping[str, Any]) -> pd.DataFrame:
+def _distance_frame(ordering: str, seed: int, rows: Mapping[str, Any]) -> pd.DataFrame:
     frame = pd.DataFrame({
         "ordering": pd.Series([ordering] * len(rows["epoch"]), dtype=object),
+        "seed": np.full(len(rows["epoch"]), seed, dtype=np.int64),
         "epoch": np.asarray(rows["epoch"], dtype=np.int64),
         "phase": np.asarray(rows["phase"], dtype=np.int64),
         "learning_rate": np.asarray(rows["learning_rate"], dtype=np.float64),
@@ -351,10 +415,11 @@ def _distance_frame(ordering: str, rows: Mapping[str, Any]) -> pd.DataFrame:
     return frame[DISTANCE_COLUMNS]
 
 
-def _null_frame(ordering: str, rows: Mapping[str, Any]) -> pd.DataFrame:
+def _null_frame(ordering: str, seed: int, rows: Mapping[str, Any]) -> pd.DataFrame:
     n = len(rows.get("epoch", []))
     frame = pd.DataFrame({
         "ordering": pd.Series([ordering] * n, dtype=object),
+        "seed": np.full(n, seed, dtype=np.int64),
         **{c: np.asarray(rows.get(c, []), dtype=np.int64) for c in ("epoch", "phase", "draw")},
         **{c: np.asarray(rows.get(c, []), dtype=np.float64)
            for c in ("learning_rate", *GRADIENT_MEASURES, "full_grad_norm")},
@@ -362,7 +427,7 @@ def _null_frame(ordering: str, rows: Mapping[str, Any]) -> pd.DataFrame:
     return frame[NULL_COLUMNS]
 
 
-def _history_frame(ordering: str, run_name: str, rows: Mapping[str, Any]) -> pd.DataFrame:
+def _history_frame(ordering: str, seed: int, run_name: str, rows: Mapping[str, Any]) -> pd.DataFrame:
     n = len(rows["epoch"])
     frame = pd.DataFrame({c: np.asarray(rows[c], dtype=np.float64) for c in _HISTORY_NUMERIC})
     for c in ("epoch", "phase"):
@@ -372,6 +437,7 @@ def _history_frame(ordering: str, run_name: str, rows: Mapping[str, Any]) -> pd.
             frame[c] = frame[c].astype(np.int64)
     frame["gradients_kept"] = frame["gradients_kept"].astype(bool)
     frame["ordering"] = pd.Series([ordering] * n, dtype=object)
+    frame["seed"] = np.full(n, seed, dtype=np.int64)
     frame["run_name"] = pd.Series([run_name] * n, dtype=object)
     return frame[HISTORY_COLUMNS]
 
@@ -392,9 +458,16 @@ def check_disk_cap(config: TrainingConfig, num_params: int, num_batches: int) ->
 
 
 def run_identity(config: TrainingConfig, ordering: str, num_params: int, param_dtype: torch.dtype,
-                 data_fingerprint: str | None, probe: bool = True) -> dict[str, Any]:
-    """Everything that determines a run's results and files (``run.json``; ``run_name: auto`` hashes it)."""
-    identity = {**config.identity(), "ordering": ordering, "probe": probe, "num_params": num_params,
+                 data_fingerprint: str | None, probe: bool = True, seed: int | None = None) -> dict[str, Any]:
+    """Everything that determines a run's results and files (``run.json``; ``run_name: auto`` hashes it).
+
+    ``seed`` is the run's seed (default: the first of ``config.seeds``). The
+    identity holds that one seed, never the list, so a seed's run keeps its name
+    whatever other seeds are configured (and seed 0's names are those of the
+    single-seed runs before ``seeds`` existed).
+    """
+    seed = config.seeds[0] if seed is None else seed
+    identity = {**config.identity(), "seed": seed, "ordering": ordering, "probe": probe, "num_params": num_params,
                 "param_dtype": str(param_dtype), "data": data_fingerprint}
     if probe and config.traces(ordering):
         identity["trace_check"] = True  # only when on, so that runs without it keep their names
@@ -412,10 +485,12 @@ def check_run_folder(config: TrainingConfig, ordering: str, num_params: int, par
     """
     if config.run_name == "auto" or config.checkpoint_dir is None:
         return
-    store = RunStore(config.checkpoint_dir, config.run_name, ordering,
-                     Path(config.gradients_dir) / config.run_name / ordering, config.keep_checkpoints)
-    store.check_compatible(run_identity(config, ordering, num_params, param_dtype, None), None,
-                           unknown=("data",))
+    for seed in config.seeds:
+        name = seed_run_name(config.run_name, seed)
+        store = RunStore(config.checkpoint_dir, name, ordering, Path(config.gradients_dir) / name / ordering,
+                         config.keep_checkpoints)
+        store.check_compatible(run_identity(config, ordering, num_params, param_dtype, None, seed=seed), None,
+                               unknown=("data",))
 
 
 def available_memory(device: torch.device) -> int:
@@ -492,18 +567,24 @@ def estimate_hours(config: TrainingConfig, num_batches: int, batch_size: int, or
 
 
 def check_expected_time(config: TrainingConfig, num_batches: int, batch_size: int, orderings: int) -> None:
-    """Refuse a run measured to take far longer than the environment expects, unless the user confirms."""
-    hours, per_step, steps = estimate_hours(config, num_batches, batch_size, orderings)
+    """Refuse a run measured to take far longer than the environment expects, unless the user confirms.
+
+    Every ordering trains once per seed, so the runs are ``orderings x len(config.seeds)``.
+    """
+    seeds = len(config.seeds)
+    hours, per_step, steps = estimate_hours(config, num_batches, batch_size, orderings * seeds)
     if hours > config.expected_hours:
         device = config.resolved_device()
         raise _config_error(
             "expected_hours",
-            f"the run would take about {hours:,.1f} hours ({orderings} orderings x {config.num_epochs} epochs x "
+            f"the run would take about {hours:,.1f} hours ({orderings} orderings x {seeds} "
+            f"seed{'s' if seeds > 1 else ''} x {config.num_epochs} epochs x "
             f"{num_batches} batches of {batch_size} at {per_step:.3g} s per probed step of {config.model} on "
             f"{device.type}, measured on {steps} step{'s' if steps > 1 else ''} of {min(batch_size, 16)} images and scaled), more than the {config.expected_hours:g} hours this environment "
             "expects",
             f"Confirm with --params gradient_training.expected_hours={math.ceil(hours)}, or choose a smaller model "
-            "(training.model.name), fewer epochs (training.phases), or a GPU.")
+            "(training.model.name), fewer epochs (training.phases), fewer seeds (gradient_training.seeds), "
+            "or a GPU.")
 
 
 def named_model_factory(config: TrainingConfig | TrainingRecipe, num_classes: int = 10) -> Callable[[], nn.Module]:
@@ -555,7 +636,7 @@ class _SpillingProbe(GradientProbe):
 
 
 class GradientProbeRun:
-    """One ordering's training run with the gradient probe.
+    """One ordering's training run with the gradient probe, for one seed.
 
     Construction checks everything (parameters, data, the disk cap, the run
     folder) and writes nothing; :meth:`run` then trains, yielding each kept
@@ -565,21 +646,26 @@ class GradientProbeRun:
     ``probe=False`` trains ``net_normal`` alone (no compare pass, no distances):
     the plain-training baseline of the benchmark and of the test showing that the
     compare pass does not disturb training. ``checkpoint_dir: null`` in the config
-    runs without checkpoints.
+    runs without checkpoints. ``seed`` (default: the first of ``config.seeds``) sets
+    the initial weights, the augmentation and the null batches' draws; the fixed
+    batches are the data's, the same for every seed.
     """
 
     def __init__(self, config: TrainingConfig, data: TrainingData, model_factory: Callable[[], nn.Module],
-                 ordering: str, *, probe: bool = True) -> None:
+                 ordering: str, *, probe: bool = True, seed: int | None = None) -> None:
         self.config = config
         self.data = data
         self.ordering = ordering
         self.probe = probe
+        self.seed = config.seeds[0] if seed is None else int(seed)
+        # How the log names this run: the ordering, and the seed when several are configured.
+        self.label = ordering if len(config.seeds) == 1 and self.seed == config.seeds[0] else f"{ordering} seed {self.seed}"
         self.device = config.resolved_device()
         self.schedule = config.schedule
         self.kept_epochs = set(config.kept_epochs) if probe else set()
         self.trace = probe and config.traces(ordering)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+            torch.manual_seed(self.seed)
             probe_model = model_factory()
         self.model_factory = model_factory
         self.num_params = sum(p.numel() for p in probe_model.parameters() if p.requires_grad)
@@ -592,10 +678,12 @@ class GradientProbeRun:
         self.spill_file_bytes = spill_bytes + torch_save_overhead(SPILL_DTYPES[config.spill_dtype])
         if probe:
             check_disk_cap(config, self.num_params, data.num_batches)
-        identity = run_identity(config, ordering, self.num_params, self.param_dtype, data.fingerprint(), probe)
+        identity = run_identity(config, ordering, self.num_params, self.param_dtype, data.fingerprint(), probe,
+                                seed=self.seed)
         self.identity = identity
         self.digest = config_hash(identity)
-        self.run_name = f"{config.model}-{self.digest[:12]}" if config.run_name == "auto" else config.run_name
+        self.run_name = (f"{config.model}-{self.digest[:12]}" if config.run_name == "auto"
+                         else seed_run_name(config.run_name, self.seed))
         self.gradients_dir = Path(config.gradients_dir) / self.run_name / ordering
         self.store = None
         if config.checkpoint_dir is not None:
@@ -619,7 +707,7 @@ class GradientProbeRun:
         with training_environment(recipe):
             if self.store is not None:
                 self.store.claim(self.identity, self.digest)
-            torch.manual_seed(config.seed)
+            torch.manual_seed(self.seed)
             net_normal = self.model_factory().to(self.device)
             optimizer = recipe.optimizer(net_normal)
             progress = Progress()
@@ -642,7 +730,7 @@ class GradientProbeRun:
                 yield from train_epochs(
                     net_normal, optimizer, recipe, self.schedule[start:], batches_of, lambda _: self.data.num_batches,
                     evaluate=self._evaluate, hook=probe, on_epoch_start=before_epoch, on_epoch_end=epoch_end,
-                    divergence=self._divergence_message, label=self.ordering,
+                    divergence=self._divergence_message, label=self.label,
                 )
             finally:
                 if probe is not None:
@@ -715,7 +803,7 @@ class GradientProbeRun:
         if damaged:
             self.store.set_aside_checkpoints_after(done)
             logger.warning("%s: %s. Resuming from the intact checkpoint of epoch %d and recomputing epochs %d..%d.",
-                           self.ordering, listed, done, done + 1, max(newest or done, done + 1))
+                           self.label, listed, done, done + 1, max(newest or done, done + 1))
         net_normal.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         progress.__dict__.update(Progress.from_state(state).__dict__)
@@ -723,7 +811,7 @@ class GradientProbeRun:
         if self.device.type == "cuda" and state.get("rng_cuda"):
             torch.cuda.set_rng_state_all(list(state["rng_cuda"]))
         verb = "complete; reusing its results" if done == len(self.schedule) else f"resuming after epoch {done}"
-        logger.info("%s: run '%s' found in %s, %s", self.ordering, self.run_name, self.store.folder, verb)
+        logger.info("%s: run '%s' found in %s, %s", self.label, self.run_name, self.store.folder, verb)
         return done
 
     def _damaged_gradient_files(self, done: int, state: Mapping[str, Any],
@@ -748,7 +836,7 @@ class GradientProbeRun:
         rows = self.data.batches[batch]
         inputs = to_model_input(self.data.train_images[rows], dtype=self.param_dtype)
         if self.config.recipe.augment:
-            inputs = augment(inputs, batch_generator(self.config.seed, epoch, batch))
+            inputs = augment(inputs, batch_generator(self.seed, epoch, batch))
         non_blocking = self.device.type == "cuda"
         return (inputs.to(self.device, non_blocking=non_blocking),
                 self.data.train_labels[rows].to(self.device, non_blocking=non_blocking))
@@ -757,11 +845,11 @@ class GradientProbeRun:
         """Random batch ``draw`` of ``epoch``: ``m`` training images without replacement, seeded per
         (seed, ordering, epoch, draw), augmented (when on) with a stream apart from the fixed batches'."""
         data = self.data
-        rng = np.random.default_rng([self.config.seed, zlib.crc32(self.ordering.encode()), epoch, draw])
+        rng = np.random.default_rng([self.seed, zlib.crc32(self.ordering.encode()), epoch, draw])
         rows = torch.from_numpy(rng.choice(data.train_images.shape[0], size=data.batch_size, replace=False))
         inputs = to_model_input(data.train_images[rows], dtype=self.param_dtype)
         if self.config.recipe.augment:
-            inputs = augment(inputs, batch_generator(self.config.seed, epoch, data.num_batches + draw))
+            inputs = augment(inputs, batch_generator(self.seed, epoch, data.num_batches + draw))
         return inputs.to(self.device), data.train_labels[rows].to(self.device)
 
     def _record_null(self, plan: EpochPlan, measures: Mapping[str, Any], progress: Progress) -> None:
@@ -779,7 +867,8 @@ class GradientProbeRun:
         where = f"epoch {plan.epoch}" + (f", batch {batch}" if batch is not None else "")
         kept = (f"the last good checkpoint (epoch {plan.epoch - 1}) is kept in '{self.store.folder}'"
                 if self.store is not None and plan.epoch > 1 else "no checkpoint of this epoch was written")
-        return (f"Ordering '{self.ordering}', {where}: {what} is not finite; the run stopped and {kept}. "
+        seed = f" (seed {self.seed})" if self.label != self.ordering else ""
+        return (f"Ordering '{self.ordering}'{seed}, {where}: {what} is not finite; the run stopped and {kept}. "
                 "Lower the learning rate of that phase (training.phases) or enable training.augment, then rerun.")
 
     def _check_free_space(self, epoch: int, kept: bool) -> None:
@@ -837,12 +926,12 @@ class GradientProbeRun:
         logger.info(
             "%s epoch %d/%d (phase %d, lr %g): train loss %.4f acc %.3f | test loss %.4f acc %.3f | "
             "mean distance %.5g | %.1f s%s",
-            self.ordering, plan.epoch, len(self.schedule), plan.phase, plan.learning_rate, train_loss,
+            self.label, plan.epoch, len(self.schedule), plan.phase, plan.learning_rate, train_loss,
             train_accuracy, test_loss, test_accuracy, mean_distance, seconds, " | gradients kept" if kept else "",
         )
 
     def _assemble(self, net_normal: nn.Module, progress: Progress) -> ProbeResults:
-        distances = _distance_frame(self.ordering, progress.distances)
+        distances = _distance_frame(self.ordering, self.seed, progress.distances)
         epochs = len(progress.history["epoch"])
         if self.probe and epochs:
             matrix = torch.tensor(progress.distances["distance"], dtype=torch.float64).view(epochs,
@@ -851,5 +940,5 @@ class GradientProbeRun:
             matrix = torch.zeros(0, 0, dtype=torch.float64)
         model_state = {k: v.detach().cpu().clone() for k, v in net_normal.state_dict().items()}
         return ProbeResults(self.ordering, self.run_name, distances, matrix,
-                            _history_frame(self.ordering, self.run_name, progress.history), model_state,
-                            _null_frame(self.ordering, progress.null))
+                            _history_frame(self.ordering, self.seed, self.run_name, progress.history), model_state,
+                            _null_frame(self.ordering, self.seed, progress.null), self.seed)

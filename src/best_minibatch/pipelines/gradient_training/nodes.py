@@ -11,6 +11,7 @@ import torch
 
 from best_minibatch.training.gradient_training import (
     GradientProbeRun,
+    OrderingResults,
     ProbeResults,
     TrainingConfig,
     TrainingData,
@@ -24,6 +25,53 @@ logger = logging.getLogger(__name__)
 PENDING = "training in progress"
 
 
+def prepare_seed_runs(
+    batch_assignments: pd.DataFrame,
+    image_index: pd.DataFrame,
+    train_images: torch.Tensor,
+    test_images: torch.Tensor,
+    training: dict[str, Any],
+    params: dict[str, Any],
+    ordering: str,
+) -> list[GradientProbeRun]:
+    """One :class:`GradientProbeRun` per seed of ``gradient_training.seeds``, every check done, nothing written.
+
+    Empty for an ordering whose metric was skipped upstream (zero-row ``batch_assignments``).
+    """
+    config = TrainingConfig.from_params(params, training)
+    if batch_assignments.empty:
+        # INFO, not WARNING: score_metrics already gave the one loud warning about the skip.
+        logger.info("%s: no batch assignments (the metric was skipped upstream); writing empty tables", ordering)
+        return []
+    if "metric" in batch_assignments and set(batch_assignments["metric"].unique()) != {ordering}:
+        raise TrainingDataError(
+            f"batch_assignments of '{ordering}' holds metrics {sorted(batch_assignments['metric'].unique())}; "
+            "rerun sort_batches."
+        )
+    data = TrainingData.from_tables(batch_assignments, image_index, train_images, test_images)
+    factory = named_model_factory(config)
+    return [GradientProbeRun(config, data, factory, ordering, seed=seed) for seed in config.seeds]
+
+
+def train_seed(run: GradientProbeRun) -> Iterator[tuple[dict[str, torch.Tensor], ProbeResults | str]]:
+    """One (ordering, seed) run to its end, resuming from its last checkpoint (or reusing a finished run).
+
+    Yields ``({partition_id: gradient}, PENDING)`` for every kept mini-batch gradient as
+    it is computed, then ``({}, ProbeResults)`` once. The unit of work a scheduler can
+    hand out: it needs nothing but the run.
+    """
+    config = run.config
+    logger.info(
+        "%s, seed %d: run '%s', %s (%s parameters), %d epochs of %d batches of %d on %s; gradients of epochs %s "
+        "kept in %s", run.ordering, run.seed, run.run_name, config.model, f"{run.num_params:,}", config.num_epochs,
+        run.data.num_batches, run.data.batch_size, run.device, _epoch_list(run.kept_epochs) or "none",
+        run.gradients_dir,
+    )
+    for spilled in run.run():
+        yield {run.partition_id(spilled.epoch, spilled.batch): spilled.gradient}, PENDING
+    yield {}, run.results
+
+
 def train_with_gradient_probe(
     batch_assignments: pd.DataFrame,
     image_index: pd.DataFrame,
@@ -33,44 +81,34 @@ def train_with_gradient_probe(
     params: dict[str, Any],
     *,
     ordering: str,
-) -> Iterator[tuple[dict[str, torch.Tensor], ProbeResults | str]]:
-    """Train one ordering with the gradient probe (Algorithm 1), resuming from its last checkpoint.
+) -> Iterator[tuple[dict[str, torch.Tensor], OrderingResults | str]]:
+    """Train one ordering with the gradient probe (Algorithm 1) once per seed, one seed after another.
 
     Yields ``({partition_id: gradient}, PENDING)`` for every kept mini-batch gradient
     as it is computed (Kedro writes it to ``batch_gradients`` before training goes
-    on), then ``({}, ProbeResults)`` once. Every check runs before the first yield.
+    on), then ``({}, OrderingResults)`` once. Every check of every seed's run runs
+    before the first yield.
     """
-    config = TrainingConfig.from_params(params, training)
-    if batch_assignments.empty:
-        # INFO, not WARNING: score_metrics already gave the one loud warning about the skip.
-        logger.info("%s: no batch assignments (the metric was skipped upstream); writing empty tables", ordering)
-        yield {}, ProbeResults.empty(ordering)
-        return
-    if "metric" in batch_assignments and set(batch_assignments["metric"].unique()) != {ordering}:
-        raise TrainingDataError(
-            f"batch_assignments of '{ordering}' holds metrics {sorted(batch_assignments['metric'].unique())}; "
-            "rerun sort_batches."
-        )
-    data = TrainingData.from_tables(batch_assignments, image_index, train_images, test_images)
-    run = GradientProbeRun(config, data, named_model_factory(config), ordering)
-    logger.info(
-        "%s: run '%s', %s (%s parameters), %d epochs of %d batches of %d on %s; gradients of epochs %s kept in %s",
-        ordering, run.run_name, config.model, f"{run.num_params:,}", config.num_epochs, data.num_batches,
-        data.batch_size, run.device, _epoch_list(run.kept_epochs) or "none", run.gradients_dir,
-    )
-    for spilled in run.run():
-        yield {run.partition_id(spilled.epoch, spilled.batch): spilled.gradient}, PENDING
-    yield {}, run.results
+    runs = prepare_seed_runs(batch_assignments, image_index, train_images, test_images, training, params, ordering)
+    finished: list[ProbeResults] = []
+    for run in runs:
+        for chunk, result in train_seed(run):
+            if isinstance(result, ProbeResults):
+                finished.append(result)
+            else:
+                yield chunk, result
+    yield {}, OrderingResults.from_runs(ordering, finished)
 
 
 def publish_probe_results(
-    probe_results: ProbeResults | str,
-) -> tuple[pd.DataFrame, torch.Tensor, pd.DataFrame, dict[str, torch.Tensor], pd.DataFrame]:
-    """Split a finished run into its versioned outputs: distances, distance matrix, history, model, null distances."""
-    if not isinstance(probe_results, ProbeResults):
+    probe_results: OrderingResults | str,
+) -> tuple[pd.DataFrame, torch.Tensor, pd.DataFrame, dict[int, dict[str, torch.Tensor]], pd.DataFrame]:
+    """Split an ordering's finished runs into its versioned outputs: distances, distance matrix (S x E x K),
+    history, models (``{seed: state_dict}``), null distances; the tables have a ``seed`` column."""
+    if not isinstance(probe_results, OrderingResults):
         raise RuntimeError("train_with_gradient_probe ended without results; see the error it raised above.")
     return (probe_results.distances, probe_results.distance_matrix, probe_results.history,
-            probe_results.model_state, probe_results.null_distances)
+            probe_results.model_states, probe_results.null_distances)
 
 
 def _epoch_list(epochs: set[int]) -> str:
