@@ -43,6 +43,8 @@ def synthetic_run(
     noise=1.0,
     seed=0,
     with_trace=False,
+    seeds=None,
+    seed_effects=None,
 ):
     """All inputs of ``distance_analysis`` and ``visualize`` for a fake run.
 
@@ -51,8 +53,13 @@ def synthetic_run(
     ordering's distances in that phase. Each epoch has its own gradient scale
     (falling by orders of magnitude with the phase), so raw distances of different
     phases are not comparable but noise units are.
+
+    ``seeds``: training seeds (``None``: one run, tables without a ``seed`` column,
+    as written before seeds existed); each seed gets its own noise, and
+    ``seed_effects[(ordering, phase, seed)]`` replaces ``effects`` for that seed.
     """
     effects = effects or {}
+    seed_effects = seed_effects or {}
     rng = np.random.default_rng(seed)
     n_train = n_batches * batch_size + 3  # three images are dropped by every ordering
     labels = rng.integers(0, len(CLASS_NAMES), size=n_train)
@@ -127,8 +134,10 @@ def synthetic_run(
             summary[f"class_count_{name}"] = counts[:, c]
         tables["batch_summary"] = summary
         rows = []
-        for epoch, rate, phase in zip(epochs, epoch_rates, epoch_phases):
+        for run_seed, epoch, rate, phase in ((s, *e) for s in (seeds or (0,))
+                                              for e in zip(epochs, epoch_rates, epoch_phases)):
             offset = effects.get((ordering, phase), np.zeros(n_batches))
+            offset = seed_effects.get((ordering, phase, run_seed), offset)
             z = offset + noise * rng.normal(size=n_batches)
             distance = scale[epoch] * (1.0 + 0.05 * z)
             full = scale[epoch] * 0.5
@@ -136,6 +145,7 @@ def synthetic_run(
                 pd.DataFrame(
                     {
                         "ordering": ordering,
+                        **({"seed": run_seed} if seeds is not None else {}),
                         "epoch": epoch,
                         "phase": phase,
                         "learning_rate": rate,
@@ -149,24 +159,31 @@ def synthetic_run(
                 )
             )
         tables["gradient_distances"] = pd.concat(rows, ignore_index=True)
-        history = pd.DataFrame(
-            {
-                "ordering": ordering,
-                "epoch": epochs,
-                "phase": epoch_phases,
-                "learning_rate": epoch_rates,
-                "train_loss": np.linspace(2.0, 0.5, len(epochs)),
-                "train_accuracy": np.linspace(0.2, 0.8, len(epochs)),
-                "test_loss": np.linspace(2.1, 0.9, len(epochs)),
-                "test_accuracy": np.linspace(0.2, 0.6, len(epochs)),
-                "mean_distance": tables["gradient_distances"].groupby("epoch")["distance"].mean().to_numpy(),
-                "seconds": 1.0,
-            }
-        )
+        histories = []
+        for index, run_seed in enumerate(seeds or (0,)):
+            own = tables["gradient_distances"]
+            own = own[own["seed"] == run_seed] if seeds is not None else own
+            histories.append(pd.DataFrame(
+                {
+                    "ordering": ordering,
+                    **({"seed": run_seed} if seeds is not None else {}),
+                    "epoch": epochs,
+                    "phase": epoch_phases,
+                    "learning_rate": epoch_rates,
+                    "train_loss": np.linspace(2.0, 0.5, len(epochs)) + 0.05 * index,
+                    "train_accuracy": np.linspace(0.2, 0.8, len(epochs)) - 0.02 * index,
+                    "test_loss": np.linspace(2.1, 0.9, len(epochs)) + 0.05 * index,
+                    "test_accuracy": np.linspace(0.2, 0.6, len(epochs)) - 0.02 * index,
+                    "mean_distance": own.groupby("epoch")["distance"].mean().to_numpy(),
+                    "seconds": 1.0,
+                }
+            ))
+        history = pd.concat(histories, ignore_index=True)
         if with_trace:
             m, n = batch_size, n_train
             observed = tables["gradient_distances"].assign(sq=lambda t: t["distance"] ** 2)
-            observed = observed.groupby("epoch")["sq"].mean().to_numpy()
+            keys = ["seed", "epoch"] if seeds is not None else ["epoch"]
+            observed = observed.groupby(keys)["sq"].mean().to_numpy()
             history["gradient_variance_trace"] = observed * m * (n - 1) / (n - m) * 1.25
             history["n_train"] = n
             history["batch_size"] = m
@@ -192,12 +209,16 @@ def run_analysis(run, null="random", n_permutations=5000, alpha=0.05):
     per = run["orderings"]
     distances = {o: t["gradient_distances"] for o, t in per.items()}
     noise_units = analysis.noise_unit_distances(distances, null)
-    batch_stats = analysis.batch_phase_statistics(noise_units, {o: t["batch_summary"] for o, t in per.items()})
+    summaries = {o: t["batch_summary"] for o, t in per.items()}
+    batch_stats = analysis.batch_phase_statistics(noise_units, summaries)
+    by_seed = analysis.batch_phase_statistics_by_seed(noise_units, summaries)
     status = analysis.ordering_status_table({o: t["metric_status"] for o, t in per.items()}, distances)
-    comparisons = analysis.compare_batch_groups(batch_stats, n_permutations=n_permutations, seed=1)
+    comparisons = analysis.compare_batch_groups(batch_stats, n_permutations=n_permutations, seed=1,
+                                                batch_stats_by_seed=by_seed)
     claims = analysis.claim_verdicts(comparisons, status, alpha=alpha)
-    return {"noise_units": noise_units, "batch_stats": batch_stats, "status": status,
-            "comparisons": comparisons, "claims": claims}
+    return {"noise_units": noise_units, "batch_stats": batch_stats, "batch_stats_by_seed": by_seed,
+            "status": status, "comparisons": comparisons, "claims": claims,
+            "seed_comparisons": analysis.seed_group_differences(by_seed)}
 
 
 def _positions(n_batches):
@@ -424,6 +445,98 @@ def test_holm_adjustment():
     adjusted = analysis.holm_adjust([0.01, np.nan, 0.04, 0.03])
     # sorted 0.01, 0.03, 0.04 -> 3*0.01, 2*0.03, max(0.06, 1*0.04)
     np.testing.assert_allclose(adjusted, [0.03, np.nan, 0.06, 0.06])
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def test_noise_units_are_taken_within_each_seed():
+    """Each seed's batches against that seed's null: the same-network null of the ordering's run with the same
+    seed, the cross-network null of the null ordering's run with the same seed."""
+    def table(ordering, seed, distances):
+        return pd.DataFrame({"ordering": ordering, "seed": seed, "epoch": 1, "phase": 1, "learning_rate": 0.1,
+                             "batch": range(len(distances)), "distance": distances, "cosine_similarity": 0.5,
+                             "relative_distance": 1.0})
+    distances = {"random": pd.concat([table("random", 0, [1.0, 2.0, 3.0]), table("random", 1, [10.0, 20.0, 30.0])]),
+                 "edges": pd.concat([table("edges", 0, [4.0, 2.0]), table("edges", 1, [40.0, 20.0])])}
+    nulls = {"edges": pd.DataFrame({"seed": [0, 0, 0, 1, 1, 1], "epoch": 1, "draw": [0, 1, 2] * 2,
+                                    "distance": [2.0, 3.0, 4.0, 20.0, 30.0, 40.0]})}
+    out = analysis.noise_unit_distances(distances, "random", nulls).set_index(["ordering", "seed", "batch"])
+    for seed, scale in ((0, 1.0), (1, 10.0)):
+        assert out.loc[("edges", seed, 0), "null_mean"] == pytest.approx(3.0 * scale)
+        assert out.loc[("edges", seed, 0), "noise_z"] == pytest.approx(1.0)  # (4 - 3) / 1 in either seed's scale
+        assert out.loc[("edges", seed, 0), "noise_z_cross"] == pytest.approx(2.0)  # against random's same seed
+
+
+def test_the_per_batch_statistic_pools_the_seeds():
+    run = synthetic_run(phase_lengths=(3, 2), learning_rates=(0.1, 0.01), n_batches=8, seeds=(0, 5), skipped=())
+    result = run_analysis(run)
+    units = result["noise_units"]
+    rows = units[(units["ordering"] == "edges") & (units["phase"] == 2) & (units["batch"] == 5)]
+    assert sorted(set(zip(rows["seed"], rows["epoch"]))) == [(0, 4), (0, 5), (5, 4), (5, 5)]
+    pooled = result["batch_stats"].set_index(["ordering", "phase", "batch"]).loc[("edges", 2, 5)]
+    assert pooled["n_epochs"] == 2 and pooled["n_seeds"] == 2
+    assert pooled["noise_z_mean"] == pytest.approx(rows["noise_z"].mean())  # over the phase's epochs and the seeds
+    assert pooled["distance_std"] == pytest.approx(rows["distance"].std())
+    per_seed = rows.groupby("seed")["noise_z"].mean()
+    assert pooled["noise_z_seed_sd"] == pytest.approx(per_seed.std())
+    by_seed = result["batch_stats_by_seed"].set_index(["ordering", "seed", "phase", "batch"])
+    for seed in (0, 5):
+        assert by_seed.loc[("edges", seed, 2, 5), "noise_z_mean"] == pytest.approx(per_seed[seed])
+    # The test's unit stays the batch: one value per batch, 8 per ordering and phase.
+    comparisons = result["comparisons"]
+    assert (comparisons["n_group"] + comparisons["n_rest"] == 8).all() and (comparisons["n_seeds"] == 2).all()
+    assert result["status"].set_index("ordering").at["edges", "n_seeds"] == 2
+
+
+def _upper_quartile(size, n_batches=40):
+    return np.where(_positions(n_batches) > 0.75, size, 0.0)
+
+
+def test_a_claim_is_supported_only_when_every_seed_agrees_in_sign():
+    """Planted: intensity's upper quartile is closer in phase 1. Three seeds that agree: supported. The same
+    but one seed with the opposite (weaker) effect: the pooled test still passes, the verdict does not."""
+    agree = synthetic_run(phase_lengths=(3,), learning_rates=(0.1,), skipped=(), seeds=(0, 1, 2), seed=3,
+                          effects={("intensity", 1): _upper_quartile(-3.0)})
+    row = run_analysis(agree)["claims"].set_index(["claim_id", "ordering"]).loc[
+        ("first_phase_upper_quartile_closest", "intensity")]
+    assert (row["verdict"], row["pooled_verdict"]) == ("supported", "supported")
+    assert (row["n_seeds"], row["seeds_agreeing"]) == (3, 3)
+    disagree = synthetic_run(phase_lengths=(3,), learning_rates=(0.1,), skipped=(), seeds=(0, 1, 2), seed=3,
+                             effects={("intensity", 1): _upper_quartile(-3.0)},
+                             seed_effects={("intensity", 1, 2): _upper_quartile(+1.0)})
+    result = run_analysis(disagree)
+    row = result["claims"].set_index(["claim_id", "ordering"]).loc[("first_phase_upper_quartile_closest",
+                                                                     "intensity")]
+    assert row["difference"] < 0 and row["p_holm"] < 0.05  # the pooled test passes in the claimed direction
+    assert row["pooled_verdict"] == "supported"
+    assert (row["n_seeds"], row["seeds_agreeing"]) == (3, 2)
+    assert row["verdict"] == "undecided"
+    effects = result["seed_comparisons"].set_index(["ordering", "phase", "comparison", "seed"])["difference"]
+    key = ("intensity", 1, analysis.UPPER_QUARTILE)
+    assert effects[(*key, 0)] < 0 and effects[(*key, 1)] < 0 and effects[(*key, 2)] > 0
+    assert row["seed_differences"] == "; ".join(f"seed {s}: {effects[(*key, s)]:+.3f}" for s in (0, 1, 2))
+
+
+def test_with_one_seed_the_rule_is_the_pooled_test():
+    """A one-seed run with a seed column gives the verdicts and numbers of the same run without one."""
+    plain = run_analysis(synthetic_run(effects=planted_effects(), seed=3))["claims"]
+    seeded = run_analysis(synthetic_run(effects=planted_effects(), seed=3, seeds=(0,)))["claims"]
+    pd.testing.assert_frame_equal(plain, seeded)
+    tested = seeded[seeded["verdict"].isin(["supported", "contradicted", "undecided"])]
+    assert (tested["n_seeds"] == 1).all() and (tested["seeds_agreeing"] == 1).all()
+    assert (tested["verdict"] == tested["pooled_verdict"]).all()
+    assert set(tested["verdict"]) == {"supported", "contradicted", "undecided"}
+
+
+def test_trace_check_per_seed():
+    run = synthetic_run(phase_lengths=(2, 1), learning_rates=(0.1, 0.01), n_batches=6, with_trace=True,
+                        seeds=(0, 1))
+    noise_units = run_analysis(run)["noise_units"]
+    check = analysis.gradient_noise_trace_check(noise_units[noise_units["ordering"] == "random"],
+                                                run["orderings"]["random"]["training_history"])
+    assert list(zip(check["seed"], check["epoch"])) == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    np.testing.assert_allclose(check["ratio"], 0.8)
 
 
 # --------------------------------------------------------------------------- confounds, best and worst

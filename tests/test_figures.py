@@ -112,6 +112,60 @@ def test_training_curves_have_loss_and_accuracy_with_phase_boundaries(analysed):
     assert figure.axes[0].get_ylabel() == "cross-entropy loss"
 
 
+@pytest.fixture(scope="module")
+def analysed_seeds():
+    """Three seeds, two phases."""
+    run = synthetic_run(orderings=ORDERINGS, phase_lengths=(2, 2), learning_rates=(0.1, 0.01), n_batches=12,
+                        batch_size=9, seeds=(0, 1, 2))
+    return run, run_analysis(run, n_permutations=500)
+
+
+def test_heatmap_of_several_seeds_shows_their_mean(analysed_seeds):
+    _, result = analysed_seeds
+    figure = figures.distance_heatmap(result["noise_units"], "intensity", "random")
+    assert len(figure.axes) == 2 * 2 + 2
+    raw = result["noise_units"].query("ordering == 'intensity' and epoch == 3")
+    mean = raw.groupby("batch")[["distance", "noise_z"]].mean()
+    phase_two_distance, phase_two_noise = figure.axes[1], figure.axes[3]
+    assert phase_two_distance.get_images()[0].get_array().shape == (2, 12)  # epochs x batches, seeds averaged
+    np.testing.assert_allclose(phase_two_distance.get_images()[0].get_array()[0], mean["distance"])
+    np.testing.assert_allclose(phase_two_noise.get_images()[0].get_array()[0], mean["noise_z"])
+    assert figure.get_suptitle().endswith("(mean of 3 seeds)")
+
+
+def test_seed_spread_shows_every_seed_their_mean_and_band(analysed_seeds):
+    _, result = analysed_seeds
+    by_seed = result["batch_stats_by_seed"]
+    figure = figures.seed_spread(by_seed, ORDERINGS, "random")
+    assert len(figure.axes) == 3 * 2  # intensity, edges, random (perceptual skipped) x 2 phases
+    axis = figure.axes[2 * 1 + 1]  # edges, phase 2
+    wide = by_seed.query("ordering == 'edges' and phase == 2").pivot(index="batch", columns="seed",
+                                                                    values="noise_z_mean")
+    lines = [line for line in axis.get_lines() if len(line.get_xdata()) == 12]
+    assert len(lines) == 3 + 1  # one per seed and the mean
+    for seed, line in zip(wide.columns, lines):
+        np.testing.assert_allclose(line.get_ydata(), wide[seed])
+    np.testing.assert_allclose(lines[-1].get_ydata(), wide.mean(axis=1))
+    assert len([c for c in axis.collections if isinstance(c, PolyCollection)]) == 1  # the +-1 sd band
+    sd = float(np.median(wide.std(axis=1, ddof=1)))
+    assert axis.get_title() == f"edges, phase 2: median sd across seeds {sd:.2f} z"
+    one = figures.seed_spread(analysis.batch_phase_statistics_by_seed(
+        result["noise_units"].query("seed == 0"), {}), ORDERINGS, "random")
+    assert one.axes[0].get_title() == "intensity, phase 1: one seed: no spread"
+    assert figures.png_bytes(figure, dpi=30).startswith(b"\x89PNG")
+
+
+def test_training_curves_of_several_seeds_are_seed_means(analysed_seeds):
+    run, _ = analysed_seeds
+    histories = {o: t["training_history"] for o, t in run["orderings"].items()}
+    figure = figures.training_curves(histories, "random")
+    loss = figure.axes[0]
+    curves = [line for line in loss.get_lines() if len(set(line.get_xdata())) > 1]
+    assert len(curves) == 2 * 3  # train and test of 3 orderings, one line each (not one per seed)
+    expected = histories["intensity"].groupby("epoch")["train_loss"].mean()
+    np.testing.assert_allclose(curves[0].get_ydata(), expected)
+
+
 def test_catalog_entries_write_real_png_and_pdf_files(tmp_path):
     """The figure datasets as configured: each file holds the format its name says."""
     run = synthetic_run(orderings=("edges", "random"), phase_lengths=(2,), learning_rates=(0.1,), n_batches=4)

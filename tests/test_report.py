@@ -16,9 +16,10 @@ from tests.test_analysis import SKIP_REASON, planted_effects, run_analysis, synt
 PNG = b"\x89PNG\r\n\x1a\nfake"
 
 
-def _report(with_trace=False, skipped=("perceptual",), figures=None, reason=SKIP_REASON, batch_selection_section=None):
+def _report(with_trace=False, skipped=("perceptual",), figures=None, reason=SKIP_REASON, batch_selection_section=None,
+            seeds=None, seed_effects=None):
     run = synthetic_run(effects=planted_effects(20), n_batches=20, phase_lengths=(2, 2, 2), skipped=skipped,
-                        with_trace=with_trace)
+                        with_trace=with_trace, seeds=seeds, seed_effects=seed_effects)
     if skipped:
         run["orderings"][skipped[0]]["metric_status"]["reason"] = reason
     result = run_analysis(run, n_permutations=1000)
@@ -130,3 +131,29 @@ def test_report_includes_batch_selection_once_it_has_run(page_and_result):
     section = '<section id="batch-selection"><h2>Do the best batches train faster?</h2><p>No.</p></section>'
     page_with, _, _ = _report(batch_selection_section=section)
     assert section in page_with and "Not run yet" not in page_with
+
+
+def test_report_shows_each_seeds_effect_and_the_agreement_rule():
+    """Three seeds; in phase 1 seed 2 has intensity's upper-quartile effect the other way round."""
+    upper = np.where((np.arange(20) + 0.5) / 20 > 0.75, 1.0, 0.0)
+    page, result, setup = _report(seeds=(0, 1, 2), seed_effects={("intensity", 1, 2): upper}, figures={})
+    assert setup["seeds"] == [0, 1, 2]
+    assert "3 seeds (0, 1, 2): every ordering trains once per seed" in page
+    assert ("The rule: a claim is supported only when the pooled test passes and every seed's effect has the "
+            "pooled effect's sign") in page
+    row = result["claims"].set_index(["claim_id", "ordering", "phase"]).loc[
+        ("first_phase_upper_quartile_closest", "intensity", 1)]
+    assert (row["pooled_verdict"], row["verdict"], row["seeds_agreeing"]) == ("supported", "undecided", 2)
+    findings = page.split("<h2>The paper's claims, tested</h2>")[1].split("</ul>")[0]
+    sentence = next(item for item in findings.split("<li>") if item.startswith("<b>intensity, phase 1</b>"))
+    assert "<b>undecided</b>" in sentence and "seeds agreeing in sign: 2 of 3, seed 0: " in sentence
+    assert "the pooled test alone says <b>supported</b>, but not every seed's effect has its sign" in sentence
+    table = page.split("<h2>The paper's claims, tested</h2>")[1].split("<h2>")[0]
+    assert "<th>difference per seed (z)</th>" in table and "<th>seeds agreeing in sign</th>" in table
+    assert f"<td>{row['seed_differences']}</td>" in table
+    # The orderings table: the seed count, and final accuracies as the seeds' mean (the synthetic seeds' final
+    # test accuracies are 0.60, 0.58 and 0.56).
+    orderings = page.split("<h3>Orderings</h3>")[1].split("</table>")[0]
+    assert "<th>seeds</th>" in orderings
+    intensity = next(r for r in orderings.split("<tr>") if r.startswith("<td>intensity</td>"))
+    assert '<td class="num">3</td>' in intensity and '<td class="num">0.580</td>' in intensity

@@ -19,8 +19,9 @@ from best_minibatch.pipelines.visualize.pipeline import FIGURE_GROUPS
 from tests.test_analysis import SKIP_REASON, planted_effects, synthetic_run
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "base"
-ANALYSIS_TABLES = ("ordering_status", "distance_noise_units", "batch_phase_stats", "batch_group_comparisons",
-                   "claim_verdicts", "confound_correlations", "best_worst_batches", "gradient_noise_trace_check")
+ANALYSIS_TABLES = ("ordering_status", "distance_noise_units", "batch_phase_stats", "batch_phase_stats_by_seed",
+                   "batch_group_comparisons", "batch_group_comparisons_by_seed", "claim_verdicts",
+                   "confound_correlations", "best_worst_batches", "gradient_noise_trace_check")
 KINDS = ("gradient_distances", "training_history", "batch_summary", "metric_status", "batch_assignments",
          "null_distances")
 
@@ -51,7 +52,7 @@ def finished_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("analysis_run")
     orderings = list(METRICS)
     run = synthetic_run(orderings=orderings, effects=planted_effects(n_batches=20), seed=3,
-                        phase_lengths=(2, 2), learning_rates=(0.1, 0.01), n_batches=20)
+                        phase_lengths=(2, 2), learning_rates=(0.1, 0.01), n_batches=20, seeds=(0, 1))
     analysis_params = {**DEFAULT_PARAMETERS, "n_permutations": 2000, "n_bootstrap": 300}
     visualize_params = {"report_title": "Test report", "report_png_dpi": 30}
     catalog = DataCatalog.from_config(project_catalog_config(tmp_path))
@@ -93,7 +94,13 @@ def test_analysis_tables_come_out_of_the_run(finished_run):
     assert claims[("first_phase_edges_middle_better", "edges", 1)] == "undecided"
     assert claims[("later_phases_extremes_worse", "perceptual", 2)] == f"not tested (metric skipped: {SKIP_REASON})"
     trace = catalog.load("gradient_noise_trace_check")
-    assert set(trace["status"]) == {"not measured"} and len(trace) == 4
+    assert set(trace["status"]) == {"not measured"} and len(trace) == 4 * 2  # epochs x seeds
+    assert set(catalog.load("distance_noise_units")["seed"]) == {0, 1}
+    assert (catalog.load("batch_phase_stats")["n_seeds"] == 2).all()
+    by_seed = catalog.load("batch_group_comparisons_by_seed")
+    assert set(by_seed["seed"]) == {0, 1} and len(by_seed) == 2 * len(catalog.load("batch_group_comparisons"))
+    tested = catalog.load("claim_verdicts").dropna(subset=["n_seeds"])
+    assert (tested["n_seeds"] == 2).all()
     for name in ("distance_noise_units", "batch_phase_stats", "batch_group_comparisons",
                  "confound_correlations", "best_worst_batches"):
         table = catalog.load(name)
@@ -118,7 +125,7 @@ def test_every_present_ordering_gets_its_figures_in_png_and_pdf(finished_run):
         assert [k.removesuffix(".png") for k in png] == [k.removesuffix(".pdf") for k in pdf]
         stems |= {k.removesuffix(".png") for k in png}
     expected = {f"heatmap_{o}" for o in present}
-    expected |= {f"batches_{o}" for o in present} | {"distance_by_rank", "training_curves"}
+    expected |= {f"batches_{o}" for o in present} | {"seed_spread", "distance_by_rank", "training_curves"}
     assert stems == expected
 
 
@@ -131,5 +138,6 @@ def test_report_is_written_and_lists_every_ordering(finished_run):
     for ordering in orderings:
         assert f"<td>{ordering}</td>" in page
     assert SKIP_REASON in page
-    assert page.count("data:image/png;base64,") == 4 + 4 + 2
+    assert page.count("data:image/png;base64,") == 4 + 4 + 3  # heat maps, batch images, spread, rank, curves
+    assert "2 seeds (0, 1)" in page
     assert "http://" not in page and "https://" not in page

@@ -1,4 +1,4 @@
-"""Figures of the distance analysis: heat maps, distance by batch rank, batch images, training curves.
+"""Figures of the distance analysis: heat maps, seed spread, distance by batch rank, batch images, training curves.
 
 Knows nothing of Kedro. Every function returns ``matplotlib.figure.Figure``
 objects built without pyplot (no global figure state), styled with seaborn. The
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from best_minibatch.analysis.statistics import epoch_phase_table, phase_spans
+from best_minibatch.analysis.statistics import epoch_phase_table, phase_spans, with_seed
 
 #: Light = short distance, as in the paper's heat maps.
 DISTANCE_CMAP = "rocket_r"
@@ -78,7 +78,7 @@ def _heatmap_row(figure: Figure, axes, table: pd.DataFrame, spans: pd.DataFrame,
     image = None
     for axis, (_, span) in zip(axes, spans.iterrows()):
         part = table[table["phase"] == span["phase"]]
-        matrix = part.pivot(index="epoch", columns="batch", values=value).sort_index()
+        matrix = part.pivot_table(index="epoch", columns="batch", values=value, aggfunc="mean").sort_index()
         n_batches = matrix.shape[1]
         image = axis.imshow(
             matrix.to_numpy(float), aspect="auto", cmap=DISTANCE_CMAP, vmin=vmin, vmax=vmax,
@@ -102,21 +102,26 @@ def distance_heatmap(noise_units: pd.DataFrame, ordering: str, null_ordering: st
     """The paper's heat map of one ordering: a panel per phase, x = batch, y = epoch, light = close.
 
     Top row: ``distance``; bottom row: the same in noise units (``noise_z``). Each
-    row has one colour scale across phases (the 1st–99th percentile of the
-    ordering's values over all phases, so that one outlier does not wash the map
-    out; the colour bar's arrows mark clipping) and its own colour bar.
+    cell is the mean over the seeds of that epoch and batch (one seed: the run's
+    value). Each row has one colour scale across phases (the 1st–99th percentile of
+    the ordering's cell values over all phases, so that one outlier does not wash
+    the map out; the colour bar's arrows mark clipping) and its own colour bar.
     """
-    table = noise_units[noise_units["ordering"] == ordering]
+    table = with_seed(noise_units[noise_units["ordering"] == ordering])
     if table.empty:
         raise ValueError(f"No distance rows for ordering '{ordering}'.")
     spans = phase_spans(epoch_phase_table(table, ordering))
+    n_seeds = table["seed"].nunique()
+    # One value per cell: the seed mean (what the panels show, and what the colour scale is fitted to).
+    table = table.groupby(["phase", "epoch", "batch"], as_index=False)[[value for value, _ in HEATMAP_ROWS]].mean()
     x_label = _batch_axis_label(ordering, null_ordering)
     with matplotlib.rc_context(STYLE):
         figure = Figure(figsize=(3.6 * len(spans) + 1.4, 6.6), layout="constrained")
         axes = figure.subplots(len(HEATMAP_ROWS), len(spans), squeeze=False)
         for row, (value, row_name) in enumerate(HEATMAP_ROWS):
             _heatmap_row(figure, axes[row], table, spans, value, x_label, row_name)
-        figure.suptitle(f"{ordering} ordering: distance of each mini-batch's gradient to the full gradient")
+        seeds = f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""
+        figure.suptitle(f"{ordering} ordering: distance of each mini-batch's gradient to the full gradient{seeds}")
     return figure
 
 
@@ -129,6 +134,59 @@ def distance_heatmaps(
         for ordering in orderings
         if (noise_units["ordering"] == ordering).any()
     }
+
+
+# --------------------------------------------------------------------------- seed spread
+
+
+def seed_spread(batch_stats_by_seed: pd.DataFrame, orderings: Sequence[str], null_ordering: str) -> Figure:
+    """How much the per-batch picture changes with the seed: one panel per ordering (rows) and phase (columns).
+
+    Each panel shows every seed's phase-mean noise units per batch (thin lines), their
+    mean over seeds (thick line, what the claims test) and the mean ± one standard
+    deviation across seeds (band); its title gives the median of that standard
+    deviation over the batches. With one seed there is no spread to show: the panel
+    says so and shows the seed's line.
+    """
+    table = with_seed(batch_stats_by_seed)
+    present = [o for o in orderings if (table["ordering"] == o).any()]
+    if not present:
+        raise ValueError("No ordering has per-seed batch statistics to plot.")
+    phases = sorted(table["phase"].unique())
+    colors = ordering_colors(list(orderings), null_ordering)
+    n_seeds = table["seed"].nunique()
+    with matplotlib.rc_context(STYLE):
+        figure = Figure(figsize=(3.6 * len(phases) + 0.8, 2.0 * len(present) + 1.0), layout="constrained")
+        # One y scale per ordering (row): the orderings' spreads differ by an order of magnitude.
+        axes = figure.subplots(len(present), len(phases), squeeze=False, sharex="col", sharey="row")
+        for row, ordering in enumerate(present):
+            for column, phase in enumerate(phases):
+                axis = axes[row, column]
+                part = table[(table["ordering"] == ordering) & (table["phase"] == phase)]
+                wide = part.pivot_table(index="batch", columns="seed", values="noise_z_mean").sort_index()
+                color = colors[ordering]
+                for seed in wide.columns:
+                    axis.plot(wide.index, wide[seed], color=color, linewidth=0.7, alpha=0.55)
+                mean = wide.mean(axis=1)
+                axis.plot(wide.index, mean, color=color, linewidth=1.8)
+                axis.axhline(0.0, color="0.3", linewidth=0.8, linestyle=":")
+                if wide.shape[1] > 1:
+                    sd = wide.std(axis=1, ddof=1)
+                    axis.fill_between(wide.index, mean - sd, mean + sd, color=color, alpha=0.18, linewidth=0)
+                    spread = f"median sd across seeds {float(np.nanmedian(sd)):.2f} z"
+                else:
+                    spread = "one seed: no spread"
+                axis.set_title(f"{ordering}, phase {int(phase)}: {spread}", fontsize=8)
+                if row == len(present) - 1:
+                    axis.set_xlabel(_batch_axis_label(ordering, null_ordering) if len(present) == 1
+                                    else "batch index (in each row's ordering)")
+                if column == 0:
+                    axis.set_ylabel("phase-mean z")
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+                sns.despine(ax=axis)
+        figure.suptitle(f"Seed spread: each seed's phase-mean distance in noise units per batch ({n_seeds} "
+                        f"seed{'s' if n_seeds != 1 else ''}; thin: one seed, thick: mean, band: ± 1 sd across seeds)")
+    return figure
 
 
 # --------------------------------------------------------------------------- distance by rank
@@ -291,8 +349,14 @@ def batch_image_grids(
 
 
 def training_curves(histories: Mapping[str, pd.DataFrame], null_ordering: str) -> Figure:
-    """Loss and accuracy per epoch (train solid, test dashed) of every ordering, phase boundaries marked."""
-    present = {o: h.sort_values("epoch") for o, h in histories.items() if len(h)}
+    """Loss and accuracy per epoch (train solid, test dashed) of every ordering, phase boundaries marked.
+
+    With several seeds each line is the mean over the seeds of that epoch.
+    """
+    quantities = ["train_loss", "test_loss", "train_accuracy", "test_accuracy"]
+    present = {o: with_seed(h).groupby(["epoch", "phase", "learning_rate"], as_index=False)[quantities].mean()
+               .sort_values("epoch") for o, h in histories.items() if len(h)}
+    n_seeds = max((with_seed(h)["seed"].nunique() for h in histories.values() if len(h)), default=1)
     if not present:
         raise ValueError("No ordering has a training history to plot.")
     colors = ordering_colors(list(histories), null_ordering)
@@ -319,5 +383,6 @@ def training_curves(histories: Mapping[str, pd.DataFrame], null_ordering: str) -
         handles = [Line2D([], [], color=colors[o], linewidth=2) for o in present]
         handles += [Line2D([], [], color="k", linestyle=s) for s in ("-", "--")]
         figure.legend(handles, [*present, "train", "test"], loc="outside right center", frameon=False)
-        figure.suptitle("Training curves of every ordering (each trains its own network on its fixed batches)")
+        seeds = f"; mean of {n_seeds} seeds" if n_seeds > 1 else ""
+        figure.suptitle(f"Training curves of every ordering (each trains its own network on its fixed batches{seeds})")
     return figure

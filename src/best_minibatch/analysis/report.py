@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from best_minibatch.analysis.statistics import epoch_phase_table, phase_spans, summarise_trace_check
+from best_minibatch.analysis.statistics import epoch_phase_table, phase_spans, summarise_trace_check, with_seed
 
 VERDICT_COLORS = {"supported": "#d9f2d9", "contradicted": "#f9d6d5", "undecided": "#eeeeee"}
 
@@ -51,7 +51,8 @@ def _format(value: Any, digits: int = 3) -> str:
 
 #: Columns that hold counts or indices: shown without decimals even when NaN made them float.
 INTEGER_COLUMNS = {"phase", "n_group", "n_rest", "n_epochs", "n_phases", "n_batches", "batch", "rank",
-                   "first_epoch", "last_epoch", "epoch"}
+                   "first_epoch", "last_epoch", "epoch", "seed", "n_seeds", "seeds_agreeing",
+                   "adjusted_seeds_agreeing"}
 
 
 def html_table(table: pd.DataFrame, columns: Mapping[str, str], row_colors: Sequence[str] | None = None) -> str:
@@ -77,7 +78,7 @@ def run_setup(
     assignments: Mapping[str, pd.DataFrame],
     image_index: pd.DataFrame,
 ) -> dict[str, Any]:
-    """What was run, read off the tables: data size, batch size and count, epochs and phases."""
+    """What was run, read off the tables: data size, batch size and count, epochs, phases and seeds."""
     train = image_index[image_index["split"] == "train"]
     used = next((a for a in assignments.values() if len(a)), None)
     history = next((h for h in histories.values() if len(h)), None)
@@ -93,6 +94,7 @@ def run_setup(
     if history is not None:
         setup["n_epochs"] = int(history["epoch"].nunique())
         setup["phases"] = phase_spans(epoch_phase_table(history, "training_history"))
+        setup["seeds"] = sorted({int(s) for h in histories.values() if len(h) for s in with_seed(h)["seed"]})
     return setup
 
 
@@ -104,17 +106,24 @@ def _figure_html(name: str, png: bytes, caption: str) -> str:
 
 FIGURE_CAPTIONS = {
     "heatmap": "The paper's heat map: one panel per learning-rate phase, x = batch (ascending metric), y = epoch; "
-               "light = gradient closer to the full gradient. Top: ‖g_k − g_full‖; bottom: noise units, the "
+               "light = gradient closer to the full gradient; with several seeds each cell is the mean over the "
+               "seeds (the seed spread figure shows how much they differ). Top: ‖g_k − g_full‖; bottom: noise units, the "
                "z-score against random batches of the same epoch probed at the same parameters (0 = a random "
                "batch; the cross-network null for an ordering trained without null batches, see the caveat "
                "above). One colour scale per row for all phases.",
+    "seed_spread": "Per ordering (rows) and phase (columns): each seed's mean distance per batch over the phase, in "
+                   "noise units (thin lines), their mean over seeds (thick; the value the claims test) and ± one "
+                   "standard deviation across seeds (band); each title gives that standard deviation's median over "
+                   "the batches. Structure that one seed shows and the others do not is not a property of the "
+                   "batches.",
     "distance_by_rank": "Per phase: each metric's mean distance per batch against its rank, over the random "
                         "ordering's mean and 95% range; top raw, bottom in noise units. Each ordering trains its "
                         "own network, so whole-curve offsets from the band mix batch composition with differences "
                         "between networks.",
     "batches": "Images and class mix of the best and worst batch (lowest / highest mean noise-unit distance) "
                "of each phase.",
-    "training_curves": "Loss and accuracy per epoch; dotted lines mark the learning-rate phases.",
+    "training_curves": "Loss and accuracy per epoch (the mean over the seeds); dotted lines mark the learning-rate "
+                       "phases.",
 }
 
 
@@ -174,6 +183,11 @@ def _setup_section(setup, ordering_status, histories, parameters, null_ordering)
     if "phases" in setup:
         lines.append(f"<li>{setup['n_epochs']} epochs in {len(setup['phases'])} learning-rate phases "
                      "(a phase = consecutive epochs with one learning rate, read from the training history):</li>")
+    if setup.get("seeds"):
+        seeds = setup["seeds"]
+        lines.append(f"<li>{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): every "
+                     "ordering trains once per seed (other initial weights, the same batches); the tables and "
+                     "heat maps pool the seeds, the claims show every seed's effect.</li>")
     lines.append(f"<li>Null control: the <b>{_escape(null_ordering)}</b> ordering (images assigned to batches at random).</li></ul>")
     if "phases" in setup:
         lines.append(html_table(setup["phases"], {"phase": "phase", "first_epoch": "first epoch",
@@ -181,12 +195,16 @@ def _setup_section(setup, ordering_status, histories, parameters, null_ordering)
                                                   "learning_rate": "learning rate"}))
     lines.append("<h3>Orderings</h3>")
     table = ordering_status.copy()
-    finals = {o: h.sort_values("epoch").iloc[-1] for o, h in histories.items() if len(h)}
+    # Each seed's last epoch, averaged over the seeds.
+    finals = {o: with_seed(h).sort_values("epoch").groupby("seed").last()[["train_accuracy", "test_accuracy",
+                                                                             "test_loss"]].mean()
+              for o, h in histories.items() if len(h)}
     for column in ("train_accuracy", "test_accuracy", "test_loss"):
         table[f"final_{column}"] = [finals[o][column] if o in finals else np.nan for o in table["ordering"]]
     table["reason"] = [r if s == "ok" else "see Skipped metrics" for r, s in zip(table["reason"], table["status"])]
     lines.append(html_table(table, {"ordering": "ordering", "status": "status", "reason": "reason",
                                     "n_epochs": "epochs", "n_phases": "phases", "n_batches": "batches",
+                                    **({"n_seeds": "seeds"} if "n_seeds" in table else {}),
                                     "final_train_accuracy": "final train accuracy",
                                     "final_test_accuracy": "final test accuracy", "final_test_loss": "final test loss"}))
     shown = {k: parameters[k] for k in ("ingest_cifar", "score_metrics", "sort_batches", "gradient_training",
@@ -211,7 +229,15 @@ def _finding(row: pd.Series) -> str:
     direction = "closer to" if row["expected_sign"] < 0 else "farther from"
     text = (f"<li>{where}: claim “{_escape(row['group'])} {direction} the full gradient than the "
             f"{_escape(row['rest'])}” — <b>{_escape(row['verdict'])}</b> (difference {row['difference']:+.2f} z, Cohen's d "
-            f"{_format(row['cohens_d'], 2)}, Holm p {_format(row['p_holm'])})")
+            f"{_format(row['cohens_d'], 2)}, Holm p {_format(row['p_holm'])}")
+    n_seeds = row.get("n_seeds", 1)
+    if pd.notna(n_seeds) and n_seeds > 1:
+        text += (f"; seeds agreeing in sign: {int(row['seeds_agreeing'])} of {int(n_seeds)}, "
+                 f"{_escape(row['seed_differences'])}")
+    text += ")"
+    if row.get("pooled_verdict", row["verdict"]) != row["verdict"]:
+        text += (f"; the pooled test alone says <b>{_escape(row['pooled_verdict'])}</b>, but not every seed's "
+                 "effect has its sign")
     if row["adjusted_verdict"] != row["verdict"]:
         change = ("the effect vanishes once class balance is accounted for" if row["verdict"] != "undecided"
                   else "an effect appears once class balance is accounted for")
@@ -237,11 +263,19 @@ def _claims_section(claims: pd.DataFrame, alpha: float, null_ordering: str) -> s
         f"which). "
         f"<i>difference</i> = mean(group) − mean(rest); negative = the group's gradients are closer to the full "
         f"gradient. A claim is <b>supported</b> when its Holm-adjusted p-value is below α = {alpha:g} and the "
-        f"difference has the claimed sign, <b>contradicted</b> when significant with the opposite sign, and "
-        f"<b>undecided</b> otherwise. Holm's correction runs over the {len(tested)} tested rows of this table "
-        "(one family). The <i>after class balance</i> columns repeat the test on distances residualised on the "
-        "batch's class entropy (least squares within the ordering and phase): a claim that holds before but not "
-        "after is explained by the batches' class mix.</p>",
+        f"difference has the claimed sign <b>and every seed agrees</b>, <b>contradicted</b> when significant with "
+        f"the opposite sign and every seed agrees, and <b>undecided</b> otherwise. Holm's correction runs over the "
+        f"{len(tested)} tested rows of this table (one family). The <i>after class balance</i> columns repeat the "
+        "test on distances residualised on the batch's class entropy (least squares within the ordering and "
+        "phase): a claim that holds before but not after is explained by the batches' class mix.</p>",
+        "<p class='note'><b>Seeds.</b> Every ordering trains once per seed of <code>gradient_training.seeds</code> "
+        "(other initial weights, the same batches). The test pools the seeds: each batch contributes its mean over "
+        "the phase's epochs <i>and the seeds</i>, and the batch stays the unit that is permuted. Each seed's own "
+        "effect is the same difference on that seed's runs alone (column <i>difference per seed</i>; table "
+        "<code>batch_group_comparisons_by_seed</code>). <b>The rule: a claim is supported only when the pooled "
+        "test passes and every seed's effect has the pooled effect's sign</b> (likewise for contradicted); a "
+        "significant pooled effect that some seed does not share is undecided (column <i>pooled verdict</i> "
+        "keeps the pooled test's own verdict). With one seed the rule is the pooled test.</p>",
         f"<p class='note'><b>Caveat on the cross-network null</b> (secondary columns <code>noise_z_cross</code>, "
         f"and the primary noise units of an ordering trained without null batches). Each ordering trains its own "
         f"network; the {_escape(null_ordering)} batches of epoch e are probed at the {_escape(null_ordering)} run's "
@@ -251,12 +285,20 @@ def _claims_section(claims: pd.DataFrame, alpha: float, null_ordering: str) -> s
     ]
     shown = claims.assign(verdict=claims["verdict"].map(_short_verdict),
                           adjusted_verdict=claims["adjusted_verdict"].map(_short_verdict))
+    if "pooled_verdict" in shown:
+        shown["pooled_verdict"] = shown["pooled_verdict"].map(_short_verdict)
     colors = [VERDICT_COLORS.get(v, "#fff7d6") for v in claims["verdict"]]
     lines.append(html_table(shown, {
         "claim": "claim (paper, section 5)", "ordering": "metric", "phase": "phase", "expected": "expected",
         "n_group": "n group", "n_rest": "n rest", "difference": "difference (z)", "cohens_d": "Cohen's d",
-        "rank_biserial": "rank-biserial", "p_value": "p", "p_holm": "p (Holm)", "verdict": "verdict",
+        "rank_biserial": "rank-biserial", "p_value": "p", "p_holm": "p (Holm)",
+        **{column: title for column, title in (("n_seeds", "seeds"), ("seeds_agreeing", "seeds agreeing in sign"),
+                                               ("seed_differences", "difference per seed (z)"),
+                                               ("pooled_verdict", "pooled verdict")) if column in shown},
+        "verdict": "verdict",
         "adjusted_difference": "difference after class balance", "adjusted_p_holm": "p (Holm) after class balance",
+        **({"adjusted_seeds_agreeing": "seeds agreeing after class balance"}
+           if "adjusted_seeds_agreeing" in shown else {}),
         "adjusted_verdict": "verdict after class balance",
     }, colors))
     return "\n".join(lines)
@@ -269,7 +311,10 @@ def _comparisons_section(comparisons: pd.DataFrame) -> str:
                 "ordering": "ordering", "phase": "phase", "comparison": "comparison", "n_group": "n group",
                 "n_rest": "n rest", "mean_group": "mean group (z)", "mean_rest": "mean rest (z)",
                 "difference": "difference", "cohens_d": "Cohen's d", "rank_biserial": "rank-biserial",
-                "p_value": "p", "p_holm": "p (Holm)", "adjusted_difference": "difference after class balance",
+                "p_value": "p", "p_holm": "p (Holm)",
+                **{c: t for c, t in (("seeds_agreeing", "seeds agreeing in sign"), ("n_seeds", "seeds"),
+                                     ("seed_differences", "difference per seed")) if c in comparisons},
+                "adjusted_difference": "difference after class balance",
                 "adjusted_p_holm": "p (Holm) after class balance", "test": "test"})
             + "</details>")
 

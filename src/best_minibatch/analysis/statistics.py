@@ -14,7 +14,13 @@ Vocabulary:
   against the null ordering's batches at the same epoch, as a z-score
   ``(d - mean_null(e)) / sd_null(e)`` and as a ratio ``d / mean_null(e)``. Phases
   whose gradient scales differ by orders of magnitude become comparable, and
-  ``z = 0`` means "as close as a random batch of the same size".
+  ``z = 0`` means "as close as a random batch of the same size";
+* a *seed* is one training run of an ordering (``gradient_training.seeds``: other
+  initial weights, the same batches). Noise units are taken within a seed's run;
+  the per-batch phase statistic pools the seeds (the mean over the phase's epochs
+  and the seeds), the permutation test's unit stays the batch, and a claim counts as
+  supported only when every seed's own difference has the pooled difference's sign.
+  Tables without a ``seed`` column (runs from before seeds) read as seed 0.
 """
 
 from __future__ import annotations
@@ -49,6 +55,13 @@ COMPARISON_GROUPS = {
 }
 
 SUPPORTED, CONTRADICTED, UNDECIDED = "supported", "contradicted", "undecided"
+
+
+def with_seed(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a ``seed`` column: a table written before seeds existed is one run, seed 0."""
+    if "seed" in table.columns:
+        return table
+    return table.assign(seed=np.zeros(len(table), dtype=np.int64))
 
 
 class AnalysisInputError(ValueError):
@@ -130,6 +143,11 @@ def noise_unit_distances(
     cross-network null (``null_mean_cross``, ``noise_z_cross``, ``noise_ratio_cross``)
     and ``null_source``. Orderings with zero rows (skipped metrics) contribute nothing.
     Epochs the null lacks get NaN noise units.
+
+    Seeds: every null is taken within one seed (the same-network null of the
+    ordering's run with that seed; the cross-network null of the null ordering's run
+    with the same seed), so the output has a ``seed`` column and one row per
+    (ordering, seed, epoch, batch).
     """
     if null_ordering not in distances_by_ordering:
         raise AnalysisInputError(
@@ -142,7 +160,7 @@ def noise_unit_distances(
             continue
         _require_columns(table, DISTANCE_COLUMNS, f"{ordering}.gradient_distances")
         epoch_phases = epoch_phase_table(table, f"{ordering}.gradient_distances")
-        frame = table.drop(columns=["phase"], errors="ignore").copy()
+        frame = with_seed(table).drop(columns=["phase"], errors="ignore").copy()
         frame["ordering"] = ordering
         frame = frame.merge(epoch_phases[["epoch", "phase"]], on="epoch", how="left")
         frames.append(frame)
@@ -153,15 +171,17 @@ def noise_unit_distances(
         )
     combined = pd.concat(frames, ignore_index=True)
     null_rows = combined[combined["ordering"] == null_ordering]
-    cross = null_rows.groupby("epoch")["distance"].agg(null_mean_cross="mean", null_std_cross="std").reset_index()
-    combined = combined.merge(cross, on="epoch", how="left")
+    cross = null_rows.groupby(["seed", "epoch"])["distance"].agg(null_mean_cross="mean",
+                                                                  null_std_cross="std").reset_index()
+    combined = combined.merge(cross, on=["seed", "epoch"], how="left")
     combined["noise_z_cross"] = (combined["distance"] - combined["null_mean_cross"]) / combined["null_std_cross"]
     combined["noise_ratio_cross"] = combined["distance"] / combined["null_mean_cross"]
-    same = [table.assign(ordering=ordering) for ordering, table in (null_by_ordering or {}).items() if len(table)]
+    same = [with_seed(table).assign(ordering=ordering) for ordering, table in (null_by_ordering or {}).items()
+            if len(table)]
     if same:
-        own = pd.concat(same, ignore_index=True).groupby(["ordering", "epoch"])["distance"].agg(
+        own = pd.concat(same, ignore_index=True).groupby(["ordering", "seed", "epoch"])["distance"].agg(
             null_mean="mean", null_std="std").reset_index()
-        combined = combined.merge(own, on=["ordering", "epoch"], how="left")
+        combined = combined.merge(own, on=["ordering", "seed", "epoch"], how="left")
     else:
         combined["null_mean"] = np.nan
         combined["null_std"] = np.nan
@@ -172,36 +192,31 @@ def noise_unit_distances(
     combined["noise_z"] = (combined["distance"] - combined["null_mean"]) / combined["null_std"]
     combined["noise_ratio"] = combined["distance"] / combined["null_mean"]
     columns = [
-        "ordering", "epoch", "phase", "learning_rate", "batch", *DISTANCE_MEASURES,
+        "ordering", "seed", "epoch", "phase", "learning_rate", "batch", *DISTANCE_MEASURES,
         "null_mean", "null_std", *NOISE_MEASURES, "null_source", "null_mean_cross", "null_std_cross",
         "noise_z_cross", "noise_ratio_cross",
     ]
     extra = [c for c in combined.columns if c not in columns]
-    return combined[columns + extra].sort_values(["ordering", "epoch", "batch"], kind="stable").reset_index(
+    combined["seed"] = combined["seed"].astype(np.int64)
+    return combined[columns + extra].sort_values(["ordering", "seed", "epoch", "batch"], kind="stable").reset_index(
         drop=True
     )
 
 
-def batch_phase_statistics(
-    noise_units: pd.DataFrame, batch_summaries: Mapping[str, pd.DataFrame]
-) -> pd.DataFrame:
-    """Per ordering, phase and batch: mean and spread over the phase's epochs of every measure.
-
-    Columns: ``ordering``, ``phase``, ``batch``, ``n_epochs``, ``first_epoch``,
-    ``last_epoch``, ``learning_rate``, ``<measure>_mean`` and ``<measure>_std``
-    (sample standard deviation over epochs; NaN for a one-epoch phase) for the
-    three distance measures and the two noise units, ``batch_position`` (the
-    batch's quantile position ``(batch + 0.5) / K`` in ascending metric order), and
-    the batch's ``metric_mean`` and ``class_entropy`` from its ``batch_summary``.
-    """
+def _phase_statistics(noise_units: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean and sample standard deviation of every measure over the rows of each ``keys`` group."""
     measures = [*DISTANCE_MEASURES, *NOISE_MEASURES]
-    grouped = noise_units.groupby(["ordering", "phase", "batch"], sort=True)
+    grouped = noise_units.groupby(keys, sort=True)
     stats_table = grouped[measures].agg(["mean", "std"])
     stats_table.columns = [f"{measure}_{stat}" for measure, stat in stats_table.columns]
-    spans = grouped["epoch"].agg(n_epochs="size", first_epoch="min", last_epoch="max")
+    spans = grouped["epoch"].agg(n_epochs="nunique", first_epoch="min", last_epoch="max")
     rates = grouped["learning_rate"].first()
-    table = pd.concat([spans, rates, stats_table], axis=1).reset_index()
-    n_batches = table.groupby(["ordering", "phase"])["batch"].transform("size")
+    return pd.concat([spans, rates, stats_table], axis=1).reset_index()
+
+
+def _with_batch_facts(table: pd.DataFrame, batch_summaries: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Add the batch's quantile position and its ``metric_mean`` and ``class_entropy`` from ``batch_summary``."""
+    n_batches = table.groupby(["ordering", "phase"])["batch"].transform("nunique")
     table["batch_position"] = (table["batch"] + 0.5) / n_batches
     summaries = []
     for ordering, summary in batch_summaries.items():
@@ -217,6 +232,42 @@ def batch_phase_statistics(
         table["metric_mean"] = np.nan
         table["class_entropy"] = np.nan
     return table
+
+
+def batch_phase_statistics(
+    noise_units: pd.DataFrame, batch_summaries: Mapping[str, pd.DataFrame]
+) -> pd.DataFrame:
+    """Per ordering, phase and batch: mean and spread over the phase's epochs and the seeds of every measure.
+
+    Columns: ``ordering``, ``phase``, ``batch``, ``n_epochs``, ``first_epoch``,
+    ``last_epoch``, ``learning_rate``, ``<measure>_mean`` and ``<measure>_std``
+    (sample standard deviation over the phase's epochs of every seed, i.e. over
+    ``n_epochs x n_seeds`` values; NaN for a one-epoch phase of one seed) for the
+    three distance measures and the two noise units, ``batch_position`` (the
+    batch's quantile position ``(batch + 0.5) / K`` in ascending metric order), the
+    batch's ``metric_mean`` and ``class_entropy`` from its ``batch_summary``,
+    ``n_seeds`` and ``noise_z_seed_sd`` (the sample standard deviation over seeds of
+    each seed's phase-mean ``noise_z``; NaN with one seed). Every seed runs the same
+    epochs, so the pooled mean is also the mean of the seeds' phase means. With one
+    seed the table is the single run's.
+    """
+    noise_units = with_seed(noise_units)
+    table = _phase_statistics(noise_units, ["ordering", "phase", "batch"])
+    per_seed = noise_units.groupby(["ordering", "phase", "batch", "seed"], sort=True)["noise_z"].mean()
+    spread = per_seed.groupby(level=["ordering", "phase", "batch"]).agg(n_seeds="size", noise_z_seed_sd="std")
+    table = table.merge(spread.reset_index(), on=["ordering", "phase", "batch"], how="left")
+    table = _with_batch_facts(table, batch_summaries)
+    first = ["ordering", "phase", "batch"]
+    last = ["n_seeds", "noise_z_seed_sd"]
+    return table[first + [c for c in table.columns if c not in first + last] + last]
+
+
+def batch_phase_statistics_by_seed(
+    noise_units: pd.DataFrame, batch_summaries: Mapping[str, pd.DataFrame]
+) -> pd.DataFrame:
+    """:func:`batch_phase_statistics` of each seed's run on its own: one row per ordering, seed, phase and batch."""
+    table = _phase_statistics(with_seed(noise_units), ["ordering", "seed", "phase", "batch"])
+    return _with_batch_facts(table, batch_summaries)
 
 
 # --------------------------------------------------------------------------- group comparisons
@@ -341,21 +392,87 @@ def _stable_seed(seed: int, *names: object) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32("/".join(map(str, names)).encode())])
 
 
+def seed_group_differences(batch_stats_by_seed: pd.DataFrame, measure: str = "noise_z_mean") -> pd.DataFrame:
+    """For every ordering, seed, phase and comparison: that seed's own group difference (no test).
+
+    The same groups and statistic as :func:`compare_batch_groups`, on one seed's
+    per-batch phase means (:func:`batch_phase_statistics_by_seed`): ``mean_group``,
+    ``mean_rest``, ``difference`` and ``cohens_d``, and ``adjusted_difference`` on the
+    values residualised on ``class_entropy`` within the seed. A seed whose values are
+    not all finite gets NaN.
+    """
+    rows = []
+    for (ordering, phase, seed), part in batch_stats_by_seed.groupby(["ordering", "phase", "seed"], sort=True):
+        part = part.sort_values("batch")
+        values = part[measure].to_numpy(dtype=np.float64)
+        finite = bool(np.all(np.isfinite(values)))
+        adjusted = residualise(values, part["class_entropy"].to_numpy(dtype=np.float64)) if finite else values
+        for comparison in COMPARISONS:
+            in_group = group_mask(part["batch_position"].to_numpy(), comparison)
+            row = {"ordering": ordering, "phase": int(phase), "comparison": comparison, "seed": int(seed),
+                   "measure": measure, "n_group": int(in_group.sum()), "n_rest": int((~in_group).sum())}
+            if finite and 0 < in_group.sum() < len(in_group):
+                row.update(mean_group=float(values[in_group].mean()), mean_rest=float(values[~in_group].mean()),
+                           difference=float(values[in_group].mean() - values[~in_group].mean()),
+                           cohens_d=cohens_d(values[in_group], values[~in_group]),
+                           adjusted_difference=float(adjusted[in_group].mean() - adjusted[~in_group].mean()))
+            rows.append(row)
+    columns = ["ordering", "phase", "comparison", "seed", "measure", "n_group", "n_rest", "mean_group", "mean_rest",
+               "difference", "cohens_d", "adjusted_difference"]
+    return pd.DataFrame(rows).reindex(columns=columns)
+
+
+def seeds_agreeing(pooled: float, per_seed: Iterable[float]) -> int:
+    """How many seeds' differences have the (non-zero) sign of the pooled difference; NaN never agrees."""
+    if not np.isfinite(pooled) or pooled == 0:
+        return 0
+    return int(sum(1 for d in per_seed if np.isfinite(d) and np.sign(d) == np.sign(pooled)))
+
+
+def _seed_agreement(table: pd.DataFrame, by_seed: pd.DataFrame) -> pd.DataFrame:
+    """Add ``n_seeds``, ``seeds_agreeing``, ``adjusted_seeds_agreeing`` and ``seed_differences`` to comparisons."""
+    keys = ["ordering", "phase", "comparison"]
+    grouped = {key: part.sort_values("seed") for key, part in by_seed.groupby(keys, sort=False)}
+    n_seeds, agreeing, adjusted_agreeing, texts = [], [], [], []
+    for row in table.itertuples(index=False):
+        part = grouped.get((row.ordering, row.phase, row.comparison))
+        if part is None or not len(part):
+            n_seeds.append(0)
+            agreeing.append(0)
+            adjusted_agreeing.append(0)
+            texts.append("")
+            continue
+        n_seeds.append(len(part))
+        agreeing.append(seeds_agreeing(getattr(row, "difference", np.nan), part["difference"]))
+        adjusted_agreeing.append(seeds_agreeing(getattr(row, "adjusted_difference", np.nan),
+                                                part["adjusted_difference"]))
+        texts.append("; ".join(f"seed {int(s)}: {d:+.3f}" for s, d in zip(part["seed"], part["difference"])))
+    return table.assign(n_seeds=np.asarray(n_seeds, dtype=np.int64), seeds_agreeing=np.asarray(agreeing, np.int64),
+                        adjusted_seeds_agreeing=np.asarray(adjusted_agreeing, np.int64), seed_differences=texts)
+
+
 def compare_batch_groups(
     batch_stats: pd.DataFrame,
     measure: str = "noise_z_mean",
     n_permutations: int = 20000,
     seed: int = 0,
+    batch_stats_by_seed: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """For every ordering, phase and comparison: the group difference, effect sizes and p-values.
 
     The units are batches; each batch contributes its mean of ``measure`` over the
-    phase's epochs. The ``difference`` is ``mean(group) - mean(rest)``: negative
-    means the group's gradients are closer to the full gradient. The same test is
-    repeated on values residualised on ``class_entropy`` (``adjusted_*``), so an
-    effect that comes from the batches' class mix shows up as a shrinking
-    ``adjusted_difference``. ``p_holm`` / ``adjusted_p_holm`` are Holm-adjusted
-    over all rows of the table.
+    phase's epochs (and the seeds: :func:`batch_phase_statistics` pools them). The
+    ``difference`` is ``mean(group) - mean(rest)``: negative means the group's
+    gradients are closer to the full gradient. The same test is repeated on values
+    residualised on ``class_entropy`` (``adjusted_*``), so an effect that comes from
+    the batches' class mix shows up as a shrinking ``adjusted_difference``.
+    ``p_holm`` / ``adjusted_p_holm`` are Holm-adjusted over all rows of the table.
+
+    With ``batch_stats_by_seed`` (:func:`batch_phase_statistics_by_seed`) each row also
+    gets ``n_seeds``, ``seeds_agreeing`` (how many seeds' own differences,
+    :func:`seed_group_differences`, have the pooled difference's sign; likewise
+    ``adjusted_seeds_agreeing``) and ``seed_differences`` (each seed's difference, as
+    text). Without it the table is taken as one seed that agrees with itself.
     """
     rows = []
     for (ordering, phase), part in batch_stats.groupby(["ordering", "phase"], sort=True):
@@ -403,7 +520,15 @@ def compare_batch_groups(
     if len(table):
         table["p_holm"] = holm_adjust(table["p_value"])
         table["adjusted_p_holm"] = holm_adjust(table["adjusted_p_value"])
-    return table
+    if batch_stats_by_seed is None:
+        # One seed: it is the pooled run, so it agrees with itself whenever there is a non-zero difference.
+        one = [seeds_agreeing(d, [d]) for d in table.get("difference", pd.Series(dtype=float))]
+        adjusted = [seeds_agreeing(d, [d]) for d in table.get("adjusted_difference", pd.Series(dtype=float))]
+        differences = table.get("difference", pd.Series(dtype=float))
+        return table.assign(n_seeds=np.ones(len(table), dtype=np.int64), seeds_agreeing=np.asarray(one, np.int64),
+                            adjusted_seeds_agreeing=np.asarray(adjusted, np.int64),
+                            seed_differences=[f"{d:+.3f}" if np.isfinite(d) else "" for d in differences])
+    return _seed_agreement(table, seed_group_differences(batch_stats_by_seed, measure))
 
 
 # --------------------------------------------------------------------------- the paper's claims
@@ -453,9 +578,18 @@ PAPER_CLAIMS = (
 )
 
 
-def verdict(difference: float, p_holm: float, expected_sign: int, alpha: float) -> str:
-    """``supported`` / ``contradicted`` when significant at ``alpha`` in / against the claimed direction."""
+def verdict(difference: float, p_holm: float, expected_sign: int, alpha: float,
+            seeds_agreeing: int | None = None, n_seeds: int | None = None) -> str:
+    """``supported`` / ``contradicted`` when significant at ``alpha`` in / against the claimed direction.
+
+    With seeds: only when, besides, every one of the ``n_seeds`` seeds' own
+    differences has the pooled difference's sign (``seeds_agreeing == n_seeds``);
+    otherwise ``undecided``. One seed always agrees with itself, so with one seed
+    the rule is the plain pooled test.
+    """
     if np.isnan(p_holm) or np.isnan(difference) or p_holm >= alpha or difference == 0:
+        return UNDECIDED
+    if n_seeds is not None and (seeds_agreeing is None or seeds_agreeing < n_seeds):
         return UNDECIDED
     return SUPPORTED if np.sign(difference) == expected_sign else CONTRADICTED
 
@@ -471,7 +605,10 @@ def claim_verdicts(
     ``ordering_status`` has ``ordering``, ``status`` (``ok`` / ``skipped`` /
     ``no data``) and ``reason``. Holm's correction runs over the tested rows of
     this table (one family: the paper's claims), separately for the raw and the
-    class-balance-adjusted test. Rows that could not be tested say why in
+    class-balance-adjusted test. A verdict of ``supported`` or ``contradicted``
+    needs, besides the pooled test, every seed's own difference to have the pooled
+    sign (:func:`verdict`); ``pooled_verdict`` / ``adjusted_pooled_verdict`` are the
+    verdicts of the pooled test alone. Rows that could not be tested say why in
     ``verdict`` (``not tested (...)``).
     """
     status = ordering_status.set_index("ordering")
@@ -480,6 +617,7 @@ def claim_verdicts(
     number_columns = (
         "group_batches", "n_group", "n_rest", "mean_group", "mean_rest", "difference", "cohens_d",
         "rank_biserial", "p_value", "test", "adjusted_difference", "adjusted_cohens_d", "adjusted_p_value",
+        "n_seeds", "seeds_agreeing", "adjusted_seeds_agreeing", "seed_differences",
     )
     rows = []
     for claim in claims:
@@ -522,18 +660,22 @@ def claim_verdicts(
     table["adjusted_p_holm"] = np.nan
     table.loc[tested, "p_holm"] = holm_adjust(table.loc[tested, "p_value"].astype(float))
     table.loc[tested, "adjusted_p_holm"] = holm_adjust(table.loc[tested, "adjusted_p_value"].astype(float))
-    verdicts, adjusted_verdicts = [], []
+    columns = {"verdict": [], "adjusted_verdict": [], "pooled_verdict": [], "adjusted_pooled_verdict": []}
     for row in table.itertuples():
         if row.not_tested:
-            verdicts.append(row.not_tested)
-            adjusted_verdicts.append(row.not_tested)
-        else:
-            verdicts.append(verdict(row.difference, row.p_holm, row.expected_sign, alpha))
-            adjusted_verdicts.append(
-                verdict(row.adjusted_difference, row.adjusted_p_holm, row.expected_sign, alpha)
-            )
-    table["verdict"] = verdicts
-    table["adjusted_verdict"] = adjusted_verdicts
+            for values in columns.values():
+                values.append(row.not_tested)
+            continue
+        n_seeds = int(row.n_seeds)
+        columns["verdict"].append(verdict(row.difference, row.p_holm, row.expected_sign, alpha,
+                                          int(row.seeds_agreeing), n_seeds))
+        columns["adjusted_verdict"].append(verdict(row.adjusted_difference, row.adjusted_p_holm, row.expected_sign,
+                                                   alpha, int(row.adjusted_seeds_agreeing), n_seeds))
+        columns["pooled_verdict"].append(verdict(row.difference, row.p_holm, row.expected_sign, alpha))
+        columns["adjusted_pooled_verdict"].append(verdict(row.adjusted_difference, row.adjusted_p_holm,
+                                                          row.expected_sign, alpha))
+    for name, values in columns.items():
+        table[name] = values
     table["alpha"] = alpha
     table["phase"] = table["phase"].astype(np.int64)
     return table.drop(columns=["not_tested"])
@@ -701,18 +843,20 @@ def gradient_noise_trace_check(null_noise_units: pd.DataFrame, null_history: pd.
     ``gradient_variance_trace`` (``tr Sigma`` at the epoch start), ``n_train`` and
     ``batch_size``, ``expected`` is :func:`expected_batch_distance_sq` and
     ``ratio = observed / expected``; otherwise ``status`` is ``not measured``.
+    One row per seed and epoch (each seed's run has its own trace).
     """
+    null_noise_units, null_history = with_seed(null_noise_units), with_seed(null_history)
     observed = (
         null_noise_units.assign(distance_sq=null_noise_units["distance"] ** 2)
-        .groupby("epoch")
+        .groupby(["seed", "epoch"])
         .agg(phase=("phase", "first"), learning_rate=("learning_rate", "first"),
              n_batches=("batch", "size"), observed_mean_sq_distance=("distance_sq", "mean"))
         .reset_index()
     )
     has_columns = all(c in null_history.columns for c in TRACE_COLUMNS)
     if has_columns:
-        history = null_history[["epoch", *TRACE_COLUMNS]]
-        table = observed.merge(history, on="epoch", how="left")
+        history = null_history[["seed", "epoch", *TRACE_COLUMNS]]
+        table = observed.merge(history, on=["seed", "epoch"], how="left")
     else:
         table = observed.assign(**{c: np.nan for c in TRACE_COLUMNS})
     expected = []
@@ -746,7 +890,8 @@ def summarise_trace_check(trace_check: pd.DataFrame) -> pd.DataFrame:
 def ordering_status_table(
     statuses: Mapping[str, Mapping], distances_by_ordering: Mapping[str, pd.DataFrame]
 ) -> pd.DataFrame:
-    """One row per ordering: ``status`` (``ok`` / ``skipped`` / ``no data``), ``reason``, epochs, batches, phases."""
+    """One row per ordering: ``status`` (``ok`` / ``skipped`` / ``no data``), ``reason``, epochs, batches, phases,
+    seeds (``n_seeds``: the runs of the ordering)."""
     rows = []
     for ordering, distances in distances_by_ordering.items():
         status = dict(statuses.get(ordering) or {})
@@ -757,10 +902,11 @@ def ordering_status_table(
         if len(distances):
             phases = epoch_phase_table(distances, f"{ordering}.gradient_distances")
             n_epochs, n_phases, n_batches = len(phases), int(phases["phase"].max()), distances["batch"].nunique()
+            n_seeds = int(with_seed(distances)["seed"].nunique())
         else:
-            n_epochs = n_phases = n_batches = 0
+            n_epochs = n_phases = n_batches = n_seeds = 0
         rows.append({"ordering": ordering, "status": state, "reason": reason or "", "n_epochs": n_epochs,
-                     "n_phases": n_phases, "n_batches": int(n_batches)})
+                     "n_phases": n_phases, "n_batches": int(n_batches), "n_seeds": n_seeds})
     return pd.DataFrame(rows)
 
 

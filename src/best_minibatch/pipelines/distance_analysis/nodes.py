@@ -38,24 +38,36 @@ def express_in_noise_units(params: dict[str, Any], **tables: pd.DataFrame) -> pd
                                          by_ordering(tables, "null_distances"))
 
 
-def summarise_batches_per_phase(noise_units: pd.DataFrame, **tables: pd.DataFrame) -> pd.DataFrame:
-    """Per ordering, phase and batch: mean and spread of every measure over the phase's epochs."""
-    return analysis.batch_phase_statistics(noise_units, by_ordering(tables, "batch_summary"))
+def summarise_batches_per_phase(
+    noise_units: pd.DataFrame, **tables: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per ordering, phase and batch: every measure over the phase's epochs, pooled over the seeds and per seed."""
+    summaries = by_ordering(tables, "batch_summary")
+    return (analysis.batch_phase_statistics(noise_units, summaries),
+            analysis.batch_phase_statistics_by_seed(noise_units, summaries))
 
 
 def evaluate_paper_claims(
-    batch_stats: pd.DataFrame, ordering_status: pd.DataFrame, params: dict[str, Any]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Group comparisons of every ordering and phase, and the paper's claims with verdicts."""
+    batch_stats: pd.DataFrame, batch_stats_by_seed: pd.DataFrame, ordering_status: pd.DataFrame,
+    params: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Group comparisons of every ordering and phase (pooled test, each seed's difference), and the paper's
+    claims with verdicts (supported only when the pooled test passes and every seed agrees in sign)."""
     params = analysis.check_parameters(params)
     comparisons = analysis.compare_batch_groups(
-        batch_stats, n_permutations=params["n_permutations"], seed=params["seed"]
+        batch_stats, n_permutations=params["n_permutations"], seed=params["seed"],
+        batch_stats_by_seed=batch_stats_by_seed,
     )
     claims = analysis.claim_verdicts(comparisons, ordering_status, alpha=params["alpha"])
     for row in claims.itertuples():
-        logger.info("Claim %s, %s, phase %d: %s (difference %.3g, Holm p %.3g)", row.claim_id, row.ordering,
-                    row.phase, row.verdict, row.difference, row.p_holm)
-    return comparisons, claims
+        logger.info("Claim %s, %s, phase %d: %s (difference %.3g, Holm p %.3g, seeds agreeing %s of %s)",
+                    row.claim_id, row.ordering, row.phase, row.verdict, row.difference, row.p_holm,
+                    _count(row.seeds_agreeing), _count(row.n_seeds))
+    return comparisons, claims, analysis.seed_group_differences(batch_stats_by_seed)
+
+
+def _count(value: float) -> str:
+    return "-" if pd.isna(value) else str(int(value))
 
 
 def correlate_confounds(batch_stats: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:

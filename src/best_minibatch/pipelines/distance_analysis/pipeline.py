@@ -45,13 +45,13 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
             node(
                 summarise_batches_per_phase,
                 inputs={"noise_units": "distance_noise_units", **per_ordering_inputs("batch_summary", orderings)},
-                outputs="batch_phase_stats",
+                outputs=["batch_phase_stats", "batch_phase_stats_by_seed"],
                 name="summarise_batches_per_phase",
             ),
             node(
                 evaluate_paper_claims,
-                inputs=["batch_phase_stats", "ordering_status", params],
-                outputs=["batch_group_comparisons", "claim_verdicts"],
+                inputs=["batch_phase_stats", "batch_phase_stats_by_seed", "ordering_status", params],
+                outputs=["batch_group_comparisons", "claim_verdicts", "batch_group_comparisons_by_seed"],
                 name="evaluate_paper_claims",
             ),
             node(

@@ -40,8 +40,18 @@ def _null(analysis_params: dict[str, Any]) -> str:
 def plot_distance_heatmaps(
     noise_units: pd.DataFrame, ordering_status: pd.DataFrame, analysis_params: dict[str, Any], params: dict[str, Any]
 ) -> FigureOutputs:
-    """Per ordering: the heat maps of distance and of noise units, one panel per phase."""
+    """Per ordering: the heat maps of distance and of noise units (seed means), one panel per phase."""
     drawn = figures.distance_heatmaps(noise_units, list(ordering_status["ordering"]), _null(analysis_params))
+    return _outputs(drawn, params)
+
+
+def plot_seed_spread(
+    batch_stats_by_seed: pd.DataFrame, ordering_status: pd.DataFrame, analysis_params: dict[str, Any],
+    params: dict[str, Any],
+) -> FigureOutputs:
+    """Every ordering and phase: each seed's phase-mean noise units per batch, their mean and spread."""
+    drawn = {"seed_spread": figures.seed_spread(batch_stats_by_seed, list(ordering_status["ordering"]),
+                                                _null(analysis_params))}
     return _outputs(drawn, params)
 
 

@@ -12,12 +12,13 @@ from .nodes import (
     plot_batch_images,
     plot_distance_by_rank,
     plot_distance_heatmaps,
+    plot_seed_spread,
     plot_training_curves,
     write_report,
 )
 
 #: Figure groups, in the order the report shows them.
-FIGURE_GROUPS = ("distance_heatmaps", "distance_by_rank", "batch_images", "training_curves")
+FIGURE_GROUPS = ("distance_heatmaps", "seed_spread", "distance_by_rank", "batch_images", "training_curves")
 
 
 def figure_outputs(group: str) -> list[str]:
@@ -39,6 +40,12 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
                 inputs=["distance_noise_units", "ordering_status", analysis_params, params],
                 outputs=figure_outputs("distance_heatmaps"),
                 name="plot_distance_heatmaps",
+            ),
+            node(
+                plot_seed_spread,
+                inputs=["batch_phase_stats_by_seed", "ordering_status", analysis_params, params],
+                outputs=figure_outputs("seed_spread"),
+                name="plot_seed_spread",
             ),
             node(
                 plot_distance_by_rank,
