@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from best_minibatch.metrics.scoring import METRICS
 from tests.conftest import copy_project, run_session
@@ -52,8 +53,10 @@ def test_default_run_produces_every_ordering_and_the_report(finished_project):
         if status["status"] == "skipped":
             assert ordering == "perceptual" and distances.empty  # no LPIPS weights on this machine
             continue
-        # 5,000 sample images in batches of 100, one epoch per phase in the quick run.
-        assert len(distances) == 3 * 50
+        # 5,000 sample images in batches of 100, one epoch per phase in the quick run, once per seed.
+        seeds = yaml.safe_load((finished_project / "conf/base/parameters_gradient_training.yml").read_text())[
+            "gradient_training"]["seeds"]
+        assert len(distances) == len(seeds) * 3 * 50 and sorted(distances.seed.unique()) == sorted(seeds)
         assert distances.distance.gt(0).all() and distances.cosine_similarity.between(-1, 1).all()
         assert sorted(distances.phase.unique()) == [1, 2, 3]
     verdicts = pd.read_parquet(newest(data / "08_reporting/analysis/claim_verdicts.parquet"))
