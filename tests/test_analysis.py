@@ -305,7 +305,8 @@ def test_noise_units_do_not_change_when_an_epochs_gradient_scale_changes():
 def test_missing_null_ordering_is_an_error_naming_the_parameter():
     run = synthetic_run(phase_lengths=(2,), learning_rates=(0.1,), n_batches=8, skipped=("random",))
     distances = {o: t["gradient_distances"] for o, t in run["orderings"].items()}
-    with pytest.raises(analysis.AnalysisInputError, match="null ordering 'random' \\(distance_analysis.null_ordering\\) has no distance rows"):
+    message = "null ordering 'random' \\(distance_analysis.null_ordering\\) has no distance rows"
+    with pytest.raises(analysis.AnalysisInputError, match=message):
         analysis.noise_unit_distances(distances, "random")
     with pytest.raises(analysis.AnalysisInputError, match="null_ordering is 'shuffled'"):
         analysis.noise_unit_distances(distances, "shuffled")

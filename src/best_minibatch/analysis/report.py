@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import html
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -174,7 +175,8 @@ def _setup_section(setup, ordering_status, histories, parameters, null_ordering)
     if "phases" in setup:
         lines.append(f"<li>{setup['n_epochs']} epochs in {len(setup['phases'])} learning-rate phases "
                      "(a phase = consecutive epochs with one learning rate, read from the training history):</li>")
-    lines.append(f"<li>Null control: the <b>{_escape(null_ordering)}</b> ordering (images assigned to batches at random).</li></ul>")
+    lines.append(f"<li>Null control: the <b>{_escape(null_ordering)}</b> ordering (images assigned to batches at "
+                 "random).</li></ul>")
     if "phases" in setup:
         lines.append(html_table(setup["phases"], {"phase": "phase", "first_epoch": "first epoch",
                                                   "last_epoch": "last epoch", "n_epochs": "epochs",

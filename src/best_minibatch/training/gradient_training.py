@@ -19,6 +19,7 @@ them). See ``docs/gradient_training.md``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -29,8 +30,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import hashlib
 
 import numpy as np
 import pandas as pd
@@ -243,7 +242,7 @@ class TrainingData:
 
     @classmethod
     def from_tables(cls, batch_assignments: pd.DataFrame, image_index: pd.DataFrame,
-                    train_images: torch.Tensor, test_images: torch.Tensor | None) -> "TrainingData":
+                    train_images: torch.Tensor, test_images: torch.Tensor | None) -> TrainingData:
         """Check the tables against each other (see ``docs/data_flow.md``) and gather the tensors."""
         for name, table, columns in (
             ("batch_assignments", batch_assignments, ("batch", "position", "image_id")),
@@ -325,7 +324,7 @@ class ProbeResults:
     null_distances: pd.DataFrame = dataclasses.field(default_factory=lambda: _null_frame("", {}))
 
     @classmethod
-    def empty(cls, ordering: str, run_name: str = "") -> "ProbeResults":
+    def empty(cls, ordering: str, run_name: str = "") -> ProbeResults:
         return cls(ordering, run_name, empty_distance_table(), torch.zeros(0, 0, dtype=torch.float64),
                    empty_history_table(), {}, _null_frame("", {}))
 
@@ -500,7 +499,8 @@ def check_expected_time(config: TrainingConfig, num_batches: int, batch_size: in
             "expected_hours",
             f"the run would take about {hours:,.1f} hours ({orderings} orderings x {config.num_epochs} epochs x "
             f"{num_batches} batches of {batch_size} at {per_step:.3g} s per probed step of {config.model} on "
-            f"{device.type}, measured on {steps} step{'s' if steps > 1 else ''} of {min(batch_size, 16)} images and scaled), more than the {config.expected_hours:g} hours this environment "
+            f"{device.type}, measured on {steps} step{'s' if steps > 1 else ''} of {min(batch_size, 16)} images and "
+            f"scaled), more than the {config.expected_hours:g} hours this environment "
             "expects",
             f"Confirm with --params gradient_training.expected_hours={math.ceil(hours)}, or choose a smaller model "
             "(training.model.name), fewer epochs (training.phases), or a GPU.")
