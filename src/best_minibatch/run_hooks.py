@@ -23,8 +23,11 @@ run reads").
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shlex
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -148,10 +151,6 @@ class RunRecord:
             run.lock.release()
 
     def _manifest(self, run: _Run, status: str) -> rm.Manifest:
-        import json
-        import os
-        import socket
-
         return rm.Manifest(
             run_id=run.run_id, status=status, command=run.command, pid=os.getpid(), host=socket.gethostname(),
             env=run.env, started=run.started,
@@ -258,8 +257,6 @@ def _command(run_params: dict[str, Any]) -> str:
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    import json
-
     flat = []
     for key, value in values.items():
         path = f"{prefix}{key}"
@@ -268,6 +265,17 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             flat.append((path, value if isinstance(value, (str, int, float, bool)) else json.dumps(value)))
     return flat
+
+
+def _pipelines_writing(names: set[str]) -> list[str]:
+    """Registered pipelines (not ``__default__``) that write any of ``names``, in registry order."""
+    from kedro.framework.project import pipelines
+
+    try:
+        pipelines.set_requested(None)  # a run loads only the pipelines it asks for; this one stops anyway
+        return [name for name in pipelines if name != "__default__" and pipelines[name].all_outputs() & names]
+    except Exception:  # no configured project (a session outside the CLI without bootstrap)
+        return []
 
 
 def _advice(plan: rm.RunPlan, graph: rm.RunGraph, parameters: dict[str, Any], manifests: dict[str, rm.Manifest],
@@ -279,8 +287,14 @@ def _advice(plan: rm.RunPlan, graph: rm.RunGraph, parameters: dict[str, Any], ma
     elif not any(m.status == rm.COMPLETED for m in manifests.values()):
         lines.append("No run has completed in this data folder yet.")
     lines.append("To fix it, either:")
-    lines.append("  * make the inputs with this run's parameters: include the pipelines that write them in this "
-                 "run (plain `kedro run` makes everything but batch_selection);")
+    makers = _pipelines_writing(plan.problem_inputs)
+    if makers:
+        lines.append(f"  * make the inputs with this run's parameters: include {', '.join(makers)} in this run "
+                     f"(`kedro run --pipelines={','.join(makers)},...`; plain `kedro run` makes everything but "
+                     "batch_selection);")
+    else:
+        lines.append("  * make the inputs with this run's parameters: include the pipelines that write them in this "
+                     "run (plain `kedro run` makes everything but batch_selection);")
     conflicts = plan.parameter_conflicts
     if conflicts and all(isinstance(v, (str, int, float, bool)) for v in conflicts.values()):
         settings = ",".join(f"{k}={v}" for k, v in sorted(conflicts.items()))

@@ -148,7 +148,7 @@ class Entry:
                 "parameter_keys": sorted(self.parameter_keys), "lineage": dict(sorted(self.lineage.items()))}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Entry":
+    def from_json(cls, data: Mapping[str, Any]) -> Entry:
         return cls(data["version"], data.get("run"), data.get("path", ""), list(data.get("parameter_keys", [])),
                    dict(data.get("lineage", {})))
 
@@ -185,7 +185,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Manifest":
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
         return cls(
             run_id=data["run_id"], status=data["status"], command=data.get("command", ""),
             pid=int(data.get("pid", 0)), host=data.get("host", ""), env=data.get("env"),
@@ -229,8 +229,8 @@ class ManifestStore:
         except FileNotFoundError:
             return None
         except (ValueError, KeyError) as error:
-            raise RunInputsError([f"Run manifest '{path}' is damaged ({error}). Move it aside (the run it "
-                                  "describes is then treated as unrecorded)."]) from error
+            raise RunInputsError([(f"Run manifest '{path}' is damaged ({error}). Move it aside (the run it "
+                                   "describes is then treated as unrecorded).")]) from error
 
     def run_ids(self) -> list[str]:
         """Every run with a manifest, oldest first (run ids are timestamps)."""
@@ -328,6 +328,7 @@ class RunPlan:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     parameter_conflicts: dict[str, Any] = field(default_factory=dict)  # dotted path -> the inputs' value
+    problem_inputs: set[str] = field(default_factory=set)  # the inputs the problems are about
 
     def pins(self) -> dict[str, str]:
         """Input name -> version to load."""
@@ -381,6 +382,7 @@ def plan_run(
                 plan.absent_optional[name] = why_absent
             elif why_absent:
                 plan.problems.append(why_absent)
+                plan.problem_inputs.add(name)
             continue
         plan.inputs[name] = entry
 
@@ -493,6 +495,7 @@ def _mismatches(inputs: Mapping[str, Entry], parameters, manifests, base, output
                 by_difference.setdefault((path, _show(old), _show(new), entry.run or ""), []).append(name)
                 if plan is not None:
                     plan.parameter_conflicts.setdefault(path, old)
+                    plan.problem_inputs.add(name)
     for (path, old, new, run), names in sorted(by_difference.items()):
         maker = manifests.get(run)
         made_by = maker.describe() if maker else f"run {run}"
@@ -511,19 +514,29 @@ def _mismatches(inputs: Mapping[str, Entry], parameters, manifests, base, output
         involved = set().union(*versions.values())
         if len(versions) < 2 or (only is not None and only not in involved):
             continue
-        parts = "; ".join(
-            f"version {version} " + ("(read as an input)" if readers == {ancestor} else
-                                     f"(what {_names(readers - {ancestor})} {'was' if len(readers - {ancestor}) == 1 else 'were'} made from)")
-            for version, readers in sorted(versions.items()))
+        if plan is not None:
+            plan.problem_inputs.update(involved)
+        parts = "; ".join(f"version {version} ({_use(ancestor, readers)})" for version, readers in sorted(versions.items()))
         problems.append(f"'{ancestor}' is not one version across this run's inputs: {parts}. They come from "
                         "different runs and do not belong together.")
     for (ancestor, version), names in sorted(rewritten.items()):
         if only is not None and only not in names:
             continue
+        if plan is not None:
+            plan.problem_inputs.update(names)
         verb = "was" if len(names) == 1 else "were"
         problems.append(f"{_names(names)} {verb} made from '{ancestor}' version {version}, which this run writes "
                         f"anew: include the pipeline that makes {_names(names)} in this run.")
     return problems
+
+
+def _use(dataset: str, readers: set[str]) -> str:
+    """How a version of ``dataset`` enters a run: read itself, or what other inputs were made from."""
+    made = readers - {dataset}
+    uses = ["read as an input"] if dataset in readers else []
+    if made:
+        uses.append(f"what {_names(made)} {'was' if len(made) == 1 else 'were'} made from")
+    return " and ".join(uses)
 
 
 def _at_or_absent(parameters: Mapping[str, Any], key: str) -> Any:
@@ -604,7 +617,7 @@ def completed_state(
 
 # --------------------------------------------------------------------------- one run at a time
 
-_HELD: dict[str, "RunLock"] = {}
+_HELD: dict[str, RunLock] = {}
 
 
 class RunLock:
