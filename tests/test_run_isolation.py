@@ -69,6 +69,16 @@ def test_inputs_come_from_the_last_completed_run_not_a_newer_failed_one():
     assert plan.problems == [] and plan.pins() == {"batches": "T1", "distances": "T1"}
 
 
+def test_the_last_completed_run_is_the_one_that_finished_last_not_the_one_that_started_last():
+    """B started after A but finished first (it took the lock first); A then read B's state, so A's is newest."""
+    first, second = complete_run("A"), complete_run("B")
+    second.finished, first.finished = "2026-01-01T00:00:01.000000+00:00", "2026-01-01T00:00:09.000000+00:00"
+    manifests = {"A": first, "B": second}
+    assert rm.ManifestStore("unused").last_completed(manifests).run_id == "A"
+    plan = rm.plan_run("C", GRAPH, BASE_PARAMS, manifests, on_disk(batches=["B", "A"], distances=["B", "A"]))
+    assert plan.base.run_id == "A" and plan.pins() == {"batches": "A", "distances": "A"}
+
+
 def test_inputs_made_with_other_parameters_are_refused_naming_parameter_values_and_datasets():
     exploratory = {**BASE_PARAMS, "sort": {"batch_size": 50, "progress_bar": False}}
     manifests = {"T1": complete_run("T1"), "T2": complete_run("T2", exploratory)}

@@ -29,7 +29,6 @@ import os
 import shlex
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
@@ -79,40 +78,55 @@ class RunRecord:
                            "its newest version.", rm.MANIFEST_DATASET)
             return
         run_id = run_params["run_id"]
-        project = Path(run_params.get("project_path") or ".")
         root = Path(str(manifest_dataset._filepath))
         store = rm.ManifestStore(root, root.name)
-        graph = _graph(pipeline, catalog, project)
+        graph = _graph(pipeline, catalog, Path(run_params.get("project_path") or "."))
         parameters = catalog.load("parameters") if "parameters" in catalog else {}
+        run = _Run(run_id, _command(run_params), store, rm.RunLock(root.parent / "run.lock"), graph,
+                   rm.RunPlan(run_id, None), parameters, run_params.get("env"), rm.now())
+        run.plan = self._plan(run, run_params, catalog)
+        self._runs[run_id] = run
+
+    def _plan(self, run: _Run, run_params: dict[str, Any], catalog: Any) -> rm.RunPlan:
+        """Choose and pin the version of every input and output, or refuse naming every problem."""
         user_versions = dict(run_params.get("load_versions") or {})
         base_run = user_versions.pop(rm.MANIFEST_DATASET, None)
-        manifests = store.all()
+        manifests = run.store.all()
         versions = _VersionsOnDisk(catalog)
-        plan = rm.plan_run(run_id, graph, parameters, manifests, versions, user_versions, base_run)
-        command = _command(run_params)
+        plan = rm.plan_run(run.run_id, run.graph, run.parameters, manifests, versions, user_versions, base_run)
         if plan.problems:
-            raise rm.RunInputsError(plan.problems, _advice(plan, graph, parameters, manifests, versions, store))
+            raise rm.RunInputsError(plan.problems, _advice(plan, run.graph, run.parameters, manifests, versions,
+                                                           run.store))
         for warning in plan.warnings:
             logger.warning(warning)
         for name, reason in plan.absent_optional.items():
             logger.warning("Optional input '%s' is left out of this run: %s", name, reason)
-            _pin(catalog.get(name), f"{run_id}{LEFT_OUT}")
+            _pin(catalog.get(name), f"{run.run_id}{LEFT_OUT}")
         for name, version in plan.pins().items():
             _pin(catalog.get(name), version)
-        for name in graph.outputs() & set(graph.versioned):
-            _pin(catalog.get(name), run_id)  # a node reads exactly what this run saved
+        for name in run.graph.outputs() & set(run.graph.versioned):
+            _pin(catalog.get(name), run.run_id)  # a node reads exactly what this run saved
         if plan.base is not None:
             logger.info("Inputs from %s", plan.base.describe())
-        self._runs[run_id] = _Run(run_id, command, store, rm.RunLock(root.parent / "run.lock"), graph, plan,
-                                  parameters, run_params.get("env"), time.strftime("%Y-%m-%d %H:%M:%S"))
+        return plan
 
-    def _lock(self, run_params: dict[str, Any]) -> None:
+    def _lock(self, run_params: dict[str, Any], catalog: Any) -> None:
         run = self._runs.get(run_params["run_id"])
         if run is None:
             return
         run.lock.acquire(rm.holder_record(run.run_id, run.command))
+        try:
+            # A run that completed while this one was being checked (it held the lock then) leaves a newer
+            # state: plan again from it, under the lock, so this run carries it forward.
+            last = run.store.last_completed()
+            named = rm.MANIFEST_DATASET in (run_params.get("load_versions") or {})
+            if not named and (last.run_id if last else None) != (run.plan.base.run_id if run.plan.base else None):
+                run.plan = self._plan(run, run_params, catalog)
+            run.store.write(self._manifest(run, rm.RUNNING))
+        except BaseException:
+            run.lock.release()
+            raise
         run.locked = True
-        run.store.write(self._manifest(run, rm.RUNNING))
 
     # -- during and after the run ----------------------------------------------------------------
 
@@ -154,7 +168,7 @@ class RunRecord:
         return rm.Manifest(
             run_id=run.run_id, status=status, command=run.command, pid=os.getpid(), host=socket.gethostname(),
             env=run.env, started=run.started,
-            finished=None if status == rm.RUNNING else time.strftime("%Y-%m-%d %H:%M:%S"),
+            finished=None if status == rm.RUNNING else rm.now(),
             base_run=run.plan.base.run_id if run.plan.base else None,
             parameters=json.loads(json.dumps(run.parameters, default=str)),
             inputs=run.plan.pins(), outputs=sorted(run.saved & set(run.graph.versioned)),
@@ -169,7 +183,7 @@ class _LockHook:
 
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any) -> None:
-        self._record._lock(run_params)
+        self._record._lock(run_params, catalog)
 
 
 # --------------------------------------------------------------------------- Kedro -> run_manifest

@@ -32,9 +32,9 @@ import fnmatch
 import json
 import os
 import socket
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +201,18 @@ class Manifest:
         return f"run {self.run_id}" + (f" (`{self.command}`)" if self.command else "")
 
 
+def now() -> str:
+    """The time as ISO 8601 in UTC to the microsecond: such strings sort in time order."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def completion_order(manifest: Manifest) -> tuple[str, str]:
+    """Sort key of completed runs: when they finished. A run id is when a run *started*; a run that started
+    first may finish after one started later (the later one took the lock first), and the last to finish
+    read the other's state."""
+    return (manifest.finished or "", manifest.run_id)
+
+
 class ManifestStore:
     """The manifests of one data folder: ``<root>/<run id>/<file name>``, written atomically."""
 
@@ -249,7 +261,7 @@ class ManifestStore:
     def last_completed(self, manifests: Mapping[str, Manifest] | None = None) -> Manifest | None:
         manifests = self.all() if manifests is None else manifests
         completed = [m for m in manifests.values() if m.status == COMPLETED]
-        return max(completed, key=lambda m: m.run_id) if completed else None
+        return max(completed, key=completion_order) if completed else None
 
 
 # --------------------------------------------------------------------------- the run's graph
@@ -357,7 +369,7 @@ def plan_run(
         base = manifests.get(base_run)
         plan = RunPlan(run_id, base)
         if base is None:
-            known = ", ".join(m.run_id for m in sorted(completed, key=lambda m: m.run_id)[-5:]) or "none"
+            known = ", ".join(m.run_id for m in sorted(completed, key=completion_order)[-5:]) or "none"
             plan.problems.append(f"--load-versions {MANIFEST_DATASET}:{base_run} names no recorded run "
                                  f"(the last completed runs: {known}).")
             return plan
@@ -366,7 +378,7 @@ def plan_run(
                                  f"{_status_phrase(base)}; name a completed run.")
             return plan
     else:
-        base = max(completed, key=lambda m: m.run_id) if completed else None
+        base = max(completed, key=completion_order) if completed else None
         plan = RunPlan(run_id, base)
     state = base.datasets if base else {}
     outputs = graph.outputs()
@@ -516,7 +528,8 @@ def _mismatches(inputs: Mapping[str, Entry], parameters, manifests, base, output
             continue
         if plan is not None:
             plan.problem_inputs.update(involved)
-        parts = "; ".join(f"version {version} ({_use(ancestor, readers)})" for version, readers in sorted(versions.items()))
+        parts = "; ".join(f"version {version} ({_use(ancestor, readers)})"
+                          for version, readers in sorted(versions.items()))
         problems.append(f"'{ancestor}' is not one version across this run's inputs: {parts}. They come from "
                         "different runs and do not belong together.")
     for (ancestor, version), names in sorted(rewritten.items()):
@@ -559,9 +572,9 @@ def matching_completed_runs(
     versions_on_disk: Callable[[str], list[str]],
     exclude: str | None = None,
 ) -> list[str]:
-    """Completed runs, newest first, whose state gives this run consistent inputs that match its parameters."""
+    """Completed runs, last completed first, whose state gives this run consistent inputs that match its parameters."""
     found = []
-    for manifest in sorted(manifests.values(), key=lambda m: m.run_id, reverse=True):
+    for manifest in sorted(manifests.values(), key=completion_order, reverse=True):
         if manifest.status != COMPLETED or manifest.run_id == exclude:
             continue
         trial = plan_run("(trial)", graph, parameters, manifests, versions_on_disk, base_run=manifest.run_id)
@@ -683,4 +696,4 @@ def _locked_message(path: Path, text: str) -> str:
 
 def holder_record(run_id: str, command: str) -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id, "command": command,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "started": now()}
