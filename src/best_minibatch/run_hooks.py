@@ -106,8 +106,9 @@ class RunRecord:
             _pin(catalog.get(name), version)
         for name in run.graph.outputs() & set(run.graph.versioned):
             _pin(catalog.get(name), run.run_id)  # a node reads exactly what this run saved
-        if plan.base is not None:
-            logger.info("Inputs from %s", plan.base.describe())
+        if plan.base is not None and plan.inputs:
+            logger.info("Reading %d input(s) at the versions recorded by %s", len(plan.inputs),
+                        plan.base.describe())
         return plan
 
     def _lock(self, run_params: dict[str, Any], catalog: Any) -> None:
