@@ -66,7 +66,8 @@ def test_a_zipped_python_release_says_to_extract_it(tmp_path):
     with zipfile.ZipFile(zipped, "w") as archive:
         for file in sorted((tmp_path / "cifar-10-batches-py").iterdir()):
             archive.write(file, f"cifar-10-batches-py/{file.name}")
-    with pytest.raises(DatasetInputError, match="is a zip archive holding the CIFAR-10 python release.*extract the zip"):
+    with pytest.raises(DatasetInputError,
+                       match="is a zip archive holding the CIFAR-10 python release.*extract the zip"):
         read_image_dataset(zipped, "cifar_python")
 
 
@@ -168,8 +169,9 @@ LEAKY_TEST = textwrap.dedent('''
 def test_a_process_left_running_by_a_test_fails_the_session_and_is_stopped(tmp_path):
     (tmp_path / "test_leaky.py").write_text(LEAKY_TEST)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.process_guard", "-q", "-p", "no:cacheprovider",
-                             "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_leaky.py")],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.process_guard", "-q",
+                             "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "-c", os.devnull,
+                             str(tmp_path / "test_leaky.py")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert "1 passed" in result.stdout, result.stdout + result.stderr
     assert result.returncode == 1, result.stdout
