@@ -60,7 +60,7 @@ def full_dataset(full_cifar_zip: Path) -> ImageDataset:
 # The default pipeline with one epoch per phase: every pipeline and ordering runs, in about
 # a third of `kedro run`'s time. The real default (3 epochs per phase) is what `make run` does.
 QUICK_RUN_PARAMS = {
-    "gradient_training": {
+    "training": {
         "phases": [{"epochs": 1, "lr": 0.1}, {"epochs": 1, "lr": 0.01}, {"epochs": 1, "lr": 0.001}]
     }
 }

@@ -79,6 +79,9 @@ def synthetic_run(
         tables = {}
         if ordering in skipped:
             tables["metric_status"] = {"metric": ordering, "status": "skipped", "reason": SKIP_REASON}
+            tables["null_distances"] = pd.DataFrame({"epoch": pd.Series(dtype="int64"),
+                                                     "draw": pd.Series(dtype="int64"),
+                                                     "distance": pd.Series(dtype="float64")})
             tables["gradient_distances"] = pd.DataFrame(
                 {c: pd.Series(dtype=t) for c, t in _DISTANCE_DTYPES.items()}
             )
@@ -90,6 +93,9 @@ def synthetic_run(
             run["orderings"][ordering] = tables
             continue
         tables["metric_status"] = {"metric": ordering, "status": "ok", "reason": None}
+        # Trained without the same-parameter null: noise units fall back on the null ordering's batches.
+        tables["null_distances"] = pd.DataFrame({"epoch": pd.Series(dtype="int64"), "draw": pd.Series(dtype="int64"),
+                                                 "distance": pd.Series(dtype="float64")})
         image_ids = rng.permutation(n_train)[: n_batches * batch_size]
         assignments = pd.DataFrame(
             {
@@ -213,31 +219,51 @@ def planted_effects(n_batches=40, size=3.0):
 # --------------------------------------------------------------------------- phases
 
 
-def test_phases_follow_learning_rate_changes_not_epoch_counts():
-    epochs = [3, 1, 2, 4, 5, 6, 7]
-    rates = [0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.1]
-    assert analysis.phases_from_learning_rates(epochs, rates).tolist() == [1, 1, 1, 2, 2, 3, 4]
-
-
-def test_phases_treat_rounding_noise_as_the_same_rate():
-    assert analysis.phases_from_learning_rates([1, 2, 3], [0.1, 0.1 + 1e-15, 0.01]).tolist() == [1, 1, 2]
+def test_phases_are_the_ones_training_recorded_not_rederived_from_learning_rates():
+    # Two phases with the same learning rate stay two phases (the history says so).
+    table = pd.DataFrame({"epoch": [3, 1, 2, 4], "phase": [2, 1, 1, 3], "learning_rate": [0.1, 0.1, 0.1, 0.01]})
+    got = analysis.epoch_phase_table(table, "intensity.gradient_distances")
+    assert got["epoch"].tolist() == [1, 2, 3, 4] and got["phase"].tolist() == [1, 1, 2, 3]
 
 
 def test_epoch_with_two_learning_rates_is_an_error_naming_the_table():
-    table = pd.DataFrame({"epoch": [1, 1], "learning_rate": [0.1, 0.2]})
+    table = pd.DataFrame({"epoch": [1, 1], "phase": [1, 1], "learning_rate": [0.1, 0.2]})
     with pytest.raises(analysis.AnalysisInputError, match="edges.gradient_distances.*epochs \\[1\\]"):
         analysis.epoch_phase_table(table, "edges.gradient_distances")
 
 
-def test_derived_phases_replace_the_tables_phase_column():
+def test_noise_units_carry_the_phase_training_recorded():
     run = synthetic_run(phase_lengths=(2, 2), learning_rates=(0.1, 0.01), n_batches=8)
     distances = {o: t["gradient_distances"].assign(phase=7) for o, t in run["orderings"].items()}
     noise_units = analysis.noise_unit_distances(distances, "random")
-    assert sorted(noise_units["phase"].unique()) == [1, 2]
-    assert noise_units.loc[noise_units["epoch"] <= 2, "phase"].eq(1).all()
+    assert noise_units["phase"].unique().tolist() == [7]
 
 
 # --------------------------------------------------------------------------- noise units
+
+
+def test_noise_units_use_each_orderings_same_network_null_and_keep_the_cross_network_one():
+    distances = {
+        "random": pd.DataFrame({"ordering": "random", "epoch": 1, "phase": 1, "learning_rate": 0.1,
+                                "batch": [0, 1, 2], "distance": [1.0, 2.0, 3.0]}),
+        "edges": pd.DataFrame({"ordering": "edges", "epoch": 1, "phase": 1, "learning_rate": 0.1,
+                               "batch": [0, 1], "distance": [4.0, 2.0]}),
+        "color": pd.DataFrame({"ordering": "color", "epoch": 1, "phase": 1, "learning_rate": 0.1,
+                               "batch": [0, 1], "distance": [4.0, 2.0]}),
+    }
+    for table in distances.values():
+        table["cosine_similarity"], table["relative_distance"] = 0.5, 1.0
+    nulls = {  # edges' own random batches at its own parameters: mean 3, sd 1; color was trained without
+        "edges": pd.DataFrame({"epoch": 1, "draw": [0, 1, 2], "distance": [2.0, 3.0, 4.0]}),
+        "color": pd.DataFrame({"epoch": [], "draw": [], "distance": []}),
+    }
+    out = analysis.noise_unit_distances(distances, "random", nulls).set_index(["ordering", "batch"])
+    assert out.loc[("edges", 0), "noise_z"] == pytest.approx(1.0)  # (4 - 3) / 1, same network
+    assert out.loc[("edges", 0), "noise_ratio"] == pytest.approx(4 / 3)
+    assert out.loc[("edges", 0), "null_source"] == "same_network"
+    assert out.loc[("edges", 0), "noise_z_cross"] == pytest.approx(2.0)  # (4 - 2) / 1 against random's batches
+    assert out.loc[("color", 0), "null_source"] == "cross_network"  # no null of its own: the cross-network z
+    assert out.loc[("color", 0), "noise_z"] == pytest.approx(2.0) == out.loc[("color", 0), "noise_z_cross"]
 
 
 def test_noise_units_are_z_scores_and_ratios_against_random_batches_of_the_same_epoch():
@@ -249,6 +275,7 @@ def test_noise_units_are_z_scores_and_ratios_against_random_batches_of_the_same_
             rows.append(("edges", epoch, b, d))
     table = pd.DataFrame(rows, columns=["ordering", "epoch", "batch", "distance"])
     table["learning_rate"] = 0.1
+    table["phase"] = 1
     table["cosine_similarity"] = 0.5
     table["relative_distance"] = 1.0
     distances = {o: t for o, t in table.groupby("ordering")}
@@ -278,7 +305,8 @@ def test_noise_units_do_not_change_when_an_epochs_gradient_scale_changes():
 def test_missing_null_ordering_is_an_error_naming_the_parameter():
     run = synthetic_run(phase_lengths=(2,), learning_rates=(0.1,), n_batches=8, skipped=("random",))
     distances = {o: t["gradient_distances"] for o, t in run["orderings"].items()}
-    with pytest.raises(analysis.AnalysisInputError, match="null ordering 'random' \\(distance_analysis.null_ordering\\) has no distance rows"):
+    message = "null ordering 'random' \\(distance_analysis.null_ordering\\) has no distance rows"
+    with pytest.raises(analysis.AnalysisInputError, match=message):
         analysis.noise_unit_distances(distances, "random")
     with pytest.raises(analysis.AnalysisInputError, match="null_ordering is 'shuffled'"):
         analysis.noise_unit_distances(distances, "shuffled")
@@ -516,7 +544,7 @@ def test_trace_check_on_random_partitions_of_a_tiny_model():
         rows.append({"epoch": np.full(n // m, epoch), "batch": np.arange(n // m),
                      **{k: measures[k] for k in analysis.DISTANCE_MEASURES}})
     distances = pd.DataFrame({k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
-    distances = distances.assign(ordering="random", learning_rate=0.1)
+    distances = distances.assign(ordering="random", phase=1, learning_rate=0.1)
     noise_units = analysis.noise_unit_distances({"random": distances}, "random")
     history = pd.DataFrame({"epoch": np.arange(1, n_epochs + 1), "n_train": n, "batch_size": m,
                             "gradient_variance_trace": analysis.per_example_gradient_trace(per_example)})
@@ -562,7 +590,8 @@ def test_noise_units_on_a_tiny_model_sorted_by_gradient_direction():
             batches = torch.from_numpy(order.copy()).reshape(n // m, m)
             gradients = torch.stack([batch_gradient(model, inputs[b], targets[b]) for b in batches])
             measures = distance_measures(gradients)
-            rows.append(pd.DataFrame({"ordering": ordering, "epoch": epoch, "learning_rate": rate,
+            rows.append(pd.DataFrame({"ordering": ordering, "epoch": epoch, "phase": 1 if rate == 0.1 else 2,
+                                      "learning_rate": rate,
                                       "batch": np.arange(n // m),
                                       **{k: measures[k] for k in analysis.DISTANCE_MEASURES}}))
     table = pd.concat(rows, ignore_index=True)

@@ -32,15 +32,15 @@ logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 data = TrainingData(**torch.load(Path(sys.argv[3]), weights_only=True))
 config = TrainingConfig.from_params({{
-    "model": {{"name": "tiny"}},
-    "phases": [{{"epochs": {EPOCHS // 3}, "lr": 0.05}}, {{"epochs": {EPOCHS // 3}, "lr": 0.01}},
-               {{"epochs": {EPOCHS // 3}, "lr": 0.002}}],
-    "augment": True,
+    "training": {{
+        "model": {{"name": "small_cnn"}},  # the script passes its own tiny model's factory
+        "phases": [{{"epochs": {EPOCHS // 3}, "lr": 0.05}}, {{"epochs": {EPOCHS // 3}, "lr": 0.01}},
+                   {{"epochs": {EPOCHS // 3}, "lr": 0.002}}],
+        "augment": True, "cpu_threads": 1, "progress_bar": False,
+    }},
     "keep_gradients": {{"every_n": 4}},
     "checkpoint_dir": str(work / "checkpoints"),
     "gradients_dir": str(work / "gradients"),
-    "cpu_threads": 1,
-    "progress_bar": False,
 }})
 
 def tiny_model():
@@ -49,7 +49,8 @@ def tiny_model():
 
 run = GradientProbeRun(config, data, tiny_model, "intensity")
 for spilled in run.run():
-    save_tensors_atomically(spilled.gradient, Path(config.gradients_dir) / (run.partition_id(spilled.epoch, spilled.batch) + ".pt"))
+    path = Path(config.gradients_dir) / (run.partition_id(spilled.epoch, spilled.batch) + ".pt")
+    save_tensors_atomically(spilled.gradient, path)
 out.mkdir(parents=True, exist_ok=True)
 run.results.distances.to_parquet(out / "distances.parquet")
 save_tensors_atomically(run.results.model_state, out / "model.pt")

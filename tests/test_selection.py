@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from best_minibatch.training.runtime import cpu_threads
-from best_minibatch.selection import experiment as S
-from best_minibatch.selection import statistics as T
+from best_minibatch import selection as S
 from best_minibatch.analysis.statistics import holm_adjust
 from best_minibatch.metrics.scoring import METRICS
+from best_minibatch.selection import statistics as T
+from best_minibatch.training.runtime import cpu_threads
 
 # --------------------------------------------------------------------------- a synthetic experiment
 
@@ -30,13 +30,12 @@ def base_params(**overrides) -> dict:
         "policies": list(S.POLICIES),
         "validation": {"fraction": 0.2, "seed": 7},
         "target_validation_accuracy": 0.3,
-        "model": {"name": "small_cnn", "small_cnn": {"width": 4}},
-        "training": {"batch_size": BATCH, "phases": [{"epochs": 2, "lr": 0.05}, {"epochs": 1, "lr": 0.005},
+        "training": {"model": {"name": "small_cnn", "small_cnn": {"width": 4}}, "progress_bar": False,
+                     "batch_size": BATCH, "phases": [{"epochs": 2, "lr": 0.05}, {"epochs": 1, "lr": 0.005},
                                                      {"epochs": 1, "lr": 0.0005}],
                      "evaluations_per_epoch": 2, "eval_batch_size": 100, "device": "cpu"},
         "learned": {"ordering": "intensity", "measure": "noise_z_mean", "keep_fraction": 0.25},
         "oracle": {"keep_fraction": 0.25},
-        "progress_bar": False,
     }
     for key, value in overrides.items():
         params[key] = value
@@ -121,9 +120,12 @@ def test_parameters_parse_and_bad_values_name_the_parameter():
         (base_params(training={**base_params()["training"], "phases": [{"epochs": 0, "lr": 0.1}]}),
          "batch_selection.training.phases[0].epochs"),
         (base_params(oracle={"candidates": 0}), "batch_selection.oracle.candidates"),
-        (base_params(model={"name": "alexnet"}), "batch_selection.model.name"),
-        (base_params(model={"name": "small_cnn", "small_cnn": {"depth": 3}}), "batch_selection.model.small_cnn.depth"),
-        (base_params(model={"name": "small_cnn", "options": {"width": 3}}), "batch_selection.model.options"),
+        (base_params(training={**base_params()["training"], "model": {"name": "alexnet"}}),
+         "batch_selection.training.model.name"),
+        (base_params(training={**base_params()["training"], "model": {"name": "small_cnn", "small_cnn": {"depth": 3}}}),
+         "batch_selection.training.model.small_cnn.depth"),
+        (base_params(training={**base_params()["training"], "model": {"name": "small_cnn", "options": {"width": 3}}}),
+         "batch_selection.training.model.options"),
         (base_params(surprise=1), "batch_selection.surprise"),
     ]
     for params, named in cases:
@@ -169,7 +171,7 @@ def test_every_policy_takes_the_baselines_steps_on_training_images_only(experime
     policy = S.build_policy(policy_name, config, 0, train_ids, experiment["pools"])
     baseline_total = policy_total = 0
     used = []
-    for epoch, phase, _ in config.recipe.epoch_plan():
+    for epoch, phase, _ in config.recipe.schedule:
         base_batches = baseline.epoch_batches(epoch, phase)
         batches = policy.epoch_batches(epoch, phase, fake_probe if policy.probes else None)
         assert batches.shape == base_batches.shape == (len(train_ids) // BATCH, BATCH)
@@ -268,7 +270,7 @@ def test_random_subset_trains_on_as_many_random_batches_as_learned_keeps(experim
     for seed in (0, 1):
         policy = S.build_policy("random_subset", config, seed, train_ids, pools)
         used_by_phase: dict[int, list] = {}
-        for epoch, phase, _ in config.recipe.epoch_plan():
+        for epoch, phase, _ in config.recipe.schedule:
             used_by_phase.setdefault(phase, []).extend(map(tuple, policy.epoch_batches(epoch, phase)))
         for phase, used in used_by_phase.items():
             counts = pd.Series(used).value_counts()

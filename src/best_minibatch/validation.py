@@ -1,8 +1,9 @@
 """Every parameter a run reads, checked before the run starts (so before anything is written).
 
-Knows nothing of Kedro. :func:`check_run` takes the run's parameters, the
+Knows nothing of Kedro. :func:`run_problems` takes the run's parameters, the
 parameter sections its nodes read, and what is already known about the data, and
-runs each pipeline's own checks, calling the module that owns them:
+builds each section's typed config (each validates itself when built), adding the
+checks that span sections:
 
 * ``ingest_cifar``: the raw source exists and holds training images (``cifar``);
 * ``score_metrics``: metric names and options (``metrics.metric_availability``; a
@@ -10,6 +11,8 @@ runs each pipeline's own checks, calling the module that owns them:
   option checks), a strict metric that cannot run, ``device: cuda`` without CUDA;
 * ``sort_batches``: ``batch_size`` a positive integer (``batching``) that fits the
   training set;
+* ``training``: the shared recipe (``training.recipe.TrainingRecipe``), its model
+  built once, and its batch size equal to ``sort_batches.batch_size``;
 * ``gradient_training``: every setting (``training.TrainingConfig``), the model's
   name and options (by building it once), the disk cap against the kept epochs'
   gradients, and an explicit ``run_name`` whose folders hold another run;
@@ -32,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from best_minibatch.config import Section
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +65,8 @@ class RunFacts:
     trained_orderings: tuple[str, ...] = ()
 
 
-def check_run(parameters: Mapping[str, Any], sections: Iterable[str], facts: RunFacts | None = None) -> None:
-    """Run the checks of every section in ``sections``; raise :class:`RunCheckError` listing all problems."""
-    problems = run_problems(parameters, sections, facts or RunFacts())
-    if problems:
-        raise RunCheckError(problems)
-
-
 def run_problems(parameters: Mapping[str, Any], sections: Iterable[str], facts: RunFacts) -> list[str]:
-    """The problems :func:`check_run` would report, as messages."""
+    """Every problem of the run's parameter sections, as messages (empty: the run may start)."""
     problems = []
     for section in _ORDER:
         if section not in set(sections):
@@ -80,7 +78,8 @@ def run_problems(parameters: Mapping[str, Any], sections: Iterable[str], facts: 
         try:
             _CHECKS[section](parameters[section], parameters, facts)
         except (ValueError, RuntimeError, OSError) as error:
-            problems.append(str(error))
+            # Sections that read the shared recipe report its problem too: list each problem once.
+            problems.extend(p for p in str(error).split("\n  - ") if p not in problems)
     return problems
 
 
@@ -88,6 +87,8 @@ def run_problems(parameters: Mapping[str, Any], sections: Iterable[str], facts: 
 
 
 def _check_ingest(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    section = Section(params, "ingest_cifar", ("source",))
+    section.section("source", ("path", "layout", "download", "download_root"))
     count_training_images(params.get("source") or {})
 
 
@@ -118,9 +119,8 @@ def count_training_images(source: Mapping[str, Any]) -> int | None:
 
 
 def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    import torch
-
     from best_minibatch.metrics.scoring import METRICS, metric_availability, metric_options
+    from best_minibatch.training.runtime import resolve_device
 
     problems = []
     for name, metric in METRICS.items():
@@ -130,9 +130,11 @@ def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any
             if metric.unavailable_reason is None:
                 # The metric's own option checks run when it scores; one blank image costs nothing.
                 metric.score(np.zeros((1, 32, 32, 3), dtype=np.uint8), options)
-            elif unavailable is None and options.get("device") == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"Parameter score_metrics.{name}.device is cuda but no CUDA device is available. "
-                                 "Use cpu or auto.")
+            elif unavailable is None and "device" in options:
+                try:
+                    resolve_device(options["device"])
+                except ValueError as error:
+                    raise ValueError(f"Parameter score_metrics.{name}.device: {error}. Use cpu or auto.") from error
         except (ValueError, RuntimeError) as error:
             problems.append(str(error))
     if problems:
@@ -140,8 +142,10 @@ def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any
 
 
 def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.batches.batching import batch_size_from_params
+    from best_minibatch.batches.batching import batch_size_from_params, tie_seed_from_params
 
+    Section(params, "sort_batches", ("batch_size", "tie_seed"))
+    tie_seed_from_params(params)
     batch_size = batch_size_from_params(params)
     if facts.n_train is not None and batch_size > facts.n_train:
         raise ValueError(
@@ -150,16 +154,43 @@ def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any]
         )
 
 
-def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.training.gradient_training import TrainingConfig, check_disk_cap, check_run_folder, named_model_factory
+def _check_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    from best_minibatch.training.gradient_training import named_model_factory
+    from best_minibatch.training.recipe import TrainingRecipe
 
-    config = TrainingConfig.from_params(params)
+    recipe = TrainingRecipe.from_params(params)
+    named_model_factory(recipe)  # a bad model option fails here, not hours later
+    _check_batch_size_rule(recipe.batch_size, "training.batch_size", parameters)
+
+
+def _check_batch_size_rule(batch_size: int | None, key: str, parameters: Mapping[str, Any]) -> None:
+    """Both experiments train on sort_batches' batch size: gradient_training probes its batches and
+    batch_selection's "learned" policy reads distances measured at that size."""
+    sort_size = (parameters.get("sort_batches") or {}).get("batch_size")
+    if batch_size is not None and batch_size != sort_size:
+        raise ValueError(f"Parameter {key}={batch_size} differs from sort_batches.batch_size={sort_size}: every "
+                         "experiment trains on the batch size sort_batches cuts. Set it to null (follow "
+                         "sort_batches) or change sort_batches.batch_size.")
+
+
+def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    from best_minibatch.training.gradient_training import (
+        TrainingConfig,
+        check_buffer_memory,
+        check_disk_cap,
+        check_expected_time,
+        check_run_folder,
+        named_model_factory,
+    )
+
+    config = TrainingConfig.from_params(params, parameters.get("training"))
     if not isinstance(config.trace_check, bool):
         from best_minibatch.metrics.scoring import METRICS
 
         if unknown := [o for o in config.trace_check if o not in METRICS]:
             raise ValueError(f"Parameter gradient_training.trace_check: unknown orderings {unknown}. Use true, false "
                              f"or a list of {', '.join(METRICS)}.")
+    _check_batch_size_rule(config.recipe.batch_size, "gradient_training.training.batch_size", parameters)
     model = named_model_factory(config)()
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_dtype = next(model.parameters()).dtype
@@ -172,10 +203,19 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
         try:
             if num_batches:
                 check_disk_cap(config, num_params, num_batches)
+                check_buffer_memory(config, num_params, param_dtype, num_batches)
             check_run_folder(config, ordering, num_params, param_dtype)
         except (ValueError, RuntimeError) as error:
             if str(error) not in problems:
                 problems.append(str(error))
+    counts = [n for n in (facts.num_batches.get(o) or (facts.n_train // batch_size if facts.n_train and isinstance(
+        batch_size, int) and batch_size > 0 else None) for o in facts.trained_orderings) if n]
+    if counts and not problems:
+        try:
+            images = batch_size if isinstance(batch_size, int) and batch_size > 0 else facts.n_train // max(counts)
+            check_expected_time(config, max(counts), images, len(facts.trained_orderings))
+        except ValueError as error:
+            problems.append(str(error))
     if problems:
         raise ValueError("\n  - ".join(problems))
 
@@ -185,6 +225,7 @@ def _check_distance_analysis(params: Mapping[str, Any], parameters: Mapping[str,
     from best_minibatch.metrics.scoring import METRICS
 
     checked = check_parameters(params)
+    _check_enough_batches(parameters, facts)
     if checked["null_ordering"] not in METRICS:
         raise ValueError(
             f"Parameter distance_analysis.null_ordering: unknown ordering {checked['null_ordering']!r}. Use one of "
@@ -192,7 +233,32 @@ def _check_distance_analysis(params: Mapping[str, Any], parameters: Mapping[str,
         )
 
 
+def _check_enough_batches(parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    """The claims compare groups of batches; too few batches would train for nothing and then fail."""
+    from best_minibatch.analysis.statistics import minimum_batches
+
+    needed = minimum_batches()
+    batch_size = (parameters.get("sort_batches") or {}).get("batch_size")
+    counts = dict(facts.num_batches)
+    if facts.n_train is not None and isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
+        if batch_size <= facts.n_train:  # a batch larger than the training set is sort_batches' own error
+            counts.setdefault("the orderings this run sorts", facts.n_train // batch_size)
+    short = {name: count for name, count in counts.items() if count < needed}
+    if short:
+        name, count = next(iter(short.items()))
+        given = (f"sort_batches.batch_size={batch_size} cuts the {facts.n_train} training images into {count} batches"
+                 if facts.n_train is not None and name == "the orderings this run sorts"
+                 else f"the existing batch assignments of '{name}' hold {count} batches")
+        raise ValueError(
+            f"Parameter sort_batches.batch_size: {given}, but distance_analysis needs at least {needed} per ordering "
+            f"(its claims compare the outer 10% of the batches on each side with the rest). Lower "
+            f"sort_batches.batch_size to at most {facts.n_train // needed if facts.n_train else 'N / ' + str(needed)}"
+            f" (and rerun sort_batches)."
+        )
+
+
 def _check_visualize(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    Section(params, "visualize", ("report_title", "report_png_dpi"))
     dpi = params.get("report_png_dpi", 110)
     if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 10:
         raise ValueError(f"Parameter visualize.report_png_dpi must be an integer of at least 10, got {dpi!r}. "
@@ -203,7 +269,10 @@ def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, A
     from best_minibatch.metrics.scoring import METRICS
     from best_minibatch.selection.experiment import SelectionConfig
 
-    config = SelectionConfig.from_params(params)
+    sort_size = (parameters.get("sort_batches") or {}).get("batch_size")
+    config = SelectionConfig.from_params(params, parameters.get("training"),
+                                         sort_size if isinstance(sort_size, int) else None)
+    _check_batch_size_rule(config.batch_size, "batch_selection.training.batch_size", parameters)
     for key, ordering in (("fixed_random.ordering", config.fixed_ordering),
                           ("learned.ordering", config.learned_ordering),
                           *((f"paper_advice.first_phase.{o}", o) for o in config.paper_first_phase),
@@ -211,7 +280,7 @@ def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, A
         if ordering not in METRICS:
             raise ValueError(f"Parameter batch_selection.{key}: unknown ordering {ordering!r}. "
                              f"Use one of {', '.join(METRICS)}.")
-    batch_size = config.recipe.batch_size
+    batch_size = config.batch_size
     if facts.n_train is not None and batch_size > facts.n_train:
         raise ValueError(f"Parameter batch_selection.training.batch_size={batch_size} exceeds the {facts.n_train} "
                          "training images, so not one full batch fits. Lower batch_selection.training.batch_size.")
@@ -221,6 +290,7 @@ _CHECKS = {
     "ingest_cifar": _check_ingest,
     "score_metrics": _check_score_metrics,
     "sort_batches": _check_sort_batches,
+    "training": _check_training,
     "gradient_training": _check_gradient_training,
     "distance_analysis": _check_distance_analysis,
     "visualize": _check_visualize,

@@ -21,7 +21,8 @@ from tests.test_analysis import SKIP_REASON, planted_effects, synthetic_run
 CONF = Path(__file__).resolve().parents[2] / "conf" / "base"
 ANALYSIS_TABLES = ("ordering_status", "distance_noise_units", "batch_phase_stats", "batch_group_comparisons",
                    "claim_verdicts", "confound_correlations", "best_worst_batches", "gradient_noise_trace_check")
-KINDS = ("gradient_distances", "training_history", "batch_summary", "metric_status", "batch_assignments")
+KINDS = ("gradient_distances", "training_history", "batch_summary", "metric_status", "batch_assignments",
+         "null_distances")
 
 
 def project_catalog_config(tmp_path: Path) -> dict:
@@ -29,6 +30,9 @@ def project_catalog_config(tmp_path: Path) -> dict:
     config = {}
     for name in ("catalog_distance_analysis.yml", "catalog_visualize.yml"):
         config.update(yaml.safe_load((CONF / name).read_text(encoding="utf-8")))
+    # The report reads batch_selection's fragment (read as nothing until that pipeline has run).
+    selection = yaml.safe_load((CONF / "catalog_batch_selection.yml").read_text(encoding="utf-8"))
+    config["batch_selection.report_fragment_html"] = selection["batch_selection.report_fragment_html"]
     for entry in config.values():
         for dataset in (entry, entry.get("dataset") if isinstance(entry.get("dataset"), dict) else {}):
             if "filepath" in dataset:

@@ -12,7 +12,7 @@ import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from best_minibatch.selection import experiment as S
+from best_minibatch import selection as S
 from best_minibatch.metrics.scoring import METRICS, score_images
 from best_minibatch.pipelines.batch_selection import create_pipeline
 
@@ -24,12 +24,12 @@ PARAMS = {
     "policies": list(S.POLICIES),
     "validation": {"fraction": 0.2, "seed": 1},
     "target_validation_accuracy": 0.15,
-    "model": {"name": "small_cnn", "small_cnn": {"width": 4}},
-    "training": {"batch_size": 32, "phases": [{"epochs": 1, "lr": 0.1}, {"epochs": 1, "lr": 0.01}],
-                 "evaluations_per_epoch": 1, "eval_batch_size": 200, "device": "cpu", "cpu_threads": 1},
+    "training": {"model": {"name": "small_cnn", "small_cnn": {"width": 4}},
+                 "batch_size": 32, "phases": [{"epochs": 1, "lr": 0.1}, {"epochs": 1, "lr": 0.01}],
+                 "evaluations_per_epoch": 1, "eval_batch_size": 200, "device": "cpu", "cpu_threads": 1,
+                 "progress_bar": False},
     "learned": {"ordering": "intensity", "measure": "noise_z_mean", "keep_fraction": 0.25},
     "oracle": {"keep_fraction": 0.25},
-    "progress_bar": False,
 }
 
 
@@ -76,7 +76,8 @@ def project_catalog(folder: Path) -> DataCatalog:
     """The project's batch_selection catalog (versioned Parquet, text, figures) moved under ``folder``."""
     config = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "catalog_batch_selection.yml").read_text())
     for entry in config.values():
-        entry["filepath"] = str(folder / entry["filepath"])
+        inner = entry.get("dataset", entry)  # OptionalDataset wraps the file's dataset
+        inner["filepath"] = str(folder / inner["filepath"])
     return DataCatalog.from_config(config)
 
 
@@ -85,6 +86,9 @@ def run_pipeline(inputs: dict, params: dict, folder: Path) -> DataCatalog:
     for name, value in inputs.items():
         catalog[name] = MemoryDataset(value)
     catalog["params:batch_selection"] = MemoryDataset(params)
+    catalog["params:training"] = MemoryDataset({})  # the shared recipe's defaults; PARAMS overrides them
+    catalog["params:sort_batches.batch_size"] = MemoryDataset(32)
+    catalog["params:sort_batches.tie_seed"] = MemoryDataset(0)
     SequentialRunner().run(create_pipeline(), catalog)
     return catalog
 

@@ -15,9 +15,9 @@ from kedro_datasets.partitions import PartitionedDataset
 
 from best_minibatch.datasets import TensorDataset
 from best_minibatch.metrics.scoring import METRICS
-from best_minibatch.training.models import build_model
 from best_minibatch.pipelines.gradient_training import create_pipeline
 from best_minibatch.training.gradient_training import DISTANCE_COLUMNS, HISTORY_COLUMNS
+from best_minibatch.training.models import build_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "base"
 NUM_BATCHES, BATCH = 10, 20
@@ -35,16 +35,20 @@ def project_catalog_config(tmp_path: Path) -> dict:
     return config
 
 
+TRAINING = {
+    "model": {"name": "small_cnn", "small_cnn": {"width": 2}},
+    "phases": [{"epochs": 1, "lr": 0.05}, {"epochs": 1, "lr": 0.01}],
+    "cpu_threads": 1,
+    "progress_bar": False,
+}
+
+
 def params(tmp_path: Path) -> dict:
     return {
-        "model": {"name": "small_cnn", "small_cnn": {"width": 2}},
-        "phases": [{"epochs": 1, "lr": 0.05}, {"epochs": 1, "lr": 0.01}],
         "keep_gradients": "all",
         "spill_dtype": "float32",
         "checkpoint_dir": str(tmp_path / "checkpoints"),
         "gradients_dir": str(tmp_path / "gradients"),
-        "cpu_threads": 1,
-        "progress_bar": False,
     }
 
 
@@ -68,6 +72,7 @@ def finished(tmp_path_factory, sample_dataset):
     catalog["image_index"] = index
     catalog["train_images"] = sample_dataset.images["train"]
     catalog["test_images"] = sample_dataset.images["test"]
+    catalog["params:training"] = TRAINING
     catalog["params:gradient_training"] = params(tmp_path)
     SequentialRunner().run(pipeline, catalog)
     return tmp_path, catalog
@@ -77,7 +82,8 @@ def test_one_namespace_per_ordering_with_shared_inputs():
     pipeline = create_pipeline()
     assert {n.namespace for n in pipeline.nodes} == set(METRICS)
     assert {f"{m}.train_with_gradient_probe" for m in METRICS} <= {n.name for n in pipeline.nodes}
-    assert {"image_index", "train_images", "test_images", "params:gradient_training"} <= pipeline.inputs()
+    assert {"image_index", "train_images", "test_images", "params:training",
+            "params:gradient_training"} <= pipeline.inputs()
     assert {f"{m}.gradient_distances" for m in METRICS} <= pipeline.outputs()
 
 

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
-from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from best_minibatch.config import closest
 
 #: The three measures of ``gradient_distances`` summarised per phase.
 DISTANCE_MEASURES = ("distance", "cosine_similarity", "relative_distance")
@@ -56,47 +58,28 @@ class AnalysisInputError(ValueError):
 # --------------------------------------------------------------------------- phases
 
 
-def phases_from_learning_rates(epochs: Iterable[int], learning_rates: Iterable[float]) -> np.ndarray:
-    """Phase number (1-based) of each epoch: a new phase starts whenever the learning rate changes.
-
-    ``epochs`` must be unique; the result is aligned with the inputs (not with the
-    sorted epochs). Learning rates are compared after rounding to 12 significant
-    digits so that a value that went through a text file stays the same phase.
-    """
-    epochs = np.asarray(list(epochs), dtype=np.int64)
-    rates = np.asarray(list(learning_rates), dtype=np.float64)
-    if len(epochs) != len(rates):
-        raise AnalysisInputError("epochs and learning_rates must have the same length.")
-    if len(np.unique(epochs)) != len(epochs):
-        raise AnalysisInputError("Each epoch must appear once when deriving phases from learning rates.")
-    if len(epochs) == 0:
-        return np.zeros(0, dtype=np.int64)
-    order = np.argsort(epochs, kind="stable")
-    rounded = np.array([float(f"{r:.12g}") for r in rates[order]])
-    changes = np.concatenate([[1], (rounded[1:] != rounded[:-1]).astype(np.int64)])
-    phases_sorted = np.cumsum(changes)
-    phases = np.empty_like(phases_sorted)
-    phases[order] = phases_sorted
-    return phases
-
-
 def epoch_phase_table(table: pd.DataFrame, name: str) -> pd.DataFrame:
-    """One row per epoch of ``table`` (``epoch``, ``learning_rate``) with its derived ``phase``.
+    """One row per epoch of ``table``: its ``phase`` and ``learning_rate`` as gradient_training recorded them.
 
-    ``name`` names the table in errors. An epoch with two learning rates is an error.
+    ``name`` names the table in errors. An epoch with two phases or two learning
+    rates is an error.
     """
-    per_epoch = table.groupby("epoch")["learning_rate"].agg(["nunique", "first"]).reset_index()
-    mixed = per_epoch.loc[per_epoch["nunique"] > 1, "epoch"].tolist()
+    _require_columns(table, ("epoch", "phase", "learning_rate"), name)
+    per_epoch = table.groupby("epoch").agg(
+        phases=("phase", "nunique"), phase=("phase", "first"),
+        rates=("learning_rate", "nunique"), learning_rate=("learning_rate", "first"),
+    ).reset_index()
+    mixed = per_epoch.loc[(per_epoch["phases"] > 1) | (per_epoch["rates"] > 1), "epoch"].tolist()
     if mixed:
         raise AnalysisInputError(
-            f"{name}: epochs {mixed} have rows with different learning rates; a phase is a run of "
-            "epochs with one learning rate. Fix the table that produced it (gradient_training)."
+            f"{name}: epochs {mixed} have rows with different phases or learning rates. Fix the table that "
+            "produced it (gradient_training)."
         )
-    epochs = per_epoch["epoch"].astype(np.int64).to_numpy()
-    rates = per_epoch["first"].astype(np.float64).to_numpy()
-    return pd.DataFrame(
-        {"epoch": epochs, "learning_rate": rates, "phase": phases_from_learning_rates(epochs, rates)}
-    )
+    return pd.DataFrame({
+        "epoch": per_epoch["epoch"].astype(np.int64).to_numpy(),
+        "learning_rate": per_epoch["learning_rate"].astype(np.float64).to_numpy(),
+        "phase": per_epoch["phase"].astype(np.int64).to_numpy(),
+    })
 
 
 def phase_spans(epoch_phases: pd.DataFrame) -> pd.DataFrame:
@@ -125,16 +108,28 @@ def _require_columns(table: pd.DataFrame, columns: Iterable[str], name: str) -> 
 
 
 def noise_unit_distances(
-    distances_by_ordering: Mapping[str, pd.DataFrame], null_ordering: str
+    distances_by_ordering: Mapping[str, pd.DataFrame], null_ordering: str,
+    null_by_ordering: Mapping[str, pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
-    """All orderings' distance rows in one table, with derived phases and noise units.
+    """All orderings' distance rows in one table, with their noise units.
 
-    Each ordering's phases come from its own learning rates. Added columns:
-    ``phase`` (derived; replaces any ``phase`` in the input), ``null_mean`` and
-    ``null_std`` (mean and sample standard deviation of ``distance`` over the
-    null ordering's batches of the same epoch), ``noise_z`` and ``noise_ratio``.
-    Orderings with zero rows (skipped metrics) contribute nothing. Epochs the null
-    ordering lacks get NaN noise units.
+    Two nulls, named everywhere they appear:
+
+    * **same-network** (``null_source == "same_network"``): the ordering's own random
+      batches (``{ordering}.null_distances``), probed by the same ``net_compare`` at the
+      same epoch-start parameters and compared with the same full gradient; the
+      primary noise units whenever the ordering has them;
+    * **cross-network** (``*_cross`` columns): the null ordering's batches of the same
+      epoch, probed at that run's own parameters; kept as a secondary column, and the
+      primary one only for an ordering trained without null batches
+      (``null_source == "cross_network"``).
+
+    Added columns: ``null_mean`` and ``null_std`` (mean and sample standard deviation
+    of the null distances of the same epoch), ``noise_z = (distance - null_mean) /
+    null_std`` and ``noise_ratio = distance / null_mean``, the same three for the
+    cross-network null (``null_mean_cross``, ``noise_z_cross``, ``noise_ratio_cross``)
+    and ``null_source``. Orderings with zero rows (skipped metrics) contribute nothing.
+    Epochs the null lacks get NaN noise units.
     """
     if null_ordering not in distances_by_ordering:
         raise AnalysisInputError(
@@ -158,15 +153,28 @@ def noise_unit_distances(
         )
     combined = pd.concat(frames, ignore_index=True)
     null_rows = combined[combined["ordering"] == null_ordering]
-    null_stats = (
-        null_rows.groupby("epoch")["distance"].agg(null_mean="mean", null_std="std").reset_index()
-    )
-    combined = combined.merge(null_stats, on="epoch", how="left")
+    cross = null_rows.groupby("epoch")["distance"].agg(null_mean_cross="mean", null_std_cross="std").reset_index()
+    combined = combined.merge(cross, on="epoch", how="left")
+    combined["noise_z_cross"] = (combined["distance"] - combined["null_mean_cross"]) / combined["null_std_cross"]
+    combined["noise_ratio_cross"] = combined["distance"] / combined["null_mean_cross"]
+    same = [table.assign(ordering=ordering) for ordering, table in (null_by_ordering or {}).items() if len(table)]
+    if same:
+        own = pd.concat(same, ignore_index=True).groupby(["ordering", "epoch"])["distance"].agg(
+            null_mean="mean", null_std="std").reset_index()
+        combined = combined.merge(own, on=["ordering", "epoch"], how="left")
+    else:
+        combined["null_mean"] = np.nan
+        combined["null_std"] = np.nan
+    has_own = combined.groupby("ordering")["null_mean"].transform(lambda s: s.notna().any())
+    combined["null_source"] = np.where(has_own, "same_network", "cross_network")
+    combined.loc[~has_own, "null_mean"] = combined.loc[~has_own, "null_mean_cross"]
+    combined.loc[~has_own, "null_std"] = combined.loc[~has_own, "null_std_cross"]
     combined["noise_z"] = (combined["distance"] - combined["null_mean"]) / combined["null_std"]
     combined["noise_ratio"] = combined["distance"] / combined["null_mean"]
     columns = [
         "ordering", "epoch", "phase", "learning_rate", "batch", *DISTANCE_MEASURES,
-        "null_mean", "null_std", *NOISE_MEASURES,
+        "null_mean", "null_std", *NOISE_MEASURES, "null_source", "null_mean_cross", "null_std_cross",
+        "noise_z_cross", "noise_ratio_cross",
     ]
     extra = [c for c in combined.columns if c not in columns]
     return combined[columns + extra].sort_values(["ordering", "epoch", "batch"], kind="stable").reset_index(
@@ -226,6 +234,19 @@ def group_mask(batch_position: np.ndarray, comparison: str) -> np.ndarray:
     if comparison == EXTREMES:
         return (position < 0.10) | (position > 0.90)
     raise AnalysisInputError(f"Unknown comparison '{comparison}'; use one of {COMPARISONS}.")
+
+
+def minimum_batches() -> int:
+    """The fewest batches per ordering for which every claim's comparison has batches on both sides.
+
+    Batch ``k`` of ``K`` sits at position ``(k + 0.5) / K``; the extremes group
+    (below 0.10 or above 0.90) is the last to fill: it first holds a batch at K = 6.
+    """
+    for count in range(2, 10_000):
+        positions = (np.arange(count) + 0.5) / count
+        if all(0 < group_mask(positions, c).sum() < count for c in COMPARISONS):
+            return count
+    raise AnalysisInputError("No batch count satisfies the comparisons.")
 
 
 def permutation_test(
@@ -771,7 +792,7 @@ def check_parameters(params: Mapping | None) -> dict:
     if unknown:
         raise AnalysisInputError(
             f"Unknown distance_analysis parameters {unknown}; the known ones are {sorted(DEFAULT_PARAMETERS)} "
-            "(conf/base/parameters_distance_analysis.yml)."
+            f"(conf/base/parameters_distance_analysis.yml).{closest(unknown[0], DEFAULT_PARAMETERS)}"
         )
     merged = {**DEFAULT_PARAMETERS, **params}
 

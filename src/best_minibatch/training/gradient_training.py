@@ -1,36 +1,33 @@
-"""Training with a gradient probe: the paper's Algorithm 1, exact, resumable.
+"""``gradient_training``: Algorithm 1 run per ordering, resumable, with its gradients spilled.
 
-Knows nothing of Kedro. ``net_normal`` trains on one ordering's mini-batches in
-their fixed order; at the start of every epoch ``net_compare`` (a separate module)
-takes ``net_normal``'s full state (parameters and BatchNorm buffers) and, on
-exactly the same input tensors ``net_normal`` gets for each step, does a forward
-and backward pass in training mode without an update. Its flattened gradient
-``g_k`` is therefore the gradient at the epoch-start parameters. The epoch's
-``g_k`` are buffered (:class:`best_minibatch.probing.EpochGradients`); once the
-epoch ends their mean ``g_full`` is known and every distance is computed exactly
-in float64. Kept epochs' gradients are handed to the caller one batch at a time
-(the Kedro node spills them to a partitioned dataset).
+Knows nothing of Kedro. :class:`GradientProbeRun` trains ``net_normal`` on one
+ordering's fixed mini-batches through the shared loop (``loop.train_epochs``)
+with the paper's probe as its hook (``algorithm1.GradientProbe``: ``net_compare``
+takes ``net_normal``'s full state at every epoch start and computes each batch's
+gradient on exactly the inputs ``net_normal`` gets). Once an epoch ends, every
+distance to the full gradient is computed exactly in float64. Kept epochs'
+gradients are handed to the caller one batch at a time (the Kedro node spills
+them to a partitioned dataset).
 
 After every epoch a checkpoint (model, optimizer, RNG states, the distance rows
 and history so far) is written atomically, so a rerun after an interruption
 resumes from the last complete epoch and produces the same distance table bit
-for bit on a CPU. See ``docs/gradient_training.md``.
+for bit on a CPU (``resume.py`` checks the files; ``checkpoints.RunStore`` holds
+them). See ``docs/gradient_training.md``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import dataclasses
 import hashlib
-import io
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,79 +36,71 @@ import pandas as pd
 import torch
 from torch import nn
 
-from best_minibatch.training.runtime import cpu_threads, deterministic_algorithms
-from best_minibatch.training.checkpoints import CheckpointError, RunStore, config_hash, tensor_checksum
-from best_minibatch.data.tensor_io import format_bytes, load_tensors
+from best_minibatch.config import ConfigError, Section
 from best_minibatch.data.images import augment, batch_generator, to_model_input
+from best_minibatch.training.algorithm1 import GradientProbe
+from best_minibatch.training.checkpoints import CheckpointError, RunStore, config_hash, tensor_checksum
+from best_minibatch.training.loop import DivergenceError, EpochResult, LoopState, evaluate, train_epochs
 from best_minibatch.training.probing import (
     GRADIENT_MEASURES,
     EpochGradients,
-    FlatGradient,
     GradientVarianceTrace,
     NonFiniteGradientError,
 )
+from best_minibatch.training.recipe import EpochPlan, TrainingRecipe
+from best_minibatch.training.resume import (
+    HISTORY_NUMERIC,
+    DiskSpaceError,
+    Progress,
+    check_free_space,
+    gradient_file_problem,
+    torch_save_overhead,
+)
+from best_minibatch.training.runtime import training_environment
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["DiskSpaceError", "DivergenceError", "EpochPlan"]  # re-exported for callers of this module
 
 PARAMS_NAME = "gradient_training"
 SPILL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
-DEVICES = ("auto", "cpu", "cuda")
 GIB = 2**30
 
 DISTANCE_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "batch", "distance", "cosine_similarity",
                     "relative_distance", "grad_norm", "full_grad_norm"]
+#: The same-parameter null: random batches probed at the same epoch-start parameters, against the same ∇_e.
+NULL_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "draw", "distance", "cosine_similarity",
+                "relative_distance", "grad_norm", "full_grad_norm"]
 HISTORY_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "train_loss", "train_accuracy", "test_loss",
                    "test_accuracy", "mean_distance", "seconds", "full_grad_norm", "run_name", "gradients_kept",
                    "gradient_variance_trace", "n_train", "batch_size"]
-_HISTORY_NUMERIC = [c for c in HISTORY_COLUMNS if c not in ("ordering", "run_name")]
+_HISTORY_NUMERIC = HISTORY_NUMERIC
+RUN_KEYS = ("training", "seed", "run_name", "checkpoint_dir", "gradients_dir", "keep_checkpoints", "keep_gradients",
+            "spill_dtype", "disk_cap_gb", "gradient_buffer", "trace_check", "expected_hours", "null_batches")
 
 
-class TrainingConfigError(ValueError):
-    """A ``gradient_training`` parameter that cannot work; the message names it and the fix."""
+class TrainingConfigError(ConfigError):
+    """A ``gradient_training`` (or ``training``) parameter that cannot work; names it and the fix."""
 
 
 class TrainingDataError(ValueError):
     """Inputs (batch assignments, index, images) that do not fit together."""
 
 
-class DivergenceError(FloatingPointError):
-    """The loss or a gradient became NaN or infinite; the message names the epoch and batch."""
-
-
-class DiskSpaceError(OSError):
-    """Too little free space for an epoch's files; the message names the folder and the size needed."""
-
-
 def _config_error(key: str, problem: str, fix: str) -> TrainingConfigError:
-    return TrainingConfigError(f"Parameter {PARAMS_NAME}.{key}: {problem}. {fix}")
+    return TrainingConfigError(f"{PARAMS_NAME}.{key}", problem, fix)
 
 
 # --------------------------------------------------------------------------- configuration
 
 
 @dataclass(frozen=True)
-class EpochPlan:
-    epoch: int  # 1-based
-    phase: int  # 1-based
-    learning_rate: float
-
-
-@dataclass(frozen=True)
 class TrainingConfig:
-    """Everything ``gradient_training`` reads from its parameters, checked on construction."""
+    """The shared recipe plus what only ``gradient_training`` has: seed, run folders, spilling, caps."""
 
-    model: str = "small_cnn"
-    model_options: tuple[tuple[str, Any], ...] = ()
-    phases: tuple[tuple[int, float], ...] = ((3, 0.1), (3, 0.01), (3, 0.001))
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    augment: bool = False
+    recipe: TrainingRecipe = TrainingRecipe()
     seed: int = 0
-    device: str = "auto"
-    bf16_autocast: bool = False
-    deterministic: bool = True
-    eval_batch_size: int = 500
     run_name: str = "auto"
     checkpoint_dir: str | None = "data/06_models/checkpoints"
     gradients_dir: str = "data/07_model_output/gradients"
@@ -122,124 +111,63 @@ class TrainingConfig:
     buffer_memory_cap_gb: float = 1.0
     buffer_on_model_device: bool = True
     scratch_dir: str | None = None
-    progress_bar: bool = True
-    cpu_threads: int | None = None
     trace_check: Any = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise _config_error("model.name", f"expected a model name, got {self.model!r}", "Use e.g. small_cnn.")
-        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
-            raise _config_error("cpu_threads", f"must be a positive integer or null, got {self.cpu_threads!r}",
-                                "Use null (torch's default) or e.g. 1.")
-        if not self.phases:
-            raise _config_error("phases", "the list of learning-rate phases is empty",
-                                "Give at least one phase, e.g. [{epochs: 3, lr: 0.1}].")
-        for i, (epochs, lr) in enumerate(self.phases):
-            if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-                raise _config_error(f"phases[{i}].epochs", f"must be a positive integer, got {epochs!r}",
-                                    "Set how many epochs the phase lasts (1 or more).")
-            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
-                raise _config_error(f"phases[{i}].lr", f"must be a positive number, got {lr!r}",
-                                    "Set the phase's learning rate, e.g. 0.1.")
-        for key in ("momentum", "weight_decay"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise _config_error(key, f"must be a non-negative number, got {value!r}", "The paper uses 0.9 and 5e-4.")
-        if self.device not in DEVICES:
-            raise _config_error("device", f"unknown device {self.device!r}", f"Use one of {', '.join(DEVICES)}.")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise _config_error("device", "cuda was asked for but no CUDA device is available",
-                                "Use device: auto (CUDA when present, else CPU) or device: cpu.")
-        for key in ("eval_batch_size", "keep_checkpoints"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise _config_error(key, f"must be a positive integer, got {value!r}", "Use e.g. 500 or 2.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise _config_error("seed", f"must be a non-negative integer, got {self.seed!r}", "Use e.g. 0.")
-        if not isinstance(self.run_name, str) or not self.run_name or "/" in self.run_name or self.run_name in (".", ".."):
-            raise _config_error("run_name", f"must be a folder name, got {self.run_name!r}",
-                                "Use auto (a hash of the configuration) or a plain name without '/'.")
-        if self.spill_dtype not in SPILL_DTYPES:
-            raise _config_error("spill_dtype", f"unknown dtype {self.spill_dtype!r}",
-                                f"Use one of {', '.join(SPILL_DTYPES)}.")
-        for key in ("disk_cap_gb", "buffer_memory_cap_gb"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise _config_error(key, f"must be a non-negative number of GiB, got {value!r}", "Use e.g. 2.")
-        self.kept_epochs  # validates keep_gradients
-        trace = self.trace_check
-        if not isinstance(trace, bool) and not (
-                isinstance(trace, (list, tuple)) and all(isinstance(o, str) and o for o in trace)):
-            raise _config_error("trace_check", f"expected true, false or a list of orderings, got {trace!r}",
-                                "Use e.g. [random] (the null ordering, which the analysis's trace check reads).")
+    expected_hours: float = 1.0
+    null_batches: int = 0
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "TrainingConfig":
-        """Build from the ``gradient_training`` parameters dict; unknown keys are an error."""
-        params = dict(params)
-        public = {f for f in cls.__dataclass_fields__} - {"model_options", "buffer_memory_cap_gb",
-                                                           "buffer_on_model_device", "scratch_dir"}
-        if unknown := set(params) - public - {"gradient_buffer"}:
-            raise _config_error(", ".join(sorted(unknown)), "unknown parameter",
-                                f"Known parameters: {', '.join(sorted(public | {'gradient_buffer'}))}.")
-        buffer = params.pop("gradient_buffer", None) or {}
-        known_buffer = {"memory_cap_gb", "on_model_device", "scratch_dir"}
-        if unknown := set(buffer) - known_buffer:
-            raise _config_error("gradient_buffer", f"unknown keys {sorted(unknown)}",
-                                f"Known keys: {', '.join(sorted(known_buffer))}.")
-        model = params.pop("model", {"name": cls.model})
-        if isinstance(model, str):
-            model = {"name": model}
-        if not isinstance(model, Mapping) or "name" not in model:
-            raise _config_error("model", f"expected {{name: ..., <options>}}, got {model!r}",
-                                "Write e.g. model: {name: small_cnn, width: 8}.")
-        # Options sit under the model's own name ({name: small_cnn, small_cnn: {width: 8}}), so an
-        # environment that switches the model does not inherit another model's options when
-        # parameters merge softly; plain keys ({name: small_cnn, width: 8}) are options too.
-        options = {k: v for k, v in model.items() if k != "name" and not isinstance(v, Mapping)}
-        own = model.get(model["name"], {})
-        if not isinstance(own, Mapping):
-            raise _config_error(f"model.{model['name']}", f"expected a mapping of options, got {own!r}",
-                                "Write e.g. small_cnn: {width: 8}.")
-        options.update(own)
-        params["model"] = model["name"]
-        params["model_options"] = tuple(sorted(options.items()))
-        phases = params.pop("phases", cls.phases)
-        if not isinstance(phases, (list, tuple)):
-            raise _config_error("phases", f"expected a list of {{epochs, lr}}, got {phases!r}",
-                                "Write e.g. [{epochs: 3, lr: 0.1}, {epochs: 3, lr: 0.01}].")
-        parsed = []
-        for i, phase in enumerate(phases):
-            if isinstance(phase, (list, tuple)) and len(phase) == 2:
-                parsed.append((phase[0], phase[1]))
-            elif isinstance(phase, Mapping) and set(phase) == {"epochs", "lr"}:
-                parsed.append((phase["epochs"], phase["lr"]))
-            else:
-                raise _config_error(f"phases[{i}]", f"expected {{epochs: N, lr: X}}, got {phase!r}",
-                                    "Each phase needs exactly the keys epochs and lr.")
-        if "memory_cap_gb" in buffer:
-            params["buffer_memory_cap_gb"] = buffer["memory_cap_gb"]
-        if "on_model_device" in buffer:
-            params["buffer_on_model_device"] = buffer["on_model_device"]
-        if "scratch_dir" in buffer:
-            params["scratch_dir"] = buffer["scratch_dir"]
-        if isinstance(params.get("keep_gradients"), list):
-            params["keep_gradients"] = tuple(params["keep_gradients"])
-        if isinstance(params.get("trace_check"), list):
-            params["trace_check"] = tuple(params["trace_check"])
-        return cls(phases=tuple(parsed), **params)
+    def from_params(cls, params: Mapping[str, Any], training: Mapping[str, Any] | None = None) -> TrainingConfig:
+        """Build from the ``gradient_training`` section and the shared ``training`` recipe; all checked."""
+        section = Section(params, PARAMS_NAME, RUN_KEYS, TrainingConfigError)
+        recipe = TrainingRecipe.from_params(training, section.get("training"), override_path=f"{PARAMS_NAME}.training",
+                                            error_type=TrainingConfigError)
+        buffer = section.section("gradient_buffer", ("memory_cap_gb", "on_model_device", "scratch_dir"))
+        run_name = section.get("run_name", cls.run_name)
+        if not isinstance(run_name, str) or not run_name or "/" in run_name or run_name in (".", ".."):
+            raise section.error("run_name", f"must be a folder name, got {run_name!r}",
+                                "Use auto (a hash of the configuration) or a plain name without '/'.")
+        keep = section.get("keep_gradients", cls.keep_gradients)
+        trace = section.get("trace_check", cls.trace_check)
+        if not isinstance(trace, bool) and not (
+                isinstance(trace, (list, tuple)) and all(isinstance(o, str) and o for o in trace)):
+            raise section.error("trace_check", f"expected true, false or a list of orderings, got {trace!r}",
+                                "Use e.g. [random] (the null ordering, which the analysis's trace check reads).")
+        config = cls(
+            recipe=recipe,
+            seed=section.integer("seed", cls.seed, 0, "Use e.g. 0."),
+            run_name=run_name,
+            checkpoint_dir=section.get("checkpoint_dir", cls.checkpoint_dir),
+            gradients_dir=section.get("gradients_dir", cls.gradients_dir),
+            keep_checkpoints=section.integer("keep_checkpoints", cls.keep_checkpoints, 1, "Use e.g. 2."),
+            keep_gradients=tuple(keep) if isinstance(keep, list) else keep,
+            spill_dtype=section.choice("spill_dtype", cls.spill_dtype, SPILL_DTYPES),
+            disk_cap_gb=section.number("disk_cap_gb", cls.disk_cap_gb, "Use e.g. 2.", low=0),
+            buffer_memory_cap_gb=buffer.number("memory_cap_gb", cls.buffer_memory_cap_gb, "Use e.g. 1.", low=0),
+            buffer_on_model_device=buffer.boolean("on_model_device", cls.buffer_on_model_device),
+            scratch_dir=buffer.get("scratch_dir", cls.scratch_dir),
+            trace_check=tuple(trace) if isinstance(trace, list) else trace,
+            null_batches=section.integer("null_batches", cls.null_batches, 0, "Use e.g. 10 (0 switches the "
+                                         "same-parameter null off)."),
+            expected_hours=section.number("expected_hours", cls.expected_hours, "Use e.g. 1 (base) or 400 (paper).",
+                                          low=0, low_open=True),
+        )
+        config.kept_epochs  # checks keep_gradients against the schedule
+        return config
+
+    @property
+    def model(self) -> str:
+        return self.recipe.model
 
     @property
     def num_epochs(self) -> int:
-        return sum(epochs for epochs, _ in self.phases)
+        return self.recipe.num_epochs
 
     @property
     def schedule(self) -> list[EpochPlan]:
-        plans = []
-        for phase, (epochs, lr) in enumerate(self.phases, start=1):
-            plans.extend(EpochPlan(len(plans) + 1, phase, float(lr)) for _ in range(epochs))
-        return plans
+        return self.recipe.schedule
+
+    def resolved_device(self) -> torch.device:
+        return self.recipe.resolved_device()
 
     @property
     def kept_epochs(self) -> tuple[int, ...]:
@@ -267,26 +195,21 @@ class TrainingConfig:
         """Whether ``trace_check`` asks for the per-example gradient variance of ``ordering``."""
         return self.trace_check is True or (not isinstance(self.trace_check, bool) and ordering in self.trace_check)
 
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
     def identity(self) -> dict[str, Any]:
         """The settings that determine a run's results and spilled files (what ``run_name: auto`` hashes)."""
-        device = self.resolved_device()
+        recipe, device = self.recipe, self.resolved_device()
         return {
-            "model": self.model,
-            "model_options": {k: v for k, v in self.model_options},
-            "phases": [[epochs, float(lr)] for epochs, lr in self.phases],
-            "momentum": float(self.momentum),
-            "weight_decay": float(self.weight_decay),
-            "augment": bool(self.augment),
+            "model": recipe.model,
+            "model_options": {k: v for k, v in recipe.model_options},
+            "phases": [[epochs, float(lr)] for epochs, lr in recipe.phases],
+            "momentum": float(recipe.momentum),
+            "weight_decay": float(recipe.weight_decay),
+            "augment": bool(recipe.augment),
             "seed": self.seed,
             "device": device.type,
-            "bf16_autocast": bool(self.bf16_autocast and device.type == "cuda"),
-            "deterministic": bool(self.deterministic),
-            "cpu_threads": self.cpu_threads if device.type == "cpu" else None,
+            "bf16_autocast": bool(recipe.bf16_autocast and device.type == "cuda"),
+            "deterministic": bool(recipe.deterministic),
+            "cpu_threads": recipe.cpu_threads if device.type == "cpu" else None,
             "kept_epochs": list(self.kept_epochs),
             "spill_dtype": self.spill_dtype,
         }
@@ -319,7 +242,7 @@ class TrainingData:
 
     @classmethod
     def from_tables(cls, batch_assignments: pd.DataFrame, image_index: pd.DataFrame,
-                    train_images: torch.Tensor, test_images: torch.Tensor | None) -> "TrainingData":
+                    train_images: torch.Tensor, test_images: torch.Tensor | None) -> TrainingData:
         """Check the tables against each other (see ``docs/data_flow.md``) and gather the tensors."""
         for name, table, columns in (
             ("batch_assignments", batch_assignments, ("batch", "position", "image_id")),
@@ -398,11 +321,12 @@ class ProbeResults:
     distance_matrix: torch.Tensor
     history: pd.DataFrame
     model_state: dict[str, torch.Tensor]
+    null_distances: pd.DataFrame = dataclasses.field(default_factory=lambda: _null_frame("", {}))
 
     @classmethod
-    def empty(cls, ordering: str, run_name: str = "") -> "ProbeResults":
+    def empty(cls, ordering: str, run_name: str = "") -> ProbeResults:
         return cls(ordering, run_name, empty_distance_table(), torch.zeros(0, 0, dtype=torch.float64),
-                   empty_history_table(), {})
+                   empty_history_table(), {}, _null_frame("", {}))
 
 
 def empty_distance_table() -> pd.DataFrame:
@@ -424,6 +348,17 @@ def _distance_frame(ordering: str, rows: Mapping[str, Any]) -> pd.DataFrame:
         **{c: np.asarray(rows[c], dtype=np.float64) for c in (*GRADIENT_MEASURES, "full_grad_norm")},
     })
     return frame[DISTANCE_COLUMNS]
+
+
+def _null_frame(ordering: str, rows: Mapping[str, Any]) -> pd.DataFrame:
+    n = len(rows.get("epoch", []))
+    frame = pd.DataFrame({
+        "ordering": pd.Series([ordering] * n, dtype=object),
+        **{c: np.asarray(rows.get(c, []), dtype=np.int64) for c in ("epoch", "phase", "draw")},
+        **{c: np.asarray(rows.get(c, []), dtype=np.float64)
+           for c in ("learning_rate", *GRADIENT_MEASURES, "full_grad_norm")},
+    })
+    return frame[NULL_COLUMNS]
 
 
 def _history_frame(ordering: str, run_name: str, rows: Mapping[str, Any]) -> pd.DataFrame:
@@ -462,6 +397,8 @@ def run_identity(config: TrainingConfig, ordering: str, num_params: int, param_d
                 "param_dtype": str(param_dtype), "data": data_fingerprint}
     if probe and config.traces(ordering):
         identity["trace_check"] = True  # only when on, so that runs without it keep their names
+    if probe and config.null_batches:
+        identity["null_batches"] = config.null_batches  # likewise
     return identity
 
 
@@ -480,39 +417,141 @@ def check_run_folder(config: TrainingConfig, ordering: str, num_params: int, par
                            unknown=("data",))
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes the buffer's device can still give: free GPU memory, or the RAM the kernel calls available."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_buffer_memory(config: TrainingConfig, num_params: int, param_dtype: torch.dtype, num_batches: int,
+                        available: int | None = None) -> None:
+    """Refuse an in-memory gradient buffer larger than its device's memory (``memory_cap_gb`` is only a cap)."""
+    nbytes = num_batches * num_params * param_dtype.itemsize
+    if nbytes > config.buffer_memory_cap_gb * GIB:
+        return  # the epoch's gradients go to scratch files (the disk checks cover them)
+    device = config.resolved_device()
+    on = device if (device.type == "cuda" and config.buffer_on_model_device) else torch.device("cpu")
+    available = available_memory(on) if available is None else available
+    if nbytes > available:
+        raise _config_error(
+            "gradient_buffer.memory_cap_gb",
+            f"an epoch's gradients ({num_batches} batches x {num_params:,} parameters in {param_dtype} = "
+            f"{nbytes / GIB:.3g} GiB) fit under the cap of {config.buffer_memory_cap_gb:g} GiB and would be held in "
+            f"{on.type} memory, which has only {available / GIB:.3g} GiB available",
+            f"Lower gradient_training.gradient_buffer.memory_cap_gb below {available / GIB:.3g} (the gradients then "
+            "go to scratch files on disk) or run on a machine with more memory.")
+
+
+def estimate_hours(config: TrainingConfig, num_batches: int, batch_size: int, orderings: int,
+                   image_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+                   timed_images: int = 16) -> tuple[float, float, int]:
+    """Hours the run's trainings will take, measured: ``(hours, seconds per probed step, steps timed)``.
+
+    One warm-up and one timed probed step (net_normal's training step plus
+    net_compare's forward and backward) of the configured model on the configured
+    device, on ``min(batch_size, timed_images)`` random images, scaled linearly to
+    the batch size and multiplied by the run's steps. A warm-up that alone takes
+    over 5 s is the measurement (a model that slow needs no second look).
+    Evaluation and spilling are left out.
+    """
+    recipe = dataclasses.replace(config.recipe, progress_bar=False)
+    device = recipe.resolved_device()
+    images = min(batch_size, timed_images)
+    with training_environment(recipe), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net_normal = recipe.model_factory(num_classes)().to(device)
+        optimizer = recipe.optimizer(net_normal)
+        num_params = sum(p.numel() for p in net_normal.parameters())
+        dtype = next(net_normal.parameters()).dtype
+        probe = GradientProbe(net_normal, 1, lambda count: EpochGradients(count, num_params, dtype, device),
+                              recipe.autocast)
+        batch = (torch.randn(images, *image_shape, device=device), torch.randint(0, num_classes, (images,),
+                                                                                   device=device))
+        seconds, steps = math.inf, 0
+        while steps < 2 and not (steps == 1 and seconds > 5):
+            steps += 1
+            started = time.perf_counter()
+            for _ in train_epochs(net_normal, optimizer, recipe, recipe.schedule[:1], lambda plan: [batch],
+                                  lambda plan: 1, hook=probe):
+                pass
+            probe.measures()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+    per_step = seconds * batch_size / images
+    return per_step * num_batches * recipe.num_epochs * orderings / 3600, per_step, steps
+
+
+def check_expected_time(config: TrainingConfig, num_batches: int, batch_size: int, orderings: int) -> None:
+    """Refuse a run measured to take far longer than the environment expects, unless the user confirms."""
+    hours, per_step, steps = estimate_hours(config, num_batches, batch_size, orderings)
+    if hours > config.expected_hours:
+        device = config.resolved_device()
+        raise _config_error(
+            "expected_hours",
+            f"the run would take about {hours:,.1f} hours ({orderings} orderings x {config.num_epochs} epochs x "
+            f"{num_batches} batches of {batch_size} at {per_step:.3g} s per probed step of {config.model} on "
+            f"{device.type}, measured on {steps} step{'s' if steps > 1 else ''} of {min(batch_size, 16)} images and "
+            f"scaled), more than the {config.expected_hours:g} hours this environment "
+            "expects",
+            f"Confirm with --params gradient_training.expected_hours={math.ceil(hours)}, or choose a smaller model "
+            "(training.model.name), fewer epochs (training.phases), or a GPU.")
+
+
+def named_model_factory(config: TrainingConfig | TrainingRecipe, num_classes: int = 10) -> Callable[[], nn.Module]:
+    """A builder of the configured model; builds it once so a bad option fails here."""
+    recipe = config.recipe if isinstance(config, TrainingConfig) else config
+    factory = recipe.model_factory(num_classes)
+    try:
+        factory()
+    except (ValueError, TypeError) as error:
+        raise _config_error("training.model", str(error), "Fix model.name or its options.") from error
+    return factory
+
+
 # --------------------------------------------------------------------------- the run
 
 
-@dataclass
-class _Progress:
-    """Rows and history completed so far, as plain lists (what a checkpoint stores)."""
+class _SpillingProbe(GradientProbe):
+    """Algorithm 1's probe, plus what this experiment keeps of each gradient: spills and the variance trace."""
 
-    distances: dict[str, list] = field(default_factory=lambda: {
-        c: [] for c in ("epoch", "phase", "learning_rate", "batch", *GRADIENT_MEASURES, "full_grad_norm")})
-    history: dict[str, list] = field(default_factory=lambda: {c: [] for c in _HISTORY_NUMERIC})
-    # epoch -> CRC-32 of each spilled gradient (checkpoints.tensor_checksum), to verify the files on resume
-    gradient_checksums: dict[int, list[int]] = field(default_factory=dict)
+    def __init__(self, run: GradientProbeRun, net_normal: nn.Module) -> None:
+        config = run.config
+        on_device = config.buffer_on_model_device and run.device.type == "cuda"
+        scratch = config.scratch_dir or (run.store.scratch_dir if run.store is not None else None)
+        super().__init__(
+            net_normal, run.data.num_batches,
+            lambda count: EpochGradients(count, run.num_params, run.param_dtype, run.device if on_device else "cpu",
+                                         config.buffer_memory_cap_gb * GIB, scratch),
+            config.recipe.autocast)
+        self.run = run
+        self.spill_dtype = SPILL_DTYPES[config.spill_dtype]
+        self.variance: GradientVarianceTrace | None = None
+        self.checksums: list[int] = []
 
-    def to_state(self) -> dict[str, Any]:
-        return {
-            "distances": {c: torch.tensor(v, dtype=torch.float64 if isinstance(v[0], float) else torch.int64)
-                          if v else torch.zeros(0) for c, v in self.distances.items()},
-            "history": {c: torch.tensor(v, dtype=torch.float64) for c, v in self.history.items()},
-            "gradient_checksums": {f"{e:03d}": torch.tensor(v, dtype=torch.int64)
-                                   for e, v in self.gradient_checksums.items()},
-        }
+    def start_epoch(self, plan: EpochPlan, model: nn.Module) -> None:
+        super().start_epoch(plan, model)
+        # Per-example gradients at the epoch-start parameters, BatchNorm on the epoch-start running statistics.
+        self.variance = GradientVarianceTrace(self.net_compare) if self.run.trace else None
+        self.checksums = []
 
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> "_Progress":
-        progress = cls()
-        for c in progress.distances:
-            progress.distances[c] = state["distances"][c].tolist()
-        epochs = len(state["history"]["epoch"])
-        for c in progress.history:  # columns added later read as NaN in older checkpoints
-            progress.history[c] = state["history"][c].tolist() if c in state["history"] else [math.nan] * epochs
-        for e, v in state.get("gradient_checksums", {}).items():
-            progress.gradient_checksums[int(e)] = v.tolist()
-        return progress
+    def after_step(self, plan: EpochPlan, k: int, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
+        gradient = self.gradient(inputs, targets)
+        if self.variance is not None:
+            self.variance.add(inputs, targets)
+        if plan.epoch in self.run.kept_epochs:
+            spilled = gradient.to("cpu", self.spill_dtype, copy=True)
+            self.checksums.append(tensor_checksum(spilled))
+            return SpilledGradient(plan.epoch, k, spilled)
+        return None
 
 
 class GradientProbeRun:
@@ -550,8 +589,7 @@ class GradientProbeRun:
                                  + self.num_params * self.param_dtype.itemsize)
         del probe_model
         spill_bytes = self.num_params * SPILL_DTYPES[config.spill_dtype].itemsize
-        self.epoch_spill_bytes = spill_bytes * data.num_batches
-        self.spill_file_bytes = spill_bytes + _torch_save_overhead(SPILL_DTYPES[config.spill_dtype])
+        self.spill_file_bytes = spill_bytes + torch_save_overhead(SPILL_DTYPES[config.spill_dtype])
         if probe:
             check_disk_cap(config, self.num_params, data.num_batches)
         identity = run_identity(config, ordering, self.num_params, self.param_dtype, data.fingerprint(), probe)
@@ -570,29 +608,78 @@ class GradientProbeRun:
         """The spilled gradient's id under the gradients root: ``<run_name>/<ordering>/epoch=EEE/batch=KKKK``."""
         return f"{self.run_name}/{self.ordering}/epoch={epoch:03d}/batch={batch:04d}"
 
+    def gradient_path(self, epoch: int, batch: int) -> Path:
+        return self.gradients_dir / f"epoch={epoch:03d}" / f"batch={batch:04d}.pt"
+
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> Iterator[SpilledGradient]:
         """Train every remaining epoch; yield kept gradients as they are computed; set :attr:`results`."""
-        config = self.config
-        with deterministic_algorithms(config.deterministic, self.device), cpu_threads(config.cpu_threads):
+        config, recipe = self.config, self.config.recipe
+        with training_environment(recipe):
             if self.store is not None:
                 self.store.claim(self.identity, self.digest)
             torch.manual_seed(config.seed)
             net_normal = self.model_factory().to(self.device)
-            optimizer = torch.optim.SGD(net_normal.parameters(), lr=self.schedule[0].learning_rate,
-                                        momentum=config.momentum, weight_decay=config.weight_decay)
-            progress = _Progress()
+            optimizer = recipe.optimizer(net_normal)
+            progress = Progress()
             start = self._resume(net_normal, optimizer, progress)
-            net_compare = flat = None
-            if self.probe:
-                net_compare = _detached_copy(net_normal)
-                flat = FlatGradient(net_compare)
-            for plan in self.schedule[start:]:
-                yield from self._epoch(plan, net_normal, optimizer, net_compare, flat, progress)
+            probe = _SpillingProbe(self, net_normal) if self.probe else None
+            started: dict[int, float] = {}
+
+            def batches_of(plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                return (self._batch_inputs(plan.epoch, k) for k in range(self.data.num_batches))
+
+            def before_epoch(plan: EpochPlan) -> None:
+                started[plan.epoch] = time.perf_counter()
+                self._check_free_space(plan.epoch, plan.epoch in self.kept_epochs)
+
+            def epoch_end(result: EpochResult, state: LoopState) -> None:
+                self._finish_epoch(result, net_normal, optimizer, probe, progress,
+                                   time.perf_counter() - started[result.plan.epoch])
+
+            try:
+                yield from train_epochs(
+                    net_normal, optimizer, recipe, self.schedule[start:], batches_of, lambda _: self.data.num_batches,
+                    evaluate=self._evaluate, hook=probe, on_epoch_start=before_epoch, on_epoch_end=epoch_end,
+                    divergence=self._divergence_message, label=self.ordering,
+                )
+            finally:
+                if probe is not None:
+                    probe.close()
             self.results = self._assemble(net_normal, progress)
 
-    def _resume(self, net_normal: nn.Module, optimizer: torch.optim.Optimizer, progress: _Progress) -> int:
+    def _finish_epoch(self, result: EpochResult, net_normal: nn.Module, optimizer: torch.optim.Optimizer,
+                      probe: _SpillingProbe | None, progress: Progress, seconds: float) -> None:
+        plan = result.plan
+        measures = None
+        if probe is not None:
+            # The same-parameter null: R random batches through the same net_compare, still at θ_e.
+            null_rows = probe.null_gradients(self._null_batch(plan.epoch, r) for r in range(self.config.null_batches))
+            try:
+                measures = probe.measures(null_rows)
+            except NonFiniteGradientError as error:
+                raise DivergenceError(self._divergence_message(plan, None, str(error))) from error
+            if "null" in measures:
+                self._record_null(plan, measures, progress)
+        kept = plan.epoch in self.kept_epochs
+        if kept:
+            progress.gradient_checksums[plan.epoch] = probe.checksums
+        test_loss, test_accuracy = result.evaluations[-1].loss, result.evaluations[-1].accuracy
+        self._record(plan, measures, result.train_loss, result.train_accuracy, test_loss, test_accuracy, seconds,
+                     kept, progress, probe.variance.trace() if probe is not None and probe.variance is not None
+                     else math.nan)
+        if self.store is not None:
+            state = {
+                "model": net_normal.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                **progress.to_state(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            }
+            self.store.save_checkpoint(plan.epoch, state, self.digest)
+
+    def _resume(self, net_normal: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> int:
         """Load the newest usable checkpoint, if any; return the number of completed epochs.
 
         A checkpoint is usable when it is intact (readable, content matching its
@@ -615,35 +702,29 @@ class GradientProbeRun:
             bad_files.extend(b for b in bad if b not in bad_files)
         damaged = [f"checkpoint '{path}' ({reason})" for path, reason in self.store.damaged]
         damaged += [f"spilled gradient '{path}' ({reason})" for path, reason in bad_files]
+        listed = "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "")
         if chosen is None:
             if not damaged:
                 return 0
             raise CheckpointError(
-                f"Run '{self.run_name}' of '{self.ordering}' cannot resume: "
-                + "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "")
-                + ". No older intact checkpoint is left to recompute from. Restore the file(s), or delete "
-                f"'{self.store.folder}' and '{self.gradients_dir}' to start the run over."
+                f"Run '{self.run_name}' of '{self.ordering}' cannot resume: {listed}. No older intact checkpoint is "
+                f"left to recompute from. Restore the file(s), or delete '{self.store.folder}' and "
+                f"'{self.gradients_dir}' to start the run over."
             )
         done, state = chosen
         if damaged:
             self.store.set_aside_checkpoints_after(done)
-            logger.warning(
-                "%s: %s. Resuming from the intact checkpoint of epoch %d and recomputing epochs %d..%d.",
-                self.ordering, "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""),
-                done, done + 1, max(newest or done, done + 1),
-            )
+            logger.warning("%s: %s. Resuming from the intact checkpoint of epoch %d and recomputing epochs %d..%d.",
+                           self.ordering, listed, done, done + 1, max(newest or done, done + 1))
         net_normal.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        progress.__dict__.update(_Progress.from_state(state).__dict__)
+        progress.__dict__.update(Progress.from_state(state).__dict__)
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and state.get("rng_cuda"):
             torch.cuda.set_rng_state_all(list(state["rng_cuda"]))
         verb = "complete; reusing its results" if done == len(self.schedule) else f"resuming after epoch {done}"
         logger.info("%s: run '%s' found in %s, %s", self.ordering, self.run_name, self.store.folder, verb)
         return done
-
-    def gradient_path(self, epoch: int, batch: int) -> Path:
-        return self.gradients_dir / f"epoch={epoch:03d}" / f"batch={batch:04d}.pt"
 
     def _damaged_gradient_files(self, done: int, state: Mapping[str, Any],
                                 verified: dict[tuple[Path, int | None], str | None]) -> list[tuple[Path, str]]:
@@ -658,7 +739,7 @@ class GradientProbeRun:
                 expected = int(checksums[batch]) if checksums is not None else None
                 key = (path, expected)
                 if key not in verified:
-                    verified[key] = _gradient_file_problem(path, expected, self.num_params, spill_dtype)
+                    verified[key] = gradient_file_problem(path, expected, self.num_params, spill_dtype)
                 if verified[key] is not None:
                     bad.append((path, verified[key]))
         return bad
@@ -666,167 +747,69 @@ class GradientProbeRun:
     def _batch_inputs(self, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.data.batches[batch]
         inputs = to_model_input(self.data.train_images[rows], dtype=self.param_dtype)
-        if self.config.augment:
+        if self.config.recipe.augment:
             inputs = augment(inputs, batch_generator(self.config.seed, epoch, batch))
         non_blocking = self.device.type == "cuda"
         return (inputs.to(self.device, non_blocking=non_blocking),
                 self.data.train_labels[rows].to(self.device, non_blocking=non_blocking))
 
-    def _autocast(self):
-        enabled = self.config.bf16_autocast and self.device.type == "cuda"
-        return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+    def _null_batch(self, epoch: int, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random batch ``draw`` of ``epoch``: ``m`` training images without replacement, seeded per
+        (seed, ordering, epoch, draw), augmented (when on) with a stream apart from the fixed batches'."""
+        data = self.data
+        rng = np.random.default_rng([self.config.seed, zlib.crc32(self.ordering.encode()), epoch, draw])
+        rows = torch.from_numpy(rng.choice(data.train_images.shape[0], size=data.batch_size, replace=False))
+        inputs = to_model_input(data.train_images[rows], dtype=self.param_dtype)
+        if self.config.recipe.augment:
+            inputs = augment(inputs, batch_generator(self.config.seed, epoch, data.num_batches + draw))
+        return inputs.to(self.device), data.train_labels[rows].to(self.device)
 
-    def _epoch(self, plan: EpochPlan, net_normal: nn.Module, optimizer: torch.optim.Optimizer,
-               net_compare: nn.Module | None, flat: FlatGradient | None, progress: _Progress
-               ) -> Iterator[SpilledGradient]:
-        config, data = self.config, self.data
-        started = time.perf_counter()
-        kept = plan.epoch in self.kept_epochs
-        self._check_free_space(plan.epoch, kept)
-        checksums: list[int] = []
-        for group in optimizer.param_groups:
-            group["lr"] = plan.learning_rate
-        net_normal.train()
-        buffer = None
-        if net_compare is not None:
-            # Algorithm 1, line 5: net_compare takes net_normal's full state (parameters and BN buffers).
-            net_compare.load_state_dict(net_normal.state_dict())  # copies in place: .grad views stay
-            net_compare.train()
-            flat.check_attached()
-            on_device = config.buffer_on_model_device and self.device.type == "cuda"
-            scratch = config.scratch_dir or (self.store.scratch_dir if self.store is not None else None)
-            buffer = EpochGradients(data.num_batches, self.num_params, flat.vector.dtype,
-                                    self.device if on_device else "cpu", config.buffer_memory_cap_gb * GIB, scratch)
-        # Per-example gradients at the epoch-start parameters, BatchNorm on the epoch-start running statistics.
-        variance = GradientVarianceTrace(net_compare) if self.trace else None
-        spill_dtype = SPILL_DTYPES[config.spill_dtype]
-        losses = torch.zeros(data.num_batches, dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        try:
-            with _progress_bar(config.progress_bar, f"{self.ordering} epoch {plan.epoch}/{len(self.schedule)}",
-                               data.num_batches) as advance:
-                for k in range(data.num_batches):
-                    inputs, targets = self._batch_inputs(plan.epoch, k)
-                    # The ordinary training step of net_normal (Algorithm 1, lines 8-11).
-                    optimizer.zero_grad(set_to_none=True)
-                    with self._autocast():
-                        outputs = net_normal(inputs)
-                        loss = nn.functional.cross_entropy(outputs, targets)
-                    loss.backward()
-                    optimizer.step()
-                    losses[k] = loss.detach()
-                    correct += (outputs.detach().argmax(dim=1) == targets).sum()
-                    if net_compare is not None:
-                        # The same inputs through net_compare, still at the epoch-start parameters (lines 13-16).
-                        flat.zero()
-                        with self._autocast():
-                            compare_loss = nn.functional.cross_entropy(net_compare(inputs), targets)
-                        compare_loss.backward()
-                        buffer.append(flat.vector)
-                        if variance is not None:
-                            variance.add(inputs, targets)
-                        if kept:
-                            spilled = flat.vector.to("cpu", spill_dtype, copy=True)
-                            checksums.append(tensor_checksum(spilled))
-                            yield SpilledGradient(plan.epoch, k, spilled)
-                    advance()
-            batch_losses = losses.cpu().numpy()
-            if not np.isfinite(batch_losses).all():
-                bad = int(np.flatnonzero(~np.isfinite(batch_losses))[0])
-                raise DivergenceError(self._divergence_message(plan.epoch, bad, f"training loss {batch_losses[bad]}"))
-            measures = None
-            if buffer is not None:
-                try:
-                    measures = buffer.measures()
-                except NonFiniteGradientError as error:
-                    raise DivergenceError(self._divergence_message(plan.epoch, None, str(error))) from error
-        finally:
-            if buffer is not None:
-                buffer.close()
-        test_loss, test_accuracy = self._evaluate(net_normal)
-        seconds = time.perf_counter() - started
-        if kept:
-            progress.gradient_checksums[plan.epoch] = checksums
-        self._record(plan, measures, float(batch_losses.mean()),
-                     int(correct) / (data.num_batches * data.batch_size), test_loss, test_accuracy, seconds,
-                     kept, progress, variance.trace() if variance is not None else math.nan)
-        if self.store is not None:
-            state = {
-                "model": net_normal.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                **progress.to_state(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            }
-            self.store.save_checkpoint(plan.epoch, state, self.digest)
+    def _record_null(self, plan: EpochPlan, measures: Mapping[str, Any], progress: Progress) -> None:
+        null, count = measures["null"], len(measures["null"]["distance"])
+        rows = progress.null
+        rows["epoch"] += [plan.epoch] * count
+        rows["phase"] += [plan.phase] * count
+        rows["learning_rate"] += [plan.learning_rate] * count
+        rows["draw"] += list(range(count))
+        for c in GRADIENT_MEASURES:
+            rows[c] += null[c].tolist()
+        rows["full_grad_norm"] += [measures["full_grad_norm"]] * count
 
-    def _divergence_message(self, epoch: int, batch: int | None, what: str) -> str:
-        where = f"epoch {epoch}" + (f", batch {batch}" if batch is not None else "")
-        kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept in '{self.store.folder}'"
-                if self.store is not None and epoch > 1 else "no checkpoint of this epoch was written")
+    def _divergence_message(self, plan: EpochPlan, batch: int | None, what: str) -> str:
+        where = f"epoch {plan.epoch}" + (f", batch {batch}" if batch is not None else "")
+        kept = (f"the last good checkpoint (epoch {plan.epoch - 1}) is kept in '{self.store.folder}'"
+                if self.store is not None and plan.epoch > 1 else "no checkpoint of this epoch was written")
         return (f"Ordering '{self.ordering}', {where}: {what} is not finite; the run stopped and {kept}. "
-                "Lower the learning rate of that phase (gradient_training.phases) or enable "
-                "gradient_training.augment, then rerun.")
+                "Lower the learning rate of that phase (training.phases) or enable training.augment, then rerun.")
 
     def _check_free_space(self, epoch: int, kept: bool) -> None:
-        """Stop before an epoch whose files (kept gradients, scratch buffer, checkpoint) would not fit.
-
-        Needs are added up per file system, with each file rounded up to whole blocks.
-        """
-        needs: list[tuple[Path, str, int]] = []
+        """Stop before an epoch whose files (kept gradients, scratch buffer, checkpoint) would not fit."""
+        needs: list[tuple[Path, str, int, int]] = []
         if kept:
-            needs.append((self.gradients_dir, "kept gradients",
-                          self.data.num_batches * self.spill_file_bytes))
+            needs.append((self.gradients_dir, "kept gradients", self.data.num_batches * self.spill_file_bytes,
+                          self.data.num_batches))
         buffer_bytes = self.data.num_batches * self.num_params * self.param_dtype.itemsize
         if self.probe and buffer_bytes > self.config.buffer_memory_cap_gb * GIB:
             scratch = self.config.scratch_dir or (self.store.scratch_dir if self.store is not None else None)
-            needs.append((Path(scratch) if scratch else Path(tempfile.gettempdir()), "scratch buffer", buffer_bytes))
+            needs.append((Path(scratch) if scratch else Path(tempfile.gettempdir()), "scratch buffer",
+                          buffer_bytes, 1))
         if self.store is not None:
             distance_rows = len(self.schedule) * self.data.num_batches * len(DISTANCE_COLUMNS) * 8
-            needs.append((self.store.folder, "checkpoint", self.checkpoint_bytes + distance_rows + 2**16))
-        by_device: dict[int, list[tuple[Path, str, int, int]]] = {}
-        for folder, what, nbytes in needs:
-            existing = _existing_ancestor(folder)
-            block = os.statvfs(existing).f_frsize or 4096
-            files = self.data.num_batches if what == "kept gradients" else 1
-            on_disk = files * -(-(nbytes // files) // block) * block
-            by_device.setdefault(os.stat(existing).st_dev, []).append((folder, what, on_disk, existing))
-        for entries in by_device.values():
-            need = sum(e[2] for e in entries)
-            free = shutil.disk_usage(entries[0][3]).free
-            if free < need:
-                folders = " and ".join(f"'{folder}'" for folder, *_ in entries)
-                parts = ", ".join(f"{what} {format_bytes(n)}" for _, what, n, _ in entries)
-                last = (f"the checkpoint of epoch {epoch - 1} is kept, so the run resumes after it"
-                        if epoch > 1 and self.store is not None else "nothing was trained yet")
-                raise DiskSpaceError(
-                    f"Epoch {epoch} of '{self.ordering}' needs {format_bytes(need)} in {folders} ({parts}), but "
-                    f"only {format_bytes(free)} are free. Free space there and run the same command again ({last}), "
-                    "or keep fewer epochs' gradients (gradient_training.keep_gradients), or move them "
-                    "(runtime parameter gradients_dir).",
-                )
+            needs.append((self.store.folder, "checkpoint", self.checkpoint_bytes + distance_rows + 2**16, 1))
+        check_free_space(needs, epoch, self.ordering, self.store is not None)
 
-    @torch.inference_mode()
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:
-        if self.data.test_images is None or self.data.test_images.shape[0] == 0:
+        test_images = self.data.test_images
+        if test_images is None or test_images.shape[0] == 0:
             return float("nan"), float("nan")
-        model.eval()
-        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        n = self.data.test_images.shape[0]
-        for start in range(0, n, self.config.eval_batch_size):
-            stop = min(n, start + self.config.eval_batch_size)
-            inputs = to_model_input(self.data.test_images[start:stop], dtype=self.param_dtype).to(self.device)
-            targets = self.data.test_labels[start:stop].to(self.device)
-            with self._autocast():
-                outputs = model(inputs)
-            total_loss += nn.functional.cross_entropy(outputs.double(), targets, reduction="sum")
-            correct += (outputs.argmax(dim=1) == targets).sum()
-        model.train()
-        return float(total_loss) / n, int(correct) / n
+        size = self.config.recipe.eval_batch_size
+        batches = ((to_model_input(test_images[start:start + size], dtype=self.param_dtype).to(self.device),
+                    self.data.test_labels[start:start + size].to(self.device))
+                   for start in range(0, test_images.shape[0], size))
+        return evaluate(model, batches, self.config.recipe.autocast)
 
     def _record(self, plan: EpochPlan, measures: dict | None, train_loss: float, train_accuracy: float,
-                test_loss: float, test_accuracy: float, seconds: float, kept: bool, progress: _Progress,
+                test_loss: float, test_accuracy: float, seconds: float, kept: bool, progress: Progress,
                 gradient_variance_trace: float = math.nan) -> None:
         k_count = self.data.num_batches
         mean_distance = full_norm = float("nan")
@@ -858,88 +841,15 @@ class GradientProbeRun:
             train_accuracy, test_loss, test_accuracy, mean_distance, seconds, " | gradients kept" if kept else "",
         )
 
-    def _assemble(self, net_normal: nn.Module, progress: _Progress) -> ProbeResults:
+    def _assemble(self, net_normal: nn.Module, progress: Progress) -> ProbeResults:
         distances = _distance_frame(self.ordering, progress.distances)
         epochs = len(progress.history["epoch"])
         if self.probe and epochs:
-            matrix = torch.tensor(progress.distances["distance"], dtype=torch.float64).view(epochs, self.data.num_batches)
+            matrix = torch.tensor(progress.distances["distance"], dtype=torch.float64).view(epochs,
+                                                                                             self.data.num_batches)
         else:
             matrix = torch.zeros(0, 0, dtype=torch.float64)
         model_state = {k: v.detach().cpu().clone() for k, v in net_normal.state_dict().items()}
         return ProbeResults(self.ordering, self.run_name, distances, matrix,
-                            _history_frame(self.ordering, self.run_name, progress.history), model_state)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _torch_save_overhead(dtype: torch.dtype) -> int:
-    """Bytes ``torch.save`` adds around a 1-D tensor (its zip container; 64 bytes of alignment slack)."""
-    buffer = io.BytesIO()
-    torch.save(torch.zeros(1, dtype=dtype), buffer)
-    return len(buffer.getvalue()) - dtype.itemsize + 64
-
-
-def _existing_ancestor(folder: Path) -> Path:
-    folder = Path(folder).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
-
-
-def _gradient_file_problem(path: Path, expected_checksum: int | None, num_params: int,
-                           dtype: torch.dtype) -> str | None:
-    """Why a spilled gradient file cannot be trusted (``None``: it holds what was spilled)."""
-    if not path.exists():
-        return "missing"
-    try:
-        tensor = load_tensors(path)
-    except Exception as error:  # load_tensors names truncated and corrupt files
-        return f"unreadable: {error}"
-    if not isinstance(tensor, torch.Tensor) or tensor.shape != (num_params,) or tensor.dtype != dtype:
-        shape = (f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
-                 else type(tensor).__name__)
-        return f"holds {shape}, expected {dtype} ({num_params},)"
-    if expected_checksum is not None and tensor_checksum(tensor) != expected_checksum:
-        return "its values differ from the gradient that was spilled (checksum mismatch)"
-    return None
-
-
-def _detached_copy(model: nn.Module) -> nn.Module:
-    """A separate module with its own parameters and buffers (never shares storage with ``model``)."""
-    clone = copy.deepcopy(model)
-    for p in clone.parameters():
-        p.grad = None
-    return clone
-
-
-
-
-def named_model_factory(config: TrainingConfig, num_classes: int = 10) -> Callable[[], nn.Module]:
-    """A builder of the model the configuration names (``best_minibatch.training.models``)."""
-    from best_minibatch.training.models import build_model
-
-    options = dict(config.model_options)
-    try:
-        build_model(config.model, num_classes, **options)  # fails fast on a bad name or option
-    except ValueError as error:
-        raise _config_error("model", str(error), "Fix model.name or its options.") from error
-    return lambda: build_model(config.model, num_classes, **options)
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, description: str, total: int):
-    """A rich progress bar on the console Kedro's log handler uses; a no-op when output is not a terminal."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    import rich
-
-    console: Console = rich.get_console()
-    if not enabled or not console.is_terminal:
-        yield lambda: None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
+                            _history_frame(self.ordering, self.run_name, progress.history), model_state,
+                            _null_frame(self.ordering, progress.null))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # recipe imports this module
+    from best_minibatch.training.recipe import TrainingRecipe
 
 
 @contextlib.contextmanager
@@ -44,3 +48,28 @@ def cpu_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def training_environment(recipe: TrainingRecipe) -> Iterator[None]:
+    """The one device and thread setup every experiment trains under (the recipe's determinism and threads)."""
+    with deterministic_algorithms(recipe.deterministic, recipe.resolved_device()), cpu_threads(recipe.cpu_threads):
+        yield
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else the CPU), ``cpu`` or ``cuda``; the one place devices are resolved.
+
+    Raises ``ValueError`` for an unknown name or ``cuda`` without a CUDA device; callers that
+    read a parameter turn it into their parameter's error.
+    """
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("cuda was asked for but no CUDA device is available")
+    return torch.device(name)

@@ -1,4 +1,4 @@
-"""Nodes of ``batch_selection``; the logic is in :mod:`best_minibatch.selection.experiment` and :mod:`best_minibatch.selection.statistics`.
+"""Nodes of ``batch_selection``; the logic is in :mod:`best_minibatch.selection`.
 
 Per-ordering datasets arrive as keyword arguments named ``<kind>__<ordering>``
 (the pipeline builds them from the metric registry).
@@ -14,21 +14,16 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from best_minibatch.selection import experiment as selection
+from best_minibatch import selection
+from best_minibatch.pipelines.orderings import by_ordering
 from best_minibatch.selection import statistics as selection_stats
-from best_minibatch.training.models import build_model
-from best_minibatch.training.runtime import cpu_threads
 
 logger = logging.getLogger(__name__)
 
 
-def _by_ordering(tables: dict[str, Any], kind: str) -> dict[str, Any]:
-    prefix = f"{kind}__"
-    return {name[len(prefix):]: value for name, value in tables.items() if name.startswith(prefix)}
-
-
 def prepare_policies(
-    image_index: pd.DataFrame, batch_phase_stats: pd.DataFrame, params: dict[str, Any], **tables: Any
+    image_index: pd.DataFrame, batch_phase_stats: pd.DataFrame, params: dict[str, Any], training: dict[str, Any],
+    sort_batch_size: int, tie_seed: int, **tables: Any
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Check every parameter, hold out the validation split, and build the static policies' batches.
 
@@ -38,18 +33,18 @@ def prepare_policies(
     (``{m}.image_scores`` through ``sort_batches``' sort-and-cut). All checks run
     here, before any output is saved.
     """
-    config = selection.SelectionConfig.from_params(params)
+    config = selection.SelectionConfig.from_params(params, training, sort_batch_size)
     split = selection.stratified_validation_split(image_index, config.validation_fraction, config.validation_seed)
     counts = split["subset"].value_counts()
     logger.info("batch_selection: %d training and %d validation images (stratified, seed %d)",
                 counts.get("train", 0), counts.get("validation", 0), config.validation_seed)
     train_ids = selection.subset_ids(split, "train")
-    statuses = _by_ordering(tables, "metric_status")
+    statuses = by_ordering(tables, "metric_status")
     skipped = {m: (s or {}).get("reason") or "skipped" for m, s in statuses.items()
                if (s or {}).get("status") != "ok"}
     orderings = {
-        ordering: selection.ordering_batches(scores, ordering, train_ids, config.recipe.batch_size)
-        for ordering, scores in _by_ordering(tables, "image_scores").items()
+        ordering: selection.ordering_batches(scores, ordering, train_ids, config.batch_size, tie_seed)
+        for ordering, scores in by_ordering(tables, "image_scores").items()
         if len(scores) and ordering not in skipped
     }
     notes = [f"Metric '{m}' was skipped by score_metrics: {reason}" for m, reason in skipped.items()]
@@ -90,18 +85,15 @@ def run_selection_experiment(
     validation_split: pd.DataFrame,
     batch_pools: pd.DataFrame,
     params: dict[str, Any],
+    training: dict[str, Any],
+    sort_batch_size: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every seed x policy; return the learning curves and the per-run results."""
-    config = selection.SelectionConfig.from_params(params)
-    device = config.resolved_device()
+    config = selection.SelectionConfig.from_params(params, training, sort_batch_size)
+    device = config.recipe.resolved_device()
     data = selection.ImageData.from_tables(image_index, validation_split, train_images, test_images, device)
-    num_classes = int(image_index["label"].nunique())
-
-    def model_factory() -> torch.nn.Module:
-        return build_model(config.model_name, num_classes=num_classes, **config.model_options)
-
-    with cpu_threads(config.cpu_threads):
-        results = selection.run_experiment(config, data, batch_pools, model_factory)
+    model_factory = config.recipe.model_factory(num_classes=int(image_index["label"].nunique()))
+    results = selection.run_experiment(config, data, batch_pools, model_factory)
     return results.curves, results.results
 
 
@@ -111,9 +103,11 @@ def summarise_selection(
     validation_split: pd.DataFrame,
     notes: list[str],
     params: dict[str, Any],
+    training: dict[str, Any],
+    sort_batch_size: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame, str, str, plt.Figure, plt.Figure]:
     """Intervals, tests against shuffle, the one-sentence answer, the figure and the report fragments."""
-    config = selection.SelectionConfig.from_params(params)
+    config = selection.SelectionConfig.from_params(params, training, sort_batch_size)
     summary = selection_stats.policy_summary(
         learning_curves, run_results, config.target_validation_accuracy, selection.BASELINE, config.confidence,
         config.alpha, policies=config.policies)

@@ -6,15 +6,12 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Pipeline, node, pipeline
 
+from best_minibatch.pipelines.orderings import per_ordering_inputs
+
 from .nodes import prepare_policies, run_selection_experiment, summarise_selection
 
 NAMESPACE = "batch_selection"
 SHARED_INPUTS = ("image_index", "train_images", "test_images", "batch_phase_stats")
-
-
-def _per_ordering(kind: str, orderings: Sequence[str]) -> dict[str, str]:
-    """``{"<kind>__<ordering>": "<ordering>.<kind>"}``: the node arguments of one dataset kind."""
-    return {f"{kind}__{ordering}": f"{ordering}.{kind}" for ordering in orderings}
 
 
 def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipeline:
@@ -24,25 +21,29 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
 
         orderings = list(METRICS)
     params = "params:batch_selection"
-    per_ordering = {**_per_ordering("image_scores", orderings), **_per_ordering("metric_status", orderings)}
+    recipe = {"training": "params:training", "sort_batch_size": "params:sort_batches.batch_size"}
+    per_ordering = {**per_ordering_inputs("image_scores", orderings), **per_ordering_inputs("metric_status", orderings)}
     template = Pipeline(
         [
             node(
                 prepare_policies,
                 inputs={"image_index": "image_index", "batch_phase_stats": "batch_phase_stats", "params": params,
-                        **per_ordering},
+                        "tie_seed": "params:sort_batches.tie_seed", **recipe, **per_ordering},
                 outputs=["validation_split", "batch_pools", "notes"],
                 name="prepare_policies",
             ),
             node(
                 run_selection_experiment,
-                inputs=["image_index", "train_images", "test_images", "validation_split", "batch_pools", params],
+                inputs={"image_index": "image_index", "train_images": "train_images", "test_images": "test_images",
+                        "validation_split": "validation_split", "batch_pools": "batch_pools", "params": params,
+                        **recipe},
                 outputs=["learning_curves", "run_results"],
                 name="run_selection_experiment",
             ),
             node(
                 summarise_selection,
-                inputs=["learning_curves", "run_results", "validation_split", "notes", params],
+                inputs={"learning_curves": "learning_curves", "run_results": "run_results",
+                        "validation_split": "validation_split", "notes": "notes", "params": params, **recipe},
                 outputs=["curve_summary", "summary", "report_fragment_md", "report_fragment_html",
                          "convergence_png", "convergence_pdf"],
                 name="summarise_selection",
@@ -53,5 +54,5 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
         template,
         namespace=NAMESPACE,
         inputs={*SHARED_INPUTS, *per_ordering.values()},
-        parameters={params: params},
+        parameters={name: name for name in (params, *recipe.values(), "params:sort_batches.tie_seed")},
     )

@@ -29,6 +29,7 @@ def train_with_gradient_probe(
     image_index: pd.DataFrame,
     train_images: torch.Tensor,
     test_images: torch.Tensor,
+    training: dict[str, Any],
     params: dict[str, Any],
     *,
     ordering: str,
@@ -39,7 +40,7 @@ def train_with_gradient_probe(
     as it is computed (Kedro writes it to ``batch_gradients`` before training goes
     on), then ``({}, ProbeResults)`` once. Every check runs before the first yield.
     """
-    config = TrainingConfig.from_params(params)
+    config = TrainingConfig.from_params(params, training)
     if batch_assignments.empty:
         # INFO, not WARNING: score_metrics already gave the one loud warning about the skip.
         logger.info("%s: no batch assignments (the metric was skipped upstream); writing empty tables", ordering)
@@ -64,12 +65,12 @@ def train_with_gradient_probe(
 
 def publish_probe_results(
     probe_results: ProbeResults | str,
-) -> tuple[pd.DataFrame, torch.Tensor, pd.DataFrame, dict[str, torch.Tensor]]:
-    """Split a finished run into its versioned outputs: distances, distance matrix, history, model."""
+) -> tuple[pd.DataFrame, torch.Tensor, pd.DataFrame, dict[str, torch.Tensor], pd.DataFrame]:
+    """Split a finished run into its versioned outputs: distances, distance matrix, history, model, null distances."""
     if not isinstance(probe_results, ProbeResults):
         raise RuntimeError("train_with_gradient_probe ended without results; see the error it raised above.")
     return (probe_results.distances, probe_results.distance_matrix, probe_results.history,
-            probe_results.model_state)
+            probe_results.model_state, probe_results.null_distances)
 
 
 def _epoch_list(epochs: set[int]) -> str:

@@ -17,14 +17,14 @@ def _ordering_template(ordering: str) -> Pipeline:
             node(
                 update_wrapper(partial(train_with_gradient_probe, ordering=ordering), train_with_gradient_probe),
                 inputs=["batch_assignments", "image_index", "train_images", "test_images",
-                        "params:gradient_training"],
+                        "params:training", "params:gradient_training"],
                 outputs=["batch_gradients", "probe_results"],
                 name="train_with_gradient_probe",
             ),
             node(
                 publish_probe_results,
                 inputs="probe_results",
-                outputs=["gradient_distances", "distance_matrix", "training_history", "trained_model"],
+                outputs=["gradient_distances", "distance_matrix", "training_history", "trained_model", "null_distances"],
                 name="publish_probe_results",
             ),
         ]
@@ -32,4 +32,4 @@ def _ordering_template(ordering: str) -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return per_ordering(_ordering_template, SHARED_INPUTS, "gradient_training")
+    return per_ordering(_ordering_template, SHARED_INPUTS, "training", "gradient_training")

@@ -1,0 +1,130 @@
+"""One style for every parameter section: typed configs that check themselves when built.
+
+Knows nothing of Kedro. Each section (``training``, ``gradient_training``,
+``batch_selection``, ...) has a frozen dataclass with a ``from_params``
+classmethod that reads its YAML mapping through a :class:`Section`, which
+refuses unknown keys (suggesting the closest known one) and checks each value's
+type and range. Every problem is a :class:`ConfigError` naming the parameter's
+full path and the fix, so a message reads the same whichever section it comes
+from. Checks that span sections (the batch size both experiments must share)
+live in :mod:`best_minibatch.hooks`, which builds every section before a run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """A parameter that cannot work; the message names it (``section.key``) and the fix."""
+
+    def __init__(self, key: str, problem: str, fix: str, where: str | None = None) -> None:
+        self.key = key
+        where = f" ({where})" if where else ""
+        super().__init__(f"Parameter {key}: {problem}. {fix}{where}".rstrip())
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def closest(key: str, known: Iterable[str]) -> str:
+    """``" Did you mean 'x'?"`` for the known key closest to a misspelled one, else ``""``."""
+    match = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+class Section:
+    """A parameter mapping at ``path`` with a fixed set of known keys.
+
+    ``error_type`` lets a section raise its own subclass of :class:`ConfigError`
+    (for callers that catch one experiment's errors).
+    """
+
+    def __init__(self, params: Any, path: str, known: Iterable[str], error_type: type[ConfigError] = ConfigError,
+                 where: str | None = None) -> None:
+        self.path, self.error_type, self.where = path, error_type, where
+        self.known = frozenset(known)
+        if params is None:
+            params = {}
+        if not isinstance(params, Mapping):
+            raise self.error("", f"expected a mapping, got {params!r}", "Write it as a YAML mapping.")
+        unknown = sorted(map(str, set(params) - self.known))
+        if unknown:
+            raise self.error(unknown[0], "unknown parameter",
+                             f"Known parameters: {', '.join(sorted(self.known))}.{closest(unknown[0], self.known)}")
+        self.params = dict(params)
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if name else self.path
+
+    def error(self, name: str, problem: str, fix: str) -> ConfigError:
+        return self.error_type(self.key(name), problem, fix, self.where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.params
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.params.get(name, default)
+
+    def section(self, name: str, known: Iterable[str]) -> Section:
+        return Section(self.params.get(name), self.key(name), known, self.error_type, self.where)
+
+    # ------------------------------------------------------------------ typed reads
+
+    def integer(self, name: str, default: Any, minimum: int, fix: str, *, optional: bool = False) -> int | None:
+        value = self.params.get(name, default)
+        if optional and value is None:
+            return None
+        if not is_int(value) or value < minimum:
+            kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer of at least {minimum}")
+            raise self.error(name, f"must be {kind}{' or null' if optional else ''}, got {value!r}", fix)
+        return int(value)
+
+    def number(self, name: str, default: Any, fix: str, *, low: float = -math.inf, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False) -> float:
+        value = self.params.get(name, default)
+        if not is_number(value) or value < low or value > high or (low_open and value == low) or (
+                high_open and value == high):
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            if high == math.inf:
+                expected = "a positive number" if low == 0 and low_open else "a non-negative number" if low == 0 \
+                    else f"a number of at least {low:g}"
+            else:
+                expected = f"a number in {left}{low:g}, {high:g}{right}"
+            raise self.error(name, f"must be {expected}, got {value!r}", fix)
+        return float(value)
+
+    def boolean(self, name: str, default: bool, fix: str = "Use true or false.") -> bool:
+        value = self.params.get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, got {value!r}", fix)
+        return value
+
+    def choice(self, name: str, default: Any, choices: Iterable[Any]) -> Any:
+        value = self.params.get(name, default)
+        choices = tuple(choices)
+        if value not in choices:
+            raise self.error(name, f"unknown value {value!r}",
+                             f"Use one of {', '.join(map(str, choices))}.{closest(str(value), map(str, choices))}")
+        return value
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``override`` laid over ``base``, mapping by mapping (as Kedro's soft merge of environments)."""
+    merged = dict(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
