@@ -343,8 +343,7 @@ def stop(process: subprocess.Popen) -> None:
 def test_a_concurrent_run_is_refused_cleanly_and_a_killed_run_blocks_nothing(finished_copy):
     project = finished_copy
     # The finished run's quick parameters for the CLI runs; the first trains a new run (another seed).
-    quick = {"gradient_training": {"phases": [{"epochs": 2, "lr": 0.1}, {"epochs": 2, "lr": 0.01},
-                                              {"epochs": 2, "lr": 0.001}]}}
+    quick = {"training": {"phases": [{"epochs": 2, "lr": 0.1}, {"epochs": 2, "lr": 0.01}, {"epochs": 2, "lr": 0.001}]}}
     (project / "conf/local/parameters_quick.yml").write_text(yaml.safe_dump(quick))
     lock = project / "data/runs/run.lock"
     first = kedro_cli(project, "--pipelines=gradient_training", "--namespaces=random",

@@ -52,6 +52,7 @@ COMPLETED, FAILED, RUNNING = "completed", "failed", "running"
 #: Patterns over dotted parameter paths (``fnmatch``).
 NOT_AFFECTING_RESULTS = (
     "*.progress_bar",
+    "gradient_training.expected_hours",    # a ceiling on the run's expected time, checked before it starts
     "gradient_training.run_name",          # a folder name; ``auto`` hashes the settings that matter
     "gradient_training.checkpoint_dir",
     "gradient_training.keep_checkpoints",
