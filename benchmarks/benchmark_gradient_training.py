@@ -42,7 +42,12 @@ sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
 from best_minibatch.data.cifar import read_image_dataset  # noqa: E402
 from best_minibatch.datasets import save_tensors_atomically  # noqa: E402
-from best_minibatch.training.gradient_training import GradientProbeRun, TrainingConfig, TrainingData, named_model_factory  # noqa: E402
+from best_minibatch.training.gradient_training import (  # noqa: E402
+    GradientProbeRun,
+    TrainingConfig,
+    TrainingData,
+    named_model_factory,
+)
 
 SAMPLE_ZIP = PROJECT_ROOT / "data" / "01_raw" / "cifar10-sample.zip"
 BATCH_SIZE = 100

@@ -34,7 +34,12 @@ import numpy as np
 import torch
 
 from best_minibatch.data.cifar import read_image_dataset
-from best_minibatch.metrics.scoring import METRICS, lpips_distances_to_reference, lpips_with_random_backbone_not_pretrained, score_images
+from best_minibatch.metrics.scoring import (
+    METRICS,
+    lpips_distances_to_reference,
+    lpips_with_random_backbone_not_pretrained,
+    score_images,
+)
 
 FULL_CIFAR_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
 CHEAP_METRICS = ("intensity", "color", "edges")

@@ -23,13 +23,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from best_minibatch.training.checkpoints import CheckpointError, RunStore, config_hash
 from best_minibatch.data.tensor_io import PARTIAL_SUFFIX, DiskFullError, load_tensors, save_tensors_atomically
-from best_minibatch.training.models import build_model, count_parameters
+from best_minibatch.training.checkpoints import CheckpointError, RunStore, config_hash
 from best_minibatch.training.gradient_training import (
     GradientProbeRun,
     TrainingConfig,
@@ -37,6 +35,7 @@ from best_minibatch.training.gradient_training import (
     check_buffer_memory,
     run_identity,
 )
+from best_minibatch.training.models import build_model, count_parameters
 from best_minibatch.validation import RunCheckError
 from tests import fault_harness
 from tests.test_training import make_config, tiny_data, tiny_model  # noqa: F401 (tiny_data is a fixture)
@@ -100,7 +99,10 @@ def run_child(data: Path, work: Path, out: Path, gradients_dir: Path | None = No
                                    faults, str(log)))
     child.start()
     child.join(300)
-    assert child.exitcode is not None, "the child did not finish within 300 s"
+    if child.exitcode is None:  # stop it before failing: no process outlives its test
+        child.kill()
+        child.join(30)
+        pytest.fail("the child did not finish within 300 s")
     return Child(child.exitcode, log.read_text() if log.exists() else "")
 
 
@@ -416,10 +418,10 @@ def refused_run(project: Path, monkeypatch, pipeline: str | None = None, namespa
                      "Parameter training.phases[1].lr: must be a positive number, got 0. Set the phase's "
                      "learning rate", id="lr-not-positive"),
         pytest.param({"gradient_training": {"keep_gradients": [1, 10]}},
-                     "Parameter gradient_training.keep_gradients: epochs [10] are outside the run's epochs 1..9. Use "
+                     "Parameter gradient_training.keep_gradients: epochs [10] are outside the run's epochs 1..6. Use "
                      "all, none, a list of epochs", id="kept-epochs-outside-the-run"),
         pytest.param({"gradient_training": {"disk_cap_gb": 0.001}},
-                     "Parameter gradient_training.disk_cap_gb: the kept gradients need 0.0263 GiB (9 epochs x 50 "
+                     "Parameter gradient_training.disk_cap_gb: the kept gradients need 0.0175 GiB (6 epochs x 50 "
                      "batches x 15,698 parameters in float32), more than the cap of 0.001 GiB. Keep fewer epochs",
                      id="disk-cap-below-one-epoch"),
         pytest.param({"gradient_training": {"trace_check": ["rnd"]}},
@@ -476,9 +478,9 @@ def test_run_name_of_another_configuration_stops_before_any_work(fresh_project, 
     """An explicit run name whose folders hold a run with other settings would mix two runs' gradients."""
     project = tmp_path / "project"
     shutil.copytree(fresh_project, project)
-    other = TrainingConfig.from_params({"seeds": [7], "run_name": "mine"}, {
+    other = TrainingConfig.from_params({"seeds": [7], "run_name": "mine", "null_batches": 10}, {
         "cpu_threads": 1, "model": {"name": "small_cnn", "small_cnn": {"width": 8}},
-        "phases": [{"epochs": 3, "lr": 0.1}, {"epochs": 3, "lr": 0.01}, {"epochs": 3, "lr": 0.001}]})
+        "phases": [{"epochs": 2, "lr": 0.1}, {"epochs": 2, "lr": 0.01}, {"epochs": 2, "lr": 0.001}]})  # base's
     folder = project / "data/06_models/checkpoints"
     model = build_model("small_cnn", width=8)
     identity = run_identity(other, "intensity", count_parameters(model), torch.float32, "digest-of-other-data")
@@ -624,7 +626,7 @@ def test_too_few_batches_for_the_analysis_stop_before_any_work(fresh_project, mo
 
 @pytest.mark.parametrize(("params", "expected"), [
     ({"sort_batches": {"batch_sizee": 64}}, "Parameter sort_batches.batch_sizee: unknown parameter. Known parameters: "
-                                            "batch_size. Did you mean 'batch_size'?"),
+                                            "batch_size, tie_seed. Did you mean 'batch_size'?"),
     ({"visualize": {"report_titel": "x"}}, "Parameter visualize.report_titel: unknown parameter. Known parameters: "
                                            "report_png_dpi, report_title. Did you mean 'report_title'?"),
     ({"ingest_cifar": {"source": {"pth": "x"}}}, "Parameter ingest_cifar.source.pth: unknown parameter. Known "
@@ -675,6 +677,6 @@ def test_a_run_measured_to_take_longer_than_the_environment_expects_is_refused(f
     """Before: conf/paper's DPN92 on a CPU started a job of several weeks without a word."""
     message = refused_run(fresh_project, monkeypatch, gradient_training={"expected_hours": 1e-6})
     assert re.search(r"Parameter gradient_training.expected_hours: the run would take about [\d.,]+ hours \(5 orderings "
-                     r"x 9 epochs x 50 batches of 100 at [\d.e-]+ s per probed step of small_cnn on cpu, measured on "
+                     r"x 2 seeds x 6 epochs x 50 batches of 100 at [\d.e-]+ s per probed step of small_cnn on cpu, measured on "
                      r"\d steps? of 16 images and scaled\), more than the 1e-06 hours this environment expects. "
                      r"Confirm with --params gradient_training.expected_hours=\d+", message), message

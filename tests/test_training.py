@@ -13,11 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from best_minibatch.training.checkpoints import RunConflictError
-from best_minibatch.data.tensor_io import load_tensors
-from best_minibatch.data.images import to_model_input
 from best_minibatch.analysis.statistics import per_example_gradient_trace
-from best_minibatch.training.probing import GradientVarianceTrace, batch_gradient
+from best_minibatch.data.images import to_model_input
+from best_minibatch.data.tensor_io import load_tensors
+from best_minibatch.training.checkpoints import RunConflictError
 from best_minibatch.training.gradient_training import (
     DISTANCE_COLUMNS,
     HISTORY_COLUMNS,
@@ -29,6 +28,7 @@ from best_minibatch.training.gradient_training import (
     TrainingData,
     TrainingDataError,
 )
+from best_minibatch.training.probing import GradientVarianceTrace, batch_gradient
 
 NUM_TRAIN, BATCH, NUM_TEST = 240, 20, 60
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import html
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -188,7 +189,8 @@ def _setup_section(setup, ordering_status, histories, parameters, null_ordering)
         lines.append(f"<li>{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): every "
                      "ordering trains once per seed (other initial weights, the same batches); the tables and "
                      "heat maps pool the seeds, the claims show every seed's effect.</li>")
-    lines.append(f"<li>Null control: the <b>{_escape(null_ordering)}</b> ordering (images assigned to batches at random).</li></ul>")
+    lines.append(f"<li>Null control: the <b>{_escape(null_ordering)}</b> ordering (images assigned to batches at "
+                 "random).</li></ul>")
     if "phases" in setup:
         lines.append(html_table(setup["phases"], {"phase": "phase", "first_epoch": "first epoch",
                                                   "last_epoch": "last epoch", "n_epochs": "epochs",
@@ -252,7 +254,9 @@ def _claims_section(claims: pd.DataFrame, alpha: float, null_ordering: str) -> s
     summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICT_COLORS)
     lines = [
         "<h2>The paper's claims, tested</h2>",
-        f"<p><b>Tested: {len(tested)}; {summary}. Not tested: {len(claims) - len(tested)}.</b></p>",
+        f"<p><b>Tested: {len(tested)}; {summary}. Not tested: {len(claims) - len(tested)}.</b> Each count is of "
+        "rows: one claim, for one metric, in one phase (a metric that could not be tested has a row for each "
+        "phase its claim covers, like a tested one).</p>",
         "<ul>" + "".join(_finding(row) for _, row in claims.iterrows()) + "</ul>",
         f"<p class='note'>Section 5 of the paper reads these conclusions off heat maps. Here each is a permutation "
         f"test (batches are the units; each batch contributes its mean distance over the phase's epochs, in noise "

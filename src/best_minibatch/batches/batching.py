@@ -12,7 +12,8 @@ paper: 50,000 / 256 gives 195 batches and drops 80).
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd

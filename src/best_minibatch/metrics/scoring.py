@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -323,7 +324,7 @@ def perceptual_unavailable_reason(options: Mapping[str, Any]) -> str | None:
     )
 
 
-def _lpips_with_backbone(backbone_state: Mapping[str, "torch.Tensor"] | None) -> "lpips.LPIPS":
+def _lpips_with_backbone(backbone_state: Mapping[str, torch.Tensor] | None) -> lpips.LPIPS:
     """LPIPS (AlexNet, v0.1 linear weights from the lpips wheel) without any download.
 
     ``pnet_rand=True`` makes lpips build AlexNet randomly initialised instead of
@@ -354,7 +355,7 @@ def _lpips_with_backbone(backbone_state: Mapping[str, "torch.Tensor"] | None) ->
     return model
 
 
-def load_lpips_alexnet(weights_path: str | Path) -> "lpips.LPIPS":
+def load_lpips_alexnet(weights_path: str | Path) -> lpips.LPIPS:
     """The real LPIPS metric: AlexNet with its ImageNet weights from ``weights_path`` plus lpips' v0.1 layers."""
     import torch
 
@@ -368,7 +369,7 @@ def load_lpips_alexnet(weights_path: str | Path) -> "lpips.LPIPS":
     return _lpips_with_backbone(state)
 
 
-def lpips_with_random_backbone_not_pretrained(seed: int = 0) -> "lpips.LPIPS":
+def lpips_with_random_backbone_not_pretrained(seed: int = 0) -> lpips.LPIPS:
     """NOT LPIPS: the same network with a randomly initialised AlexNet. For timing and code-path tests only."""
     import torch
 
@@ -376,7 +377,7 @@ def lpips_with_random_backbone_not_pretrained(seed: int = 0) -> "lpips.LPIPS":
     return _lpips_with_backbone(None)
 
 
-def _resolve_device(name: str) -> "torch.device":
+def _resolve_device(name: str) -> torch.device:
     from best_minibatch.training.runtime import resolve_device
 
     try:
@@ -385,7 +386,7 @@ def _resolve_device(name: str) -> "torch.device":
         raise MetricConfigError(f"score_metrics.perceptual.device: {error}; use cpu or auto.") from error
 
 
-def _to_lpips_input(images: np.ndarray, upsample_to: int | None, device: "torch.device") -> "torch.Tensor":
+def _to_lpips_input(images: np.ndarray, upsample_to: int | None, device: torch.device) -> torch.Tensor:
     """uint8 (or float) NHWC in [0, 255] -> float32 NCHW in [-1, 1] (LPIPS's input range), optionally upsampled."""
     import torch
     import torch.nn.functional as F
@@ -398,7 +399,7 @@ def _to_lpips_input(images: np.ndarray, upsample_to: int | None, device: "torch.
 
 
 def lpips_distances_to_reference(
-    model: "lpips.LPIPS",
+    model: lpips.LPIPS,
     images: np.ndarray,
     reference: np.ndarray,
     *,

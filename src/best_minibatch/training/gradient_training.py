@@ -19,6 +19,7 @@ them). See ``docs/gradient_training.md``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -29,8 +30,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import hashlib
 
 import numpy as np
 import pandas as pd
@@ -125,7 +124,7 @@ class TrainingConfig:
     def from_params(cls, params: Mapping[str, Any], training: Mapping[str, Any] | None = None) -> TrainingConfig:
         """Build from the ``gradient_training`` section and the shared ``training`` recipe; all checked."""
         if isinstance(params, Mapping) and "seed" in params:
-            # The single seed became a list; say so instead of "unknown parameter".
+            # The single seed became a list: name the replacement, not just an unknown key.
             raise _config_error("seed", "was replaced by seeds (a list: each ordering trains once per seed)",
                                 f"Write seeds: [{params['seed']}] (or e.g. seeds: [0, 1, 2]).")
         section = Section(params, PARAMS_NAME, RUN_KEYS, TrainingConfigError)
@@ -270,7 +269,7 @@ class TrainingData:
 
     @classmethod
     def from_tables(cls, batch_assignments: pd.DataFrame, image_index: pd.DataFrame,
-                    train_images: torch.Tensor, test_images: torch.Tensor | None) -> "TrainingData":
+                    train_images: torch.Tensor, test_images: torch.Tensor | None) -> TrainingData:
         """Check the tables against each other (see ``docs/data_flow.md``) and gather the tensors."""
         for name, table, columns in (
             ("batch_assignments", batch_assignments, ("batch", "position", "image_id")),
@@ -353,7 +352,7 @@ class ProbeResults:
     seed: int = 0
 
     @classmethod
-    def empty(cls, ordering: str, run_name: str = "") -> "ProbeResults":
+    def empty(cls, ordering: str, run_name: str = "") -> ProbeResults:
         return cls(ordering, run_name, empty_distance_table(), torch.zeros(0, 0, dtype=torch.float64),
                    empty_history_table(), {}, _null_frame("", 0, {}))
 
@@ -378,7 +377,7 @@ class OrderingResults:
     null_distances: pd.DataFrame
 
     @classmethod
-    def from_runs(cls, ordering: str, results: list[ProbeResults]) -> "OrderingResults":
+    def from_runs(cls, ordering: str, results: list[ProbeResults]) -> OrderingResults:
         if not results:
             empty = ProbeResults.empty(ordering)
             return cls(ordering, (), empty.distances, torch.zeros(0, 0, 0, dtype=torch.float64), empty.history, {},
@@ -580,7 +579,8 @@ def check_expected_time(config: TrainingConfig, num_batches: int, batch_size: in
             f"the run would take about {hours:,.1f} hours ({orderings} orderings x {seeds} "
             f"seed{'s' if seeds > 1 else ''} x {config.num_epochs} epochs x "
             f"{num_batches} batches of {batch_size} at {per_step:.3g} s per probed step of {config.model} on "
-            f"{device.type}, measured on {steps} step{'s' if steps > 1 else ''} of {min(batch_size, 16)} images and scaled), more than the {config.expected_hours:g} hours this environment "
+            f"{device.type}, measured on {steps} step{'s' if steps > 1 else ''} of {min(batch_size, 16)} images and "
+            f"scaled), more than the {config.expected_hours:g} hours this environment "
             "expects",
             f"Confirm with --params gradient_training.expected_hours={math.ceil(hours)}, or choose a smaller model "
             "(training.model.name), fewer epochs (training.phases), fewer seeds (gradient_training.seeds), "
@@ -703,7 +703,7 @@ class GradientProbeRun:
 
     def run(self) -> Iterator[SpilledGradient]:
         """Train every remaining epoch; yield kept gradients as they are computed; set :attr:`results`."""
-        config, recipe = self.config, self.config.recipe
+        recipe = self.config.recipe
         with training_environment(recipe):
             if self.store is not None:
                 self.store.claim(self.identity, self.digest)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -223,7 +223,7 @@ class EpochGradients:
             self._scratch_path.unlink(missing_ok=True)
             self._scratch_path = None
 
-    def __enter__(self) -> "EpochGradients":
+    def __enter__(self) -> EpochGradients:
         return self
 
     def __exit__(self, *exc_info) -> None:

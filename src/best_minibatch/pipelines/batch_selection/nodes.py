@@ -1,4 +1,4 @@
-"""Nodes of ``batch_selection``; the logic is in :mod:`best_minibatch.selection.experiment` and :mod:`best_minibatch.selection.statistics`.
+"""Nodes of ``batch_selection``; the logic is in :mod:`best_minibatch.selection`.
 
 Per-ordering datasets arrive as keyword arguments named ``<kind>__<ordering>``
 (the pipeline builds them from the metric registry).
