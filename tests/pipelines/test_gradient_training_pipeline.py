@@ -17,7 +17,7 @@ from kedro_datasets.partitions import PartitionedDataset
 from best_minibatch.datasets import TensorDataset
 from best_minibatch.metrics.scoring import METRICS
 from best_minibatch.pipelines.gradient_training import create_pipeline
-from best_minibatch.training.gradient_training import DISTANCE_COLUMNS, HISTORY_COLUMNS
+from best_minibatch.training.gradient_training import DISTANCE_COLUMNS, HISTORY_COLUMNS, seed_model_states
 from best_minibatch.training.models import build_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "base"
@@ -143,7 +143,9 @@ def test_versioned_outputs_follow_the_contract(finished):
     assert history["seed"].tolist() == [0, 0, 3, 3] and history["run_name"].nunique() == 2
     nulls = catalog.load("intensity.null_distances")
     assert "seed" in nulls.columns
-    models = catalog.load("intensity.trained_model")  # {seed: state_dict}
+    saved = catalog.load("intensity.trained_model")  # one flat dict of tensors, keyed seed=<S>/<key>
+    assert all(isinstance(t, torch.Tensor) for t in saved.values()) and "seed=3/0.weight" in saved
+    models = seed_model_states(saved)  # {seed: state_dict}
     assert sorted(models) == SEEDS
     for seed in SEEDS:
         model = build_model("small_cnn", width=2)

@@ -259,7 +259,7 @@ def _claims_section(claims: pd.DataFrame, alpha: float, null_ordering: str) -> s
         "phase its claim covers, like a tested one).</p>",
         "<ul>" + "".join(_finding(row) for _, row in claims.iterrows()) + "</ul>",
         f"<p class='note'>Section 5 of the paper reads these conclusions off heat maps. Here each is a permutation "
-        f"test (batches are the units; each batch contributes its mean distance over the phase's epochs, in noise "
+        f"test (batches are the units; each batch contributes its mean distance over the phase's epochs and the seeds, in noise "
         f"units: the z-score against random batches of the same epoch probed by <i>the same network at the same "
         f"parameters</i>, the ordering's own same-parameter null (<code>gradient_training.null_batches</code>); "
         f"an ordering trained without it falls back on the {_escape(null_ordering)} ordering's batches, the "

@@ -365,7 +365,8 @@ class OrderingResults:
     ``gradient_training.seeds``; the ``seed`` column tells them apart);
     ``distance_matrix`` stacks the seeds' ``E x K`` matrices into ``S x E x K``
     (float64, ``0 x 0 x 0`` for a skipped ordering); ``model_states`` maps each seed
-    to its final ``net_normal`` state dict (``{}`` for a skipped ordering).
+    to its final ``net_normal`` state dict (``{}`` for a skipped ordering;
+    :func:`flat_model_states` is how it is saved).
     """
 
     ordering: str
@@ -390,6 +391,24 @@ class OrderingResults:
             {r.seed: r.model_state for r in results},
             pd.concat([r.null_distances for r in results], ignore_index=True),
         )
+
+
+def flat_model_states(states: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every seed's state dict in one flat dict of tensors (the project's tensor format), keyed
+    ``seed=<S>/<state-dict key>``; :func:`seed_model_states` reverses it."""
+    return {f"seed={seed}/{key}": tensor for seed, state in states.items() for key, tensor in state.items()}
+
+
+def seed_model_states(flat: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """``{seed: state_dict}`` from a saved ``{ordering}.trained_model`` (:func:`flat_model_states`)."""
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in flat.items():
+        prefix, _, key = name.partition("/")
+        if not prefix.startswith("seed=") or not key:
+            raise ValueError(f"'{name}' is not a key of a trained_model of seeds ('seed=<S>/<state-dict key>'); "
+                             "rerun gradient_training to rewrite the file.")
+        states.setdefault(int(prefix.removeprefix("seed=")), {})[key] = tensor
+    return states
 
 
 def empty_distance_table() -> pd.DataFrame:

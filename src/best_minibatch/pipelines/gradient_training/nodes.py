@@ -16,6 +16,7 @@ from best_minibatch.training.gradient_training import (
     TrainingConfig,
     TrainingData,
     TrainingDataError,
+    flat_model_states,
     named_model_factory,
 )
 
@@ -102,13 +103,14 @@ def train_with_gradient_probe(
 
 def publish_probe_results(
     probe_results: OrderingResults | str,
-) -> tuple[pd.DataFrame, torch.Tensor, pd.DataFrame, dict[int, dict[str, torch.Tensor]], pd.DataFrame]:
+) -> tuple[pd.DataFrame, torch.Tensor, pd.DataFrame, dict[str, torch.Tensor], pd.DataFrame]:
     """Split an ordering's finished runs into its versioned outputs: distances, distance matrix (S x E x K),
-    history, models (``{seed: state_dict}``), null distances; the tables have a ``seed`` column."""
+    history, models (one flat dict keyed ``seed=<S>/<state-dict key>``), null distances; the tables have a
+    ``seed`` column."""
     if not isinstance(probe_results, OrderingResults):
         raise RuntimeError("train_with_gradient_probe ended without results; see the error it raised above.")
     return (probe_results.distances, probe_results.distance_matrix, probe_results.history,
-            probe_results.model_states, probe_results.null_distances)
+            flat_model_states(probe_results.model_states), probe_results.null_distances)
 
 
 def _epoch_list(epochs: set[int]) -> str:
