@@ -441,7 +441,7 @@ def test_bad_parameter_stops_the_default_run_before_any_work(fresh_project, monk
 def test_disk_cap_smaller_than_one_epoch_is_refused_although_it_fits_when_fewer_epochs_are_kept(
         fresh_project, monkeypatch):
     # One epoch of the base run: 50 batches x 15,698 float32 parameters = 3.0 MiB = 0.00292 GiB.
-    message = refused_run(fresh_project, monkeypatch, gradient_training={"disk_cap_gb": 0.0029, "keep_gradients": [9]})
+    message = refused_run(fresh_project, monkeypatch, gradient_training={"disk_cap_gb": 0.0029, "keep_gradients": [6]})
     assert "need 0.00292 GiB (1 epochs x 50 batches x 15,698 parameters in float32)" in message
 
 

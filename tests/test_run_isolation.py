@@ -363,7 +363,7 @@ def test_a_concurrent_run_is_refused_cleanly_and_a_killed_run_blocks_nothing(fin
         assert second.returncode == 1, output
         message = output[output.index("Another kedro run"):]
         assert (f"PID {first.pid}" in message and "`kedro run --pipelines=gradient_training --namespaces=random "
-                "--params=gradient_training.seeds=[1]`" in " ".join(message.split()))
+                "'--params=gradient_training.seeds=[1]'`" in " ".join(message.split()))  # shell-quoted: [] are special
         assert "Traceback" not in output and "╭" not in output, output  # the message alone, no traceback
         assert versions(project, "data/05_model_input/random/batch_assignments.parquet") == batches_before
     finally:
