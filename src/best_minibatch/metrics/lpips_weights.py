@@ -533,7 +533,7 @@ def ensure_stored_weights(timeout_s: float = 30.0, log=print) -> EnsureReport:
 # --------------------------------------------------------------------------- source 3: torchvision's download
 
 
-def download_torchvision_alexnet(timeout_s: float = DOWNLOAD_TIMEOUT_S, url: str = ALEXNET_WEIGHTS_URL) -> Path | None:
+def download_torchvision_alexnet(timeout_s: float = DOWNLOAD_TIMEOUT_S, url: str | None = None) -> Path | None:
     """torchvision's AlexNet file downloaded into torchvision's cache, proven first; ``None`` when unreachable.
 
     The download goes to a temporary file (connection timeout ``timeout_s``), must
@@ -542,6 +542,7 @@ def download_torchvision_alexnet(timeout_s: float = DOWNLOAD_TIMEOUT_S, url: str
     """
     import torch
 
+    url = url or ALEXNET_WEIGHTS_URL
     target = torchvision_cache_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)

@@ -383,10 +383,11 @@ def score_images(
     ``skipped``; with its ``strict`` option it raises :class:`MetricUnavailableError`
     instead. Every such check happens before any scoring.
 
-    ``compare_with``: score tables of other metrics on the same images (in the
-    pipeline: the metrics registered before this one). A metric whose scores carry
-    no information of their own (:func:`uninformative_reason`: constant, or ordered
-    exactly like one of these) is skipped the same way, with that reason.
+    ``compare_with``: when given (the pipeline passes the score tables of the metrics
+    registered before this one, on the same images), the scores are screened: a
+    metric whose scores carry no information of their own (:func:`uninformative_reason`:
+    one score for every image, or ordered exactly like one of these tables) is
+    skipped the same way, with that reason. ``None`` scores without screening.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -419,7 +420,7 @@ def score_images(
     status: dict[str, Any] = {"metric": name, "status": "ok", "reason": None}
     if metric.provenance is not None:
         status["provenance"] = metric.provenance(options)
-    reason = uninformative_reason(name, table, compare_with or {}, images)
+    reason = None if compare_with is None else uninformative_reason(name, table, compare_with, images)
     if reason is not None:
         _loud_skip_warning(name, reason)
         return metric.empty_scores(), {**status, "status": "skipped", "reason": reason}
