@@ -95,14 +95,6 @@ def load_lpips_alexnet(weights_path: str | Any) -> "lpips.LPIPS":
     return lpips_with_backbone(state)
 
 
-def lpips_with_random_backbone_not_pretrained(seed: int = 0) -> "lpips.LPIPS":
-    """NOT LPIPS: the same network with a randomly initialised AlexNet. For code-path tests only."""
-    import torch
-
-    torch.manual_seed(seed)
-    return lpips_with_backbone(None)
-
-
 def resolve_device(name: str) -> "torch.device":
     import torch
 
