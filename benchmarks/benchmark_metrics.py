@@ -1,6 +1,6 @@
 """Scoring speed of the metrics on all 50,000 CIFAR-10 training images, with the two targets side by side.
 
-    .venv/bin/python benchmarks/benchmark_metrics.py [--threads 2] [--repeats 3]
+    .venv/bin/python benchmarks/benchmark_metrics.py [--threads 1] [--repeats 3]
         [--lpips-single-images 200] [--lpips-batch 500] [--upsample 0] [--weights PATH]
 
 Targets (this project's 2-core CPU machines):
@@ -57,7 +57,8 @@ def timed(function, repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zip", type=Path, default=FULL_CIFAR_ZIP)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=METRICS["perceptual"].defaults["cpu_threads"] or 2,
+                        help="torch threads for LPIPS (default: the perceptual metric's cpu_threads)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lpips-single-images", type=int, default=200)
     parser.add_argument("--lpips-batch", type=int, default=500)

@@ -261,7 +261,8 @@ def test_perceptual_named_weights_file_that_is_missing_is_a_config_error(tmp_pat
 
 @pytest.mark.parametrize(
     "option, value",
-    [("batch_size", 0), ("upsample_to", 16), ("device", "tpu"), ("strict", "yes"), ("download", "no")],
+    [("batch_size", 0), ("upsample_to", 16), ("device", "tpu"), ("strict", "yes"), ("download", "no"),
+     ("cpu_threads", 0)],
 )
 def test_perceptual_bad_options_are_errors_even_without_weights(no_cached_alexnet, option, value):
     with pytest.raises(MetricConfigError, match=rf"score_metrics\.perceptual\.{option}"):

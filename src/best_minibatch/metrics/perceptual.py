@@ -8,9 +8,10 @@ from, and how they are proven to be the real ones, is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,10 @@ PERCEPTUAL_DEFAULTS = {
     "upsample_to": None,
     "batch_size": 500,
     "device": "cpu",  # cpu | cuda | auto (cuda when available)
+    # Intra-op CPU threads while scoring (null: torch's setting). One is fastest on a shared 2-core
+    # machine: measured on 50,000 images, 6.7 s with one thread against 75 s with two while other
+    # jobs ran (benchmarks/benchmark_metrics.py --threads).
+    "cpu_threads": 1,
 }
 
 
@@ -55,6 +60,8 @@ def perceptual_settings(options: Mapping[str, Any]) -> tuple[int, int | None, st
     device = str(options["device"])
     if device not in ("cpu", "cuda", "auto"):
         raise MetricConfigError(f"score_metrics.perceptual.device must be cpu, cuda or auto, got {device!r}.")
+    if options["cpu_threads"] is not None:
+        require_int(options, "perceptual", "cpu_threads", 1)
     return batch_size, upsample_to, device
 
 
@@ -93,6 +100,20 @@ def load_lpips_alexnet(weights_path: str | Any) -> "lpips.LPIPS":
             "score_metrics.perceptual.backbone_weights or the cached file."
         ) from error
     return lpips_with_backbone(state)
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Use ``count`` intra-op CPU threads while the block runs (``None``: leave torch's setting)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_device(name: str) -> "torch.device":
@@ -153,8 +174,9 @@ def perceptual_score(images: np.ndarray, options: Mapping[str, Any]) -> pd.DataF
     model = load_lpips_alexnet(source.path)
     average_image = images.mean(axis=0, dtype=np.float64)
     started = time.perf_counter()
-    distances = lpips_distances_to_reference(
-        model, images, average_image, batch_size=batch_size, upsample_to=upsample_to, device=device
-    )
+    with cpu_threads(options["cpu_threads"]):
+        distances = lpips_distances_to_reference(
+            model, images, average_image, batch_size=batch_size, upsample_to=upsample_to, device=device
+        )
     logger.info("LPIPS (%s) scored %d images in %.1f s", source.describe(), len(images), time.perf_counter() - started)
     return pd.DataFrame({"score": distances})
