@@ -22,7 +22,7 @@ import torchvision
 from best_minibatch.data.tensor_io import save_tensors_atomically
 from best_minibatch.metrics import lpips_weights as W
 from best_minibatch.metrics.scoring import METRICS, score_images
-from best_minibatch.validation import RunCheckError, check_run
+from best_minibatch.validation import RunFacts, run_problems
 from tests.lpips_support import stored_lpips_weights  # noqa: F401 - a fixture
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -369,7 +369,25 @@ def test_the_command_without_a_package_index_fails_naming_the_cause(tmp_path):
 
 def test_without_any_source_the_paper_environment_refuses_before_any_work_naming_the_command(empty_torch_home):
     paper = {"score_metrics": {"perceptual": {"strict": True}}}
-    with pytest.raises(RunCheckError, match="score_metrics.perceptual.strict is true") as raised:
-        check_run(paper, ["score_metrics"])
-    assert "make weights" in str(raised.value)
-    check_run({"score_metrics": {}}, ["score_metrics"])  # base: no error here; the metric is skipped when it runs
+    problems = run_problems(paper, ["score_metrics"], RunFacts())  # the run checks, before any node runs
+    assert len(problems) == 1
+    assert "score_metrics.perceptual.strict is true" in problems[0] and "make weights" in problems[0]
+    # base: no problem here; the metric is skipped with its warning when it runs
+    assert run_problems({"score_metrics": {}}, ["score_metrics"], RunFacts()) == []
+
+
+@pytest.mark.slow  # the paper environment's run checks build DPN92 once
+def test_kedro_run_in_the_paper_environment_without_weights_is_refused_before_anything_is_written(
+    empty_torch_home, tmp_path, monkeypatch
+):
+    from tests.conftest import copy_project, run_session
+
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    project = copy_project(tmp_path / "project")
+    with pytest.raises(Exception, match="stopped before any work") as raised:
+        run_session(project, env="paper")
+    message = str(raised.value)
+    assert "Metric 'perceptual' cannot run and score_metrics.perceptual.strict is true" in message
+    assert "make weights" in message
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["01_raw"]
+    assert sorted(p.name for p in (project / "data/01_raw").iterdir()) == ["cifar10-sample.zip"]
