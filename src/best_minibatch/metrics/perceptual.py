@@ -8,10 +8,9 @@ from, and how they are proven to be the real ones, is
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -102,30 +101,14 @@ def load_lpips_alexnet(weights_path: str | Any) -> "lpips.LPIPS":
     return lpips_with_backbone(state)
 
 
-@contextlib.contextmanager
-def cpu_threads(count: int | None) -> Iterator[None]:
-    """Use ``count`` intra-op CPU threads while the block runs (``None``: leave torch's setting)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def resolve_device(name: str) -> "torch.device":
-    import torch
+    """The scoring device (the project's one device rule, ``training.runtime.resolve_device``)."""
+    from best_minibatch.training.runtime import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise MetricConfigError(f"score_metrics.perceptual.device must be cpu, cuda or auto, got {name!r}.")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MetricConfigError("score_metrics.perceptual.device is cuda but no GPU is visible; use cpu or auto.")
-    return torch.device(name)
+    try:
+        return resolve(name)
+    except ValueError as error:
+        raise MetricConfigError(f"score_metrics.perceptual.device: {error}; use cpu or auto.") from error
 
 
 def to_lpips_input(images: np.ndarray, upsample_to: int | None, device: "torch.device") -> "torch.Tensor":
@@ -174,6 +157,8 @@ def perceptual_score(images: np.ndarray, options: Mapping[str, Any]) -> pd.DataF
     model = load_lpips_alexnet(source.path)
     average_image = images.mean(axis=0, dtype=np.float64)
     started = time.perf_counter()
+    from best_minibatch.training.runtime import cpu_threads
+
     with cpu_threads(options["cpu_threads"]):
         distances = lpips_distances_to_reference(
             model, images, average_image, batch_size=batch_size, upsample_to=upsample_to, device=device
