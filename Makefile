@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export KEDRO_DISABLE_TELEMETRY := true
 export MPLBACKEND := Agg
 
-.PHONY: setup weights run test benchmark viz
+.PHONY: setup weights run test lint benchmark viz
 
 setup: $(STAMP)
 
@@ -32,10 +32,14 @@ run: setup
 	$(WEIGHTS) --best-effort
 	$(BIN)/kedro run
 
-test: setup
+test: setup lint
 	bash scripts/install_test_tools.sh
 	$(WEIGHTS)
 	$(BIN)/python -m pytest
+
+# The linter configured in pyproject.toml ([tool.ruff]); `make test` runs it first, so CI fails on a violation.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks scripts
 
 # Speed targets, each printed as ratios measured side by side in one run.
 benchmark: setup
@@ -45,3 +49,11 @@ benchmark: setup
 
 viz: setup
 	$(BIN)/kedro viz run --no-browser
+
+# GPU readiness (docs/paper_setup.md, "Checking a GPU"): the device, DPN92 images/s in float32 and
+# bf16, the probe/plain epoch ratio, peak GPU memory of a probed epoch and a two-epoch `paper` run,
+# printed and written to GPU_CHECK_OUT. Without CUDA the same steps run on the CPU with a tiny model.
+GPU_CHECK_OUT ?= data/08_reporting/gpu_check.json
+.PHONY: gpu-check
+gpu-check: setup
+	PYTHONUNBUFFERED=1 $(BIN)/python scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)

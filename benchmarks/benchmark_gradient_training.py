@@ -49,9 +49,9 @@ BATCH_SIZE = 100
 
 
 def base_model_params() -> dict:
-    """The model the base environment trains (conf/base/parameters_gradient_training.yml)."""
-    conf = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_gradient_training.yml").read_text())
-    return conf["gradient_training"]["model"]
+    """The model the base environment trains (the shared recipe, conf/base/parameters.yml)."""
+    conf = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters.yml").read_text())
+    return conf["training"]["model"]
 
 
 def load_data(num_batches: int) -> TrainingData:

@@ -213,28 +213,24 @@ def planted_effects(n_batches=40, size=3.0):
 # --------------------------------------------------------------------------- phases
 
 
-def test_phases_follow_learning_rate_changes_not_epoch_counts():
-    epochs = [3, 1, 2, 4, 5, 6, 7]
-    rates = [0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.1]
-    assert analysis.phases_from_learning_rates(epochs, rates).tolist() == [1, 1, 1, 2, 2, 3, 4]
-
-
-def test_phases_treat_rounding_noise_as_the_same_rate():
-    assert analysis.phases_from_learning_rates([1, 2, 3], [0.1, 0.1 + 1e-15, 0.01]).tolist() == [1, 1, 2]
+def test_phases_are_the_ones_training_recorded_not_rederived_from_learning_rates():
+    # Two phases with the same learning rate stay two phases (the history says so).
+    table = pd.DataFrame({"epoch": [3, 1, 2, 4], "phase": [2, 1, 1, 3], "learning_rate": [0.1, 0.1, 0.1, 0.01]})
+    got = analysis.epoch_phase_table(table, "intensity.gradient_distances")
+    assert got["epoch"].tolist() == [1, 2, 3, 4] and got["phase"].tolist() == [1, 1, 2, 3]
 
 
 def test_epoch_with_two_learning_rates_is_an_error_naming_the_table():
-    table = pd.DataFrame({"epoch": [1, 1], "learning_rate": [0.1, 0.2]})
+    table = pd.DataFrame({"epoch": [1, 1], "phase": [1, 1], "learning_rate": [0.1, 0.2]})
     with pytest.raises(analysis.AnalysisInputError, match="edges.gradient_distances.*epochs \\[1\\]"):
         analysis.epoch_phase_table(table, "edges.gradient_distances")
 
 
-def test_derived_phases_replace_the_tables_phase_column():
+def test_noise_units_carry_the_phase_training_recorded():
     run = synthetic_run(phase_lengths=(2, 2), learning_rates=(0.1, 0.01), n_batches=8)
     distances = {o: t["gradient_distances"].assign(phase=7) for o, t in run["orderings"].items()}
     noise_units = analysis.noise_unit_distances(distances, "random")
-    assert sorted(noise_units["phase"].unique()) == [1, 2]
-    assert noise_units.loc[noise_units["epoch"] <= 2, "phase"].eq(1).all()
+    assert noise_units["phase"].unique().tolist() == [7]
 
 
 # --------------------------------------------------------------------------- noise units
@@ -249,6 +245,7 @@ def test_noise_units_are_z_scores_and_ratios_against_random_batches_of_the_same_
             rows.append(("edges", epoch, b, d))
     table = pd.DataFrame(rows, columns=["ordering", "epoch", "batch", "distance"])
     table["learning_rate"] = 0.1
+    table["phase"] = 1
     table["cosine_similarity"] = 0.5
     table["relative_distance"] = 1.0
     distances = {o: t for o, t in table.groupby("ordering")}
@@ -503,7 +500,7 @@ def test_trace_check_on_random_partitions_of_a_tiny_model():
         rows.append({"epoch": np.full(n // m, epoch), "batch": np.arange(n // m),
                      **{k: measures[k] for k in analysis.DISTANCE_MEASURES}})
     distances = pd.DataFrame({k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
-    distances = distances.assign(ordering="random", learning_rate=0.1)
+    distances = distances.assign(ordering="random", phase=1, learning_rate=0.1)
     noise_units = analysis.noise_unit_distances({"random": distances}, "random")
     history = pd.DataFrame({"epoch": np.arange(1, n_epochs + 1), "n_train": n, "batch_size": m,
                             "gradient_variance_trace": analysis.per_example_gradient_trace(per_example)})
@@ -549,7 +546,8 @@ def test_noise_units_on_a_tiny_model_sorted_by_gradient_direction():
             batches = torch.from_numpy(order.copy()).reshape(n // m, m)
             gradients = torch.stack([batch_gradient(model, inputs[b], targets[b]) for b in batches])
             measures = distance_measures(gradients)
-            rows.append(pd.DataFrame({"ordering": ordering, "epoch": epoch, "learning_rate": rate,
+            rows.append(pd.DataFrame({"ordering": ordering, "epoch": epoch, "phase": 1 if rate == 0.1 else 2,
+                                      "learning_rate": rate,
                                       "batch": np.arange(n // m),
                                       **{k: measures[k] for k in analysis.DISTANCE_MEASURES}}))
     table = pd.concat(rows, ignore_index=True)

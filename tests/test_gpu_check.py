@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from kedro.config import OmegaConfigLoader
 
 
@@ -186,8 +187,19 @@ def test_a_failed_step_is_recorded_and_the_others_still_run(gpu_check, tmp_path,
         raise RuntimeError("simulated failure")
 
     monkeypatch.setattr(gpu_check, "throughput", broken)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(gpu_check.tempfile, "tempdir", str(scratch))
     out = tmp_path / "report.json"
-    assert gpu_check.main(["--device", "cpu", "--out", str(out)]) == 1  # non-zero: a step failed
+    # In this process torch's OpenMP threads may spin (OMP_WAIT_POLICY is set only when best_minibatch
+    # is imported before torch, as in the script's own process): one thread keeps it fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert gpu_check.main(["--device", "cpu", "--out", str(out)]) == 1  # non-zero: a step failed
+    finally:
+        torch.set_num_threads(threads)
+    assert list(scratch.iterdir()) == []  # the run's checkpoints and scratch files are gone
     report = json.loads(out.read_text())
     assert report["errors"] == {"throughput": "RuntimeError: simulated failure"}
     assert report["throughput"]["error"] == "RuntimeError: simulated failure"

@@ -9,8 +9,9 @@ so the faults are real; damaged files are tested in this process.
 from __future__ import annotations
 
 import errno
-import os
 import multiprocessing
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,13 @@ from kedro.framework.startup import bootstrap_project
 from best_minibatch.training.checkpoints import CheckpointError, RunStore, config_hash
 from best_minibatch.data.tensor_io import PARTIAL_SUFFIX, DiskFullError, load_tensors, save_tensors_atomically
 from best_minibatch.training.models import build_model, count_parameters
-from best_minibatch.training.gradient_training import GradientProbeRun, TrainingConfig, run_identity
+from best_minibatch.training.gradient_training import (
+    GradientProbeRun,
+    TrainingConfig,
+    TrainingConfigError,
+    check_buffer_memory,
+    run_identity,
+)
 from best_minibatch.validation import RunCheckError
 from tests import fault_harness
 from tests.test_training import make_config, tiny_data, tiny_model  # noqa: F401 (tiny_data is a fixture)
@@ -601,3 +608,73 @@ def test_in_memory_input_of_a_partial_run_is_named_before_any_work(fresh_project
         with KedroSession.create(project_path=fresh_project) as session:
             session.run(pipeline_names=["gradient_training"], node_names=["random.publish_probe_results"])
     assert files_under(fresh_project / "data") == before
+
+
+# --------------------------------------------------------------------------- round 2: runs that cannot finish
+
+
+@pytest.mark.parametrize(("batch_size", "batches"), [(5000, 1), (2500, 2), (1000, 5)])
+def test_too_few_batches_for_the_analysis_stop_before_any_work(fresh_project, monkeypatch, batch_size, batches):
+    """Before: these trained fully, then died in the claims (KeyError: 'p_value', or 0 of 5 batches in a group)."""
+    message = refused_run(fresh_project, monkeypatch, sort_batches={"batch_size": batch_size})
+    assert (f"Parameter sort_batches.batch_size: sort_batches.batch_size={batch_size} cuts the 5000 training images "
+            f"into {batches} batches, but distance_analysis needs at least 6 per ordering") in message, message
+    assert "Lower sort_batches.batch_size to at most 833" in message
+
+
+@pytest.mark.parametrize(("params", "expected"), [
+    ({"sort_batches": {"batch_sizee": 64}}, "Parameter sort_batches.batch_sizee: unknown parameter. Known parameters: "
+                                            "batch_size. Did you mean 'batch_size'?"),
+    ({"visualize": {"report_titel": "x"}}, "Parameter visualize.report_titel: unknown parameter. Known parameters: "
+                                           "report_png_dpi, report_title. Did you mean 'report_title'?"),
+    ({"ingest_cifar": {"source": {"pth": "x"}}}, "Parameter ingest_cifar.source.pth: unknown parameter. Known "
+                                                 "parameters: download, download_root, layout, path. Did you mean "
+                                                 "'path'?"),
+    ({"training": {"phasess": []}}, "Parameter training.phasess: unknown parameter. Known parameters: "),
+    ({"gradient_training": {"keep_gradient": "all"}}, "Did you mean 'keep_gradients'?"),
+], ids=["sort_batches", "visualize", "ingest_cifar-source", "training", "gradient_training"])
+def test_every_misspelled_key_is_an_error_with_the_closest_key(fresh_project, monkeypatch, params, expected):
+    """Before: sort_batches, visualize and ingest_cifar ignored unknown keys (a run with batch_sizee used 100)."""
+    message = refused_run(fresh_project, monkeypatch, **params)
+    assert expected in message, message
+
+
+def test_every_bad_phase_is_reported_not_only_the_first(fresh_project, monkeypatch):
+    message = refused_run(fresh_project, monkeypatch, training={
+        "phases": [{"epochs": 0, "lr": 0.1}, {"epochs": 3, "lr": 0.01}, {"epochs": 3, "lr": -1}]})
+    assert "Parameter training.phases: 2 phases are wrong: training.phases[0].epochs: must be a positive" in message
+    assert "training.phases[2].lr: must be a positive number, got -1" in message
+
+
+def test_a_problem_of_the_shared_recipe_is_listed_once(fresh_project, monkeypatch):
+    """training is read by its own check and by gradient_training's: one problem, one line."""
+    message = refused_run(fresh_project, monkeypatch, training={"model": {"name": "vgg16"}})
+    assert message.count("Parameter training.model.name: unknown value 'vgg16'") == 1
+    assert "1 problem(s) found" in message
+
+
+def test_a_batch_size_other_than_sort_batches_is_refused(fresh_project, monkeypatch):
+    message = refused_run(fresh_project, monkeypatch, training={"batch_size": 64})
+    assert ("Parameter training.batch_size=64 differs from sort_batches.batch_size=100: every experiment trains on "
+            "the batch size sort_batches cuts.") in message
+
+
+def test_in_memory_gradient_buffer_larger_than_the_devices_memory_is_refused():
+    """Before: conf/paper on a CPU died in training with DefaultCPUAllocator: can't allocate 26704574520 bytes."""
+    config = TrainingConfig.from_params({"gradient_buffer": {"memory_cap_gb": 30}}, {"model": {"name": "dpn92"}})
+    with pytest.raises(TrainingConfigError, match=r"gradient_buffer.memory_cap_gb: an epoch's gradients \(195 batches "
+                       r"x 34,236,634 parameters in torch.float32 = 24.9 GiB\) fit under the cap of 30 GiB and would "
+                       r"be held in cpu memory, which has only 21.5 GiB available. Lower"):
+        check_buffer_memory(config, 34_236_634, torch.float32, 195, available=int(21.5 * 2**30))
+    check_buffer_memory(config, 34_236_634, torch.float32, 195, available=int(30 * 2**30))  # fits: no error
+    spilled = TrainingConfig.from_params({"gradient_buffer": {"memory_cap_gb": 1}}, {"model": {"name": "dpn92"}})
+    check_buffer_memory(spilled, 34_236_634, torch.float32, 195, available=2**30)  # goes to scratch files
+
+
+def test_a_run_measured_to_take_longer_than_the_environment_expects_is_refused(fresh_project, monkeypatch):
+    """Before: conf/paper's DPN92 on a CPU started a job of several weeks without a word."""
+    message = refused_run(fresh_project, monkeypatch, gradient_training={"expected_hours": 1e-6})
+    assert re.search(r"Parameter gradient_training.expected_hours: the run would take about [\d.,]+ hours \(5 orderings "
+                     r"x 9 epochs x 50 batches of 100 at [\d.e-]+ s per probed step of small_cnn on cpu, measured on "
+                     r"\d steps? of 16 images and scaled\), more than the 1e-06 hours this environment expects. "
+                     r"Confirm with --params gradient_training.expected_hours=\d+", message), message

@@ -88,7 +88,7 @@ class OptionalDataset(AbstractDataset[Any, Any]):
     includes the batch_selection section only once ``kedro run --pipeline=batch_selection``
     has written it. Example::
 
-        batch_selection_report_section:
+        batch_selection.report_fragment_html:
           type: best_minibatch.datasets.OptionalDataset
           dataset:
             type: text.TextDataset

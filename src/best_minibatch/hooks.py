@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 TRAINING_NODE = "train_with_gradient_probe"
 # Parameter sections whose checks need the number of training images.
-_NEED_TRAIN_COUNT = {"sort_batches", "gradient_training", "batch_selection"}
+_NEED_TRAIN_COUNT = {"sort_batches", "gradient_training", "batch_selection", "distance_analysis"}
 
 
 class RunChecks:
@@ -42,7 +42,12 @@ def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
     facts = validation.RunFacts(trained_orderings=trained_orderings(pipeline))
     if sections & _NEED_TRAIN_COUNT:
         facts.n_train = _training_image_count(pipeline, catalog, parameters)
-    for ordering in facts.trained_orderings:
+    counted = set(facts.trained_orderings)
+    if "distance_analysis" in sections:  # the claims need enough batches in every ordering it reads
+        from best_minibatch.metrics.scoring import METRICS
+
+        counted |= set(METRICS)
+    for ordering in sorted(counted):
         name = f"{ordering}.batch_assignments"
         if name not in pipeline.all_outputs() and _exists(catalog, name):
             batches = catalog.load(name)

@@ -119,9 +119,8 @@ def count_training_images(source: Mapping[str, Any]) -> int | None:
 
 
 def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    import torch
-
     from best_minibatch.metrics.scoring import METRICS, metric_availability, metric_options
+    from best_minibatch.training.runtime import resolve_device
 
     problems = []
     for name, metric in METRICS.items():
@@ -131,9 +130,11 @@ def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any
             if metric.unavailable_reason is None:
                 # The metric's own option checks run when it scores; one blank image costs nothing.
                 metric.score(np.zeros((1, 32, 32, 3), dtype=np.uint8), options)
-            elif unavailable is None and options.get("device") == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"Parameter score_metrics.{name}.device is cuda but no CUDA device is available. "
-                                 "Use cpu or auto.")
+            elif unavailable is None and "device" in options:
+                try:
+                    resolve_device(options["device"])
+                except ValueError as error:
+                    raise ValueError(f"Parameter score_metrics.{name}.device: {error}. Use cpu or auto.") from error
         except (ValueError, RuntimeError) as error:
             problems.append(str(error))
     if problems:
@@ -174,7 +175,9 @@ def _check_batch_size_rule(batch_size: int | None, key: str, parameters: Mapping
 def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
     from best_minibatch.training.gradient_training import (
         TrainingConfig,
+        check_buffer_memory,
         check_disk_cap,
+        check_expected_time,
         check_run_folder,
         named_model_factory,
     )
@@ -199,10 +202,19 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
         try:
             if num_batches:
                 check_disk_cap(config, num_params, num_batches)
+                check_buffer_memory(config, num_params, param_dtype, num_batches)
             check_run_folder(config, ordering, num_params, param_dtype)
         except (ValueError, RuntimeError) as error:
             if str(error) not in problems:
                 problems.append(str(error))
+    counts = [n for n in (facts.num_batches.get(o) or (facts.n_train // batch_size if facts.n_train and isinstance(
+        batch_size, int) and batch_size > 0 else None) for o in facts.trained_orderings) if n]
+    if counts and not problems:
+        try:
+            images = batch_size if isinstance(batch_size, int) and batch_size > 0 else facts.n_train // max(counts)
+            check_expected_time(config, max(counts), images, len(facts.trained_orderings))
+        except ValueError as error:
+            problems.append(str(error))
     if problems:
         raise ValueError("\n  - ".join(problems))
 
@@ -212,10 +224,35 @@ def _check_distance_analysis(params: Mapping[str, Any], parameters: Mapping[str,
     from best_minibatch.metrics.scoring import METRICS
 
     checked = check_parameters(params)
+    _check_enough_batches(parameters, facts)
     if checked["null_ordering"] not in METRICS:
         raise ValueError(
             f"Parameter distance_analysis.null_ordering: unknown ordering {checked['null_ordering']!r}. Use one of "
             f"{', '.join(METRICS)} (random is the null control)."
+        )
+
+
+def _check_enough_batches(parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    """The claims compare groups of batches; too few batches would train for nothing and then fail."""
+    from best_minibatch.analysis.statistics import minimum_batches
+
+    needed = minimum_batches()
+    batch_size = (parameters.get("sort_batches") or {}).get("batch_size")
+    counts = dict(facts.num_batches)
+    if facts.n_train is not None and isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
+        if batch_size <= facts.n_train:  # a batch larger than the training set is sort_batches' own error
+            counts.setdefault("the orderings this run sorts", facts.n_train // batch_size)
+    short = {name: count for name, count in counts.items() if count < needed}
+    if short:
+        name, count = next(iter(short.items()))
+        given = (f"sort_batches.batch_size={batch_size} cuts the {facts.n_train} training images into {count} batches"
+                 if facts.n_train is not None and name == "the orderings this run sorts"
+                 else f"the existing batch assignments of '{name}' hold {count} batches")
+        raise ValueError(
+            f"Parameter sort_batches.batch_size: {given}, but distance_analysis needs at least {needed} per ordering "
+            f"(its claims compare the outer 10% of the batches on each side with the rest). Lower "
+            f"sort_batches.batch_size to at most {facts.n_train // needed if facts.n_train else 'N / ' + str(needed)}"
+            f" (and rerun sort_batches)."
         )
 
 

@@ -29,6 +29,9 @@ def project_catalog_config(tmp_path: Path) -> dict:
     config = {}
     for name in ("catalog_distance_analysis.yml", "catalog_visualize.yml"):
         config.update(yaml.safe_load((CONF / name).read_text(encoding="utf-8")))
+    # The report reads batch_selection's fragment (read as nothing until that pipeline has run).
+    selection = yaml.safe_load((CONF / "catalog_batch_selection.yml").read_text(encoding="utf-8"))
+    config["batch_selection.report_fragment_html"] = selection["batch_selection.report_fragment_html"]
     for entry in config.values():
         for dataset in (entry, entry.get("dataset") if isinstance(entry.get("dataset"), dict) else {}):
             if "filepath" in dataset:

@@ -76,7 +76,8 @@ def project_catalog(folder: Path) -> DataCatalog:
     """The project's batch_selection catalog (versioned Parquet, text, figures) moved under ``folder``."""
     config = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "catalog_batch_selection.yml").read_text())
     for entry in config.values():
-        entry["filepath"] = str(folder / entry["filepath"])
+        inner = entry.get("dataset", entry)  # OptionalDataset wraps the file's dataset
+        inner["filepath"] = str(folder / inner["filepath"])
     return DataCatalog.from_config(config)
 
 

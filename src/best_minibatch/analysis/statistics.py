@@ -58,47 +58,28 @@ class AnalysisInputError(ValueError):
 # --------------------------------------------------------------------------- phases
 
 
-def phases_from_learning_rates(epochs: Iterable[int], learning_rates: Iterable[float]) -> np.ndarray:
-    """Phase number (1-based) of each epoch: a new phase starts whenever the learning rate changes.
-
-    ``epochs`` must be unique; the result is aligned with the inputs (not with the
-    sorted epochs). Learning rates are compared after rounding to 12 significant
-    digits so that a value that went through a text file stays the same phase.
-    """
-    epochs = np.asarray(list(epochs), dtype=np.int64)
-    rates = np.asarray(list(learning_rates), dtype=np.float64)
-    if len(epochs) != len(rates):
-        raise AnalysisInputError("epochs and learning_rates must have the same length.")
-    if len(np.unique(epochs)) != len(epochs):
-        raise AnalysisInputError("Each epoch must appear once when deriving phases from learning rates.")
-    if len(epochs) == 0:
-        return np.zeros(0, dtype=np.int64)
-    order = np.argsort(epochs, kind="stable")
-    rounded = np.array([float(f"{r:.12g}") for r in rates[order]])
-    changes = np.concatenate([[1], (rounded[1:] != rounded[:-1]).astype(np.int64)])
-    phases_sorted = np.cumsum(changes)
-    phases = np.empty_like(phases_sorted)
-    phases[order] = phases_sorted
-    return phases
-
-
 def epoch_phase_table(table: pd.DataFrame, name: str) -> pd.DataFrame:
-    """One row per epoch of ``table`` (``epoch``, ``learning_rate``) with its derived ``phase``.
+    """One row per epoch of ``table``: its ``phase`` and ``learning_rate`` as gradient_training recorded them.
 
-    ``name`` names the table in errors. An epoch with two learning rates is an error.
+    ``name`` names the table in errors. An epoch with two phases or two learning
+    rates is an error.
     """
-    per_epoch = table.groupby("epoch")["learning_rate"].agg(["nunique", "first"]).reset_index()
-    mixed = per_epoch.loc[per_epoch["nunique"] > 1, "epoch"].tolist()
+    _require_columns(table, ("epoch", "phase", "learning_rate"), name)
+    per_epoch = table.groupby("epoch").agg(
+        phases=("phase", "nunique"), phase=("phase", "first"),
+        rates=("learning_rate", "nunique"), learning_rate=("learning_rate", "first"),
+    ).reset_index()
+    mixed = per_epoch.loc[(per_epoch["phases"] > 1) | (per_epoch["rates"] > 1), "epoch"].tolist()
     if mixed:
         raise AnalysisInputError(
-            f"{name}: epochs {mixed} have rows with different learning rates; a phase is a run of "
-            "epochs with one learning rate. Fix the table that produced it (gradient_training)."
+            f"{name}: epochs {mixed} have rows with different phases or learning rates. Fix the table that "
+            "produced it (gradient_training)."
         )
-    epochs = per_epoch["epoch"].astype(np.int64).to_numpy()
-    rates = per_epoch["first"].astype(np.float64).to_numpy()
-    return pd.DataFrame(
-        {"epoch": epochs, "learning_rate": rates, "phase": phases_from_learning_rates(epochs, rates)}
-    )
+    return pd.DataFrame({
+        "epoch": per_epoch["epoch"].astype(np.int64).to_numpy(),
+        "learning_rate": per_epoch["learning_rate"].astype(np.float64).to_numpy(),
+        "phase": per_epoch["phase"].astype(np.int64).to_numpy(),
+    })
 
 
 def phase_spans(epoch_phases: pd.DataFrame) -> pd.DataFrame:
@@ -228,6 +209,19 @@ def group_mask(batch_position: np.ndarray, comparison: str) -> np.ndarray:
     if comparison == EXTREMES:
         return (position < 0.10) | (position > 0.90)
     raise AnalysisInputError(f"Unknown comparison '{comparison}'; use one of {COMPARISONS}.")
+
+
+def minimum_batches() -> int:
+    """The fewest batches per ordering for which every claim's comparison has batches on both sides.
+
+    Batch ``k`` of ``K`` sits at position ``(k + 0.5) / K``; the extremes group
+    (below 0.10 or above 0.90) is the last to fill: it first holds a batch at K = 6.
+    """
+    for count in range(2, 10_000):
+        positions = (np.arange(count) + 0.5) / count
+        if all(0 < group_mask(positions, c).sum() < count for c in COMPARISONS):
+            return count
+    raise AnalysisInputError("No batch count satisfies the comparisons.")
 
 
 def permutation_test(

@@ -20,7 +20,6 @@ from best_minibatch.metrics.scoring import METRICS
 logger = logging.getLogger(__name__)
 
 ASSIGNMENT_COLUMNS = ("metric", "batch", "position", "image_id", "metric_value")
-SUMMARY_STAT_COLUMNS = ("metric", "batch", "metric_min", "metric_mean", "metric_max", "class_entropy")
 
 
 class BatchingError(ValueError):

@@ -1,8 +1,15 @@
-"""One namespaced copy of a pipeline per ordering (every metric in the registry)."""
+"""Per-ordering wiring, in one place: namespaced copies of a pipeline, and the fan-in of per-ordering datasets.
+
+``per_ordering`` makes one namespaced copy of a template per metric;
+``per_ordering_inputs`` and ``by_ordering`` are the two halves of a fan-in node that
+reads one dataset kind of every ordering (``<ordering>.<kind>`` arrives as the
+keyword argument ``<kind>__<ordering>``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from kedro.pipeline import Pipeline, pipeline
 
@@ -26,3 +33,14 @@ def per_ordering(
         ),
         Pipeline([]),
     )
+
+
+def per_ordering_inputs(kind: str, orderings: Sequence[str]) -> dict[str, str]:
+    """``{"<kind>__<ordering>": "<ordering>.<kind>"}``: the node arguments of one dataset kind."""
+    return {f"{kind}__{ordering}": f"{ordering}.{kind}" for ordering in orderings}
+
+
+def by_ordering(tables: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``{ordering: data}`` of the keyword arguments named ``<kind>__<ordering>``."""
+    prefix = f"{kind}__"
+    return {name[len(prefix):]: value for name, value in tables.items() if name.startswith(prefix)}

@@ -18,7 +18,7 @@ content and of every gradient file spilled up to its epoch, so a file damaged
 after it was written (truncated, overwritten, a flipped bit) is recognised when
 the run resumes instead of being read as valid: a damaged checkpoint is set
 aside and the run resumes from the newest intact one, recomputing the epochs
-after it (see ``training.GradientProbeRun``).
+after it (see ``gradient_training.GradientProbeRun``).
 """
 
 from __future__ import annotations
@@ -278,15 +278,6 @@ class RunStore:
                 os.replace(path, target)
                 moved.append(target)
         return moved
-
-    def load_latest_checkpoint(self, digest: str) -> dict[str, Any] | None:
-        """The newest checkpoint of this run, checked; ``None`` if there is none.
-
-        Unlike :meth:`intact_checkpoints`, a damaged newest checkpoint raises
-        :class:`DamagedCheckpointError` naming it.
-        """
-        epochs = self.checkpoint_epochs()
-        return self.read_checkpoint(epochs[-1], digest) if epochs else None
 
 
 class DamagedCheckpointError(CheckpointError):

@@ -18,8 +18,10 @@ them). See ``docs/gradient_training.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -72,7 +74,7 @@ HISTORY_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "train_loss", 
                    "gradient_variance_trace", "n_train", "batch_size"]
 _HISTORY_NUMERIC = HISTORY_NUMERIC
 RUN_KEYS = ("training", "seed", "run_name", "checkpoint_dir", "gradients_dir", "keep_checkpoints", "keep_gradients",
-            "spill_dtype", "disk_cap_gb", "gradient_buffer", "trace_check")
+            "spill_dtype", "disk_cap_gb", "gradient_buffer", "trace_check", "expected_hours")
 
 
 class TrainingConfigError(ConfigError):
@@ -107,6 +109,7 @@ class TrainingConfig:
     buffer_on_model_device: bool = True
     scratch_dir: str | None = None
     trace_check: Any = False
+    expected_hours: float = 1.0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], training: Mapping[str, Any] | None = None) -> TrainingConfig:
@@ -139,6 +142,8 @@ class TrainingConfig:
             buffer_on_model_device=buffer.boolean("on_model_device", cls.buffer_on_model_device),
             scratch_dir=buffer.get("scratch_dir", cls.scratch_dir),
             trace_check=tuple(trace) if isinstance(trace, list) else trace,
+            expected_hours=section.number("expected_hours", cls.expected_hours, "Use e.g. 1 (base) or 400 (paper).",
+                                          low=0, low_open=True),
         )
         config.kept_epochs  # checks keep_gradients against the schedule
         return config
@@ -390,6 +395,94 @@ def check_run_folder(config: TrainingConfig, ordering: str, num_params: int, par
                      Path(config.gradients_dir) / config.run_name / ordering, config.keep_checkpoints)
     store.check_compatible(run_identity(config, ordering, num_params, param_dtype, None), None,
                            unknown=("data",))
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the buffer's device can still give: free GPU memory, or the RAM the kernel calls available."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_buffer_memory(config: TrainingConfig, num_params: int, param_dtype: torch.dtype, num_batches: int,
+                        available: int | None = None) -> None:
+    """Refuse an in-memory gradient buffer larger than its device's memory (``memory_cap_gb`` is only a cap)."""
+    nbytes = num_batches * num_params * param_dtype.itemsize
+    if nbytes > config.buffer_memory_cap_gb * GIB:
+        return  # the epoch's gradients go to scratch files (the disk checks cover them)
+    device = config.resolved_device()
+    on = device if (device.type == "cuda" and config.buffer_on_model_device) else torch.device("cpu")
+    available = available_memory(on) if available is None else available
+    if nbytes > available:
+        raise _config_error(
+            "gradient_buffer.memory_cap_gb",
+            f"an epoch's gradients ({num_batches} batches x {num_params:,} parameters in {param_dtype} = "
+            f"{nbytes / GIB:.3g} GiB) fit under the cap of {config.buffer_memory_cap_gb:g} GiB and would be held in "
+            f"{on.type} memory, which has only {available / GIB:.3g} GiB available",
+            f"Lower gradient_training.gradient_buffer.memory_cap_gb below {available / GIB:.3g} (the gradients then "
+            "go to scratch files on disk) or run on a machine with more memory.")
+
+
+def estimate_hours(config: TrainingConfig, num_batches: int, batch_size: int, orderings: int,
+                   image_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+                   timed_images: int = 16) -> tuple[float, float, int]:
+    """Hours the run's trainings will take, measured: ``(hours, seconds per probed step, steps timed)``.
+
+    One warm-up and one timed probed step (net_normal's training step plus
+    net_compare's forward and backward) of the configured model on the configured
+    device, on ``min(batch_size, timed_images)`` random images, scaled linearly to
+    the batch size and multiplied by the run's steps. A warm-up that alone takes
+    over 5 s is the measurement (a model that slow needs no second look).
+    Evaluation and spilling are left out.
+    """
+    recipe = dataclasses.replace(config.recipe, progress_bar=False)
+    device = recipe.resolved_device()
+    images = min(batch_size, timed_images)
+    with training_environment(recipe), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net_normal = recipe.model_factory(num_classes)().to(device)
+        optimizer = recipe.optimizer(net_normal)
+        num_params = sum(p.numel() for p in net_normal.parameters())
+        dtype = next(net_normal.parameters()).dtype
+        probe = GradientProbe(net_normal, 1, lambda count: EpochGradients(count, num_params, dtype, device),
+                              recipe.autocast)
+        batch = (torch.randn(images, *image_shape, device=device), torch.randint(0, num_classes, (images,),
+                                                                                   device=device))
+        seconds, steps = math.inf, 0
+        while steps < 2 and not (steps == 1 and seconds > 5):
+            steps += 1
+            started = time.perf_counter()
+            for _ in train_epochs(net_normal, optimizer, recipe, recipe.schedule[:1], lambda plan: [batch],
+                                  lambda plan: 1, hook=probe):
+                pass
+            probe.measures()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+    per_step = seconds * batch_size / images
+    return per_step * num_batches * recipe.num_epochs * orderings / 3600, per_step, steps
+
+
+def check_expected_time(config: TrainingConfig, num_batches: int, batch_size: int, orderings: int) -> None:
+    """Refuse a run measured to take far longer than the environment expects, unless the user confirms."""
+    hours, per_step, steps = estimate_hours(config, num_batches, batch_size, orderings)
+    if hours > config.expected_hours:
+        device = config.resolved_device()
+        raise _config_error(
+            "expected_hours",
+            f"the run would take about {hours:,.1f} hours ({orderings} orderings x {config.num_epochs} epochs x "
+            f"{num_batches} batches of {batch_size} at {per_step:.3g} s per probed step of {config.model} on "
+            f"{device.type}, measured on {steps} step{'s' if steps > 1 else ''} of {min(batch_size, 16)} images and scaled), more than the {config.expected_hours:g} hours this environment "
+            "expects",
+            f"Confirm with --params gradient_training.expected_hours={math.ceil(hours)}, or choose a smaller model "
+            "(training.model.name), fewer epochs (training.phases), or a GPU.")
 
 
 def named_model_factory(config: TrainingConfig | TrainingRecipe, num_classes: int = 10) -> Callable[[], nn.Module]:

@@ -15,14 +15,10 @@ import pandas as pd
 import torch
 
 from best_minibatch import selection
+from best_minibatch.pipelines.orderings import by_ordering
 from best_minibatch.selection import statistics as selection_stats
 
 logger = logging.getLogger(__name__)
-
-
-def _by_ordering(tables: dict[str, Any], kind: str) -> dict[str, Any]:
-    prefix = f"{kind}__"
-    return {name[len(prefix):]: value for name, value in tables.items() if name.startswith(prefix)}
 
 
 def prepare_policies(
@@ -43,12 +39,12 @@ def prepare_policies(
     logger.info("batch_selection: %d training and %d validation images (stratified, seed %d)",
                 counts.get("train", 0), counts.get("validation", 0), config.validation_seed)
     train_ids = selection.subset_ids(split, "train")
-    statuses = _by_ordering(tables, "metric_status")
+    statuses = by_ordering(tables, "metric_status")
     skipped = {m: (s or {}).get("reason") or "skipped" for m, s in statuses.items()
                if (s or {}).get("status") != "ok"}
     orderings = {
         ordering: selection.ordering_batches(scores, ordering, train_ids, config.batch_size)
-        for ordering, scores in _by_ordering(tables, "image_scores").items()
+        for ordering, scores in by_ordering(tables, "image_scores").items()
         if len(scores) and ordering not in skipped
     }
     notes = [f"Metric '{m}' was skipped by score_metrics: {reason}" for m, reason in skipped.items()]

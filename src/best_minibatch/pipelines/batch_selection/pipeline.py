@@ -6,15 +6,12 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Pipeline, node, pipeline
 
+from best_minibatch.pipelines.orderings import per_ordering_inputs
+
 from .nodes import prepare_policies, run_selection_experiment, summarise_selection
 
 NAMESPACE = "batch_selection"
 SHARED_INPUTS = ("image_index", "train_images", "test_images", "batch_phase_stats")
-
-
-def _per_ordering(kind: str, orderings: Sequence[str]) -> dict[str, str]:
-    """``{"<kind>__<ordering>": "<ordering>.<kind>"}``: the node arguments of one dataset kind."""
-    return {f"{kind}__{ordering}": f"{ordering}.{kind}" for ordering in orderings}
 
 
 def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipeline:
@@ -25,7 +22,7 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
         orderings = list(METRICS)
     params = "params:batch_selection"
     recipe = {"training": "params:training", "sort_batch_size": "params:sort_batches.batch_size"}
-    per_ordering = {**_per_ordering("image_scores", orderings), **_per_ordering("metric_status", orderings)}
+    per_ordering = {**per_ordering_inputs("image_scores", orderings), **per_ordering_inputs("metric_status", orderings)}
     template = Pipeline(
         [
             node(

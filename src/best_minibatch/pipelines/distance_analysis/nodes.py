@@ -13,14 +13,9 @@ from typing import Any
 import pandas as pd
 
 from best_minibatch.analysis import statistics as analysis
+from best_minibatch.pipelines.orderings import by_ordering
 
 logger = logging.getLogger(__name__)
-
-
-def by_ordering(tables: dict[str, Any], kind: str) -> dict[str, Any]:
-    """``{ordering: data}`` of the keyword arguments named ``<kind>__<ordering>``."""
-    prefix = f"{kind}__"
-    return {name[len(prefix):]: value for name, value in tables.items() if name.startswith(prefix)}
 
 
 def tabulate_orderings(**tables: Any) -> pd.DataFrame:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Pipeline, node
 
+from best_minibatch.pipelines.orderings import per_ordering_inputs
+
 from .nodes import (
     check_gradient_noise_trace,
     correlate_confounds,
@@ -15,11 +17,6 @@ from .nodes import (
     summarise_batches_per_phase,
     tabulate_orderings,
 )
-
-
-def per_ordering_inputs(kind: str, orderings: Sequence[str]) -> dict[str, str]:
-    """``{"<kind>__<ordering>": "<ordering>.<kind>"}``: the node arguments of one dataset kind."""
-    return {f"{kind}__{ordering}": f"{ordering}.{kind}" for ordering in orderings}
 
 
 def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipeline:

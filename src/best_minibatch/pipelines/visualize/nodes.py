@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from best_minibatch.analysis import figures
 from best_minibatch.analysis import report
 from best_minibatch.analysis.statistics import check_parameters
-from best_minibatch.pipelines.distance_analysis.nodes import by_ordering
+from best_minibatch.pipelines.orderings import by_ordering
 
 FigureOutputs = tuple[dict[str, Figure], dict[str, Figure], dict[str, bytes]]
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Pipeline, node
 
-from best_minibatch.pipelines.distance_analysis.pipeline import per_ordering_inputs
+from best_minibatch.pipelines.orderings import per_ordering_inputs
 
 from .nodes import (
     plot_batch_images,
@@ -72,7 +72,7 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
                     "trace_check": "gradient_noise_trace_check",
                     "image_index": "image_index",
                     "parameters": "parameters",
-                    "batch_selection_section": "batch_selection_report_section",
+                    "batch_selection_section": "batch_selection.report_fragment_html",
                     **per_ordering_inputs("training_history", orderings),
                     **per_ordering_inputs("batch_assignments", orderings),
                     **{f"figures__{group}": f"figures_{group}_for_report" for group in FIGURE_GROUPS},
