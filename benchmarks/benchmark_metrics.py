@@ -98,7 +98,8 @@ def main() -> None:
 
     model = load_lpips_alexnet(source.path)
     average = images.mean(axis=0, dtype=np.float64)
-    lpips_distances_to_reference(model, images[:args.lpips_batch], average, batch_size=args.lpips_batch, upsample_to=upsample)
+    lpips_distances_to_reference(model, images[:args.lpips_batch], average, batch_size=args.lpips_batch,
+                                 upsample_to=upsample)
     started = time.perf_counter()
     batched = lpips_distances_to_reference(model, images, average, batch_size=args.lpips_batch, upsample_to=upsample)
     batched_seconds = time.perf_counter() - started
@@ -114,8 +115,10 @@ def main() -> None:
     label = f"LPIPS {side}x{side}"
     batched_rate = n / batched_seconds
     single_rate = len(single) / single_seconds
-    print(f"{label + f', batch {args.lpips_batch}':<34}{batched_seconds:>9.3f}{'-':>10}{batched_rate:>17,.0f}   ({n} images)")
-    print(f"{label + ', one at a time':<34}{single_seconds:>9.3f}{'-':>10}{single_rate:>17,.0f}   ({len(single)} images; "
+    print(f"{label + f', batch {args.lpips_batch}':<34}{batched_seconds:>9.3f}{'-':>10}{batched_rate:>17,.0f}"
+          f"   ({n} images)")
+    print(f"{label + ', one at a time':<34}{single_seconds:>9.3f}{'-':>10}{single_rate:>17,.0f}"
+          f"   ({len(single)} images; "
           f"{n / single_rate:,.0f} s for all {n}, extrapolated)")
     print(f"  weights: {source.describe()}")
     print(f"  batched and one-at-a-time distances agree on the shared images (1e-6): {agree}")

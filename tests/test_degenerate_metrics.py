@@ -106,7 +106,8 @@ def test_colour_on_a_grayscale_dataset_is_skipped_with_the_reason_and_left_out_o
                                   intensity_batches[["batch", "image_id"]].reset_index(drop=True))
 
     # The analysis: colour is listed as skipped with the reason, and no claim is tested on it.
-    ordering_status = pd.read_parquet(newest(data / "08_reporting/analysis/ordering_status.parquet")).set_index("ordering")
+    ordering_status = pd.read_parquet(newest(data / "08_reporting/analysis/ordering_status.parquet"))
+    ordering_status = ordering_status.set_index("ordering")
     assert ordering_status.at["color", "status"] == "skipped"
     assert GRAYSCALE_REASON in ordering_status.at["color", "reason"]
     comparisons = pd.read_parquet(newest(data / "08_reporting/analysis/batch_group_comparisons.parquet"))

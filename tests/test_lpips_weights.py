@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
-import io
 import os
 import pickle
 import subprocess
@@ -61,7 +60,8 @@ def perturbed(state: dict[str, torch.Tensor], key: str, by: float = 1e-3) -> dic
 def random_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     """Randomly initialised AlexNet convolutions and LPIPS linear layers under the stored file's names."""
     torch.manual_seed(seed)
-    state = {k: v for k, v in torchvision.models.alexnet(weights=None).state_dict().items() if k.startswith("features.")}
+    alexnet = torchvision.models.alexnet(weights=None).state_dict()
+    state = {k: v for k, v in alexnet.items() if k.startswith("features.")}
     for k, channels in enumerate(W.LPIPS_LINEAR_CHANNELS):
         state[f"lin{k}.model.1.weight"] = torch.rand(1, channels, 1, 1) / channels
     return state
@@ -93,7 +93,8 @@ def test_conversion_turns_hwio_kernels_into_torch_oihw_under_torch_names():
     for o, i, h, w in [(0, 0, 0, 0), (191, 63, 4, 4), (17, 5, 1, 3), (100, 40, 3, 0)]:
         assert weight[o, i, h, w].item() == kernel[h, w, i, o]
     assert torch.equal(state["features.3.bias"], torch.from_numpy(arrays["AlexNet_0/Conv_1/bias"]))
-    assert torch.equal(state["lin2.model.1.weight"].flatten(), torch.from_numpy(arrays["NetLinLayer_2/Conv_0/kernel"].ravel()))
+    linear = torch.from_numpy(arrays["NetLinLayer_2/Conv_0/kernel"].ravel())
+    assert torch.equal(state["lin2.model.1.weight"].flatten(), linear)
     assert all(t.dtype == torch.float32 and t.is_contiguous() for t in state.values())
 
 
@@ -247,7 +248,8 @@ def weights_server(tmp_path):
     """A local HTTP server standing in for download.pytorch.org: serves whatever is put in its folder."""
     folder = tmp_path / "served"
     folder.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: QuietHandler(*a, directory=str(folder), **k))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             lambda *a, **k: QuietHandler(*a, directory=str(folder), **k))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield folder, f"http://127.0.0.1:{server.server_address[1]}"
@@ -364,7 +366,7 @@ def test_the_command_without_a_package_index_fails_naming_the_cause(tmp_path):
     assert not list((tmp_path / "torch_home").rglob("*.pt"))
 
 
-# --------------------------------------------------------------------------- no source at all: base skips, paper refuses
+# ------------------------------------------------------------ no source at all: base skips, paper refuses
 
 
 def test_without_any_source_the_paper_environment_refuses_before_any_work_naming_the_command(empty_torch_home):

@@ -206,7 +206,8 @@ def test_edges_thresholds_and_blur_are_parameters():
     noisy = rng.integers(0, 256, size=(20, SIDE, SIDE, 3), dtype=np.uint8)
     default, _ = score_images("edges", noisy, np.arange(20), {})
     blurred, _ = score_images("edges", noisy, np.arange(20), {"edges": {"blur_kernel_size": 5}})
-    strict_thresholds, _ = score_images("edges", noisy, np.arange(20), {"edges": {"low_threshold": 400, "high_threshold": 800}})
+    strict_thresholds, _ = score_images("edges", noisy, np.arange(20),
+                                        {"edges": {"low_threshold": 400, "high_threshold": 800}})
     assert (blurred["score"] < default["score"]).all()
     assert (strict_thresholds["score"] < default["score"]).all()
     with pytest.raises(MetricConfigError, match="low_threshold"):
@@ -256,7 +257,8 @@ def test_perceptual_missing_weights_strict_raises_before_any_work(no_cached_alex
 
 def test_perceptual_named_weights_file_that_is_missing_is_a_config_error(tmp_path, perceptual_must_not_score):
     with pytest.raises(MetricConfigError, match=r"score_metrics\.perceptual\.backbone_weights names"):
-        score_images("perceptual", HAND_MADE, np.arange(5), {"perceptual": {"backbone_weights": str(tmp_path / "nope.pth")}})
+        score_images("perceptual", HAND_MADE, np.arange(5),
+                     {"perceptual": {"backbone_weights": str(tmp_path / "nope.pth")}})
 
 
 @pytest.mark.parametrize(
@@ -281,7 +283,8 @@ def test_perceptual_code_path_with_random_backbone_not_lpips(random_alexnet_file
     images = sample_dataset.images["train"][:120].numpy()
     params = {"perceptual": {"backbone_weights": str(random_alexnet_file), "batch_size": 50, "upsample_to": 64}}
     table, status = score_images("perceptual", images, np.arange(120), params)
-    assert {k: status[k] for k in ("metric", "status", "reason")} == {"metric": "perceptual", "status": "ok", "reason": None}
+    assert {k: status[k] for k in ("metric", "status", "reason")} == {
+        "metric": "perceptual", "status": "ok", "reason": None}
     # The status says which file the scores rest on: the named one, unproven (the user chose it).
     assert status["provenance"]["source"] == "score_metrics.perceptual.backbone_weights"
     assert status["provenance"]["path"] == str(random_alexnet_file)

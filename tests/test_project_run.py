@@ -48,7 +48,7 @@ def test_bad_source_path_fails_before_writing_anything(project_copy):
 
 
 @pytest.mark.slow
-def test_default_run_produces_every_ordering_and_the_report(stored_lpips_weights, finished_project):
+def test_default_run_produces_every_ordering_and_the_report(stored_lpips_weights, finished_project):  # noqa: F811
     data = finished_project / "data"
     for ordering in METRICS:
         status = json.loads(newest(data / f"04_feature/{ordering}/metric_status.json").read_text())
@@ -77,7 +77,7 @@ def test_default_run_produces_every_ordering_and_the_report(stored_lpips_weights
 
 
 @pytest.mark.slow
-def test_default_run_scores_every_image_with_lpips_as_one_image_at_a_time_would(stored_lpips_weights,
+def test_default_run_scores_every_image_with_lpips_as_one_image_at_a_time_would(stored_lpips_weights,  # noqa: F811
                                                                                 finished_project):
     data = finished_project / "data"
     scores = pd.read_parquet(newest(data / "04_feature/perceptual/image_scores.parquet"))

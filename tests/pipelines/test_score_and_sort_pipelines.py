@@ -57,7 +57,8 @@ def test_both_pipelines_run_every_ordering_with_perceptual_skipped_without_weigh
     catalog = in_memory_catalog(sample_dataset, parameters)
     with caplog.at_level(logging.INFO):
         SequentialRunner().run(create_score_metrics() + create_sort_batches(), catalog)
-    project_warnings = [r for r in caplog.records if r.name.startswith("best_minibatch") and r.levelno >= logging.WARNING]
+    project_warnings = [r for r in caplog.records
+                        if r.name.startswith("best_minibatch") and r.levelno >= logging.WARNING]
     assert len(project_warnings) == 1 and "SKIPPED" in project_warnings[0].getMessage()  # one loud warning
 
     for metric in METRICS:
@@ -88,7 +89,8 @@ def test_one_namespace_runs_on_its_own(sample_dataset):
     # edges is compared with the metrics registered before it: their tables of an earlier run.
     ids = sample_dataset.index.query("split == 'train'").sort_values("row")["image_id"].to_numpy()
     for earlier in ("intensity", "color"):
-        catalog.save(f"{earlier}.image_scores", score_images(earlier, sample_dataset.images["train"].numpy(), ids, {})[0])
+        scores, _ = score_images(earlier, sample_dataset.images["train"].numpy(), ids, {})
+        catalog.save(f"{earlier}.image_scores", scores)
     pipeline = (create_score_metrics() + create_sort_batches()).only_nodes_with_namespaces(["edges"])
     assert {node.name for node in pipeline.nodes} == {"edges.score_images", "edges.sort_into_batches"}
     assert {"intensity.image_scores", "color.image_scores"} <= pipeline.inputs()

