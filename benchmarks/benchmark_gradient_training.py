@@ -42,7 +42,12 @@ sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
 from best_minibatch.data.cifar import read_image_dataset  # noqa: E402
 from best_minibatch.datasets import save_tensors_atomically  # noqa: E402
-from best_minibatch.training.gradient_training import GradientProbeRun, TrainingConfig, TrainingData, named_model_factory  # noqa: E402
+from best_minibatch.training.gradient_training import (  # noqa: E402
+    GradientProbeRun,
+    TrainingConfig,
+    TrainingData,
+    named_model_factory,
+)
 
 SAMPLE_ZIP = PROJECT_ROOT / "data" / "01_raw" / "cifar10-sample.zip"
 BATCH_SIZE = 100
@@ -125,7 +130,7 @@ def main() -> None:
     cfg = config(args.threads, args.epochs)
     probe_model = named_model_factory(cfg)()
     num_params = sum(p.numel() for p in probe_model.parameters())
-    print(f"model {cfg.model} {dict(cfg.model_options)}: {num_params:,} parameters; {data.num_batches} batches of "
+    print(f"model {cfg.model} {dict(cfg.recipe.model_options)}: {num_params:,} parameters; {data.num_batches} batches of "
           f"{data.batch_size} real CIFAR-10 images; CPU, {args.threads} thread(s); torch {torch.__version__}")
 
     # Wall-clock seconds per epoch come from the run's history; CPU seconds per epoch are the

@@ -6,7 +6,8 @@ Tables (Parquet) must be equal cell for cell, including dtypes, except the
 wall-clock columns named by ``--ignore-columns``; tensors (``.pt``: one tensor or a
 dict of tensors) must be equal bit for bit; figures (PNG) and text files (JSON,
 Markdown, HTML) byte for byte. Checkpoints are skipped (they hold wall-clock
-seconds), and so are PDFs (they embed their creation date). Prints one line per dataset and exits 1 if any differs; the renovation issue uses it
+seconds), and so are PDFs (they embed their creation date). Prints one line per dataset and exits 1
+if any differs; the renovation issue uses it
 to show that the refactored engine reproduces the old one.
 """
 

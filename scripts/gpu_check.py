@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import platform
 import shutil
@@ -55,12 +54,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT / "src") not in sys.path:
     sys.path.append(str(PROJECT_ROOT / "src"))
 
-import best_minibatch  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch is imported)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
+import best_minibatch  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch is imported)
 from best_minibatch.data.cifar import read_image_dataset  # noqa: E402
 from best_minibatch.data.images import to_model_input  # noqa: E402
 from best_minibatch.training.gradient_training import (  # noqa: E402

@@ -79,6 +79,9 @@ def synthetic_run(
         tables = {}
         if ordering in skipped:
             tables["metric_status"] = {"metric": ordering, "status": "skipped", "reason": SKIP_REASON}
+            tables["null_distances"] = pd.DataFrame({"epoch": pd.Series(dtype="int64"),
+                                                     "draw": pd.Series(dtype="int64"),
+                                                     "distance": pd.Series(dtype="float64")})
             tables["gradient_distances"] = pd.DataFrame(
                 {c: pd.Series(dtype=t) for c, t in _DISTANCE_DTYPES.items()}
             )
@@ -90,6 +93,9 @@ def synthetic_run(
             run["orderings"][ordering] = tables
             continue
         tables["metric_status"] = {"metric": ordering, "status": "ok", "reason": None}
+        # Trained without the same-parameter null: noise units fall back on the null ordering's batches.
+        tables["null_distances"] = pd.DataFrame({"epoch": pd.Series(dtype="int64"), "draw": pd.Series(dtype="int64"),
+                                                 "distance": pd.Series(dtype="float64")})
         image_ids = rng.permutation(n_train)[: n_batches * batch_size]
         assignments = pd.DataFrame(
             {
@@ -236,6 +242,30 @@ def test_noise_units_carry_the_phase_training_recorded():
 # --------------------------------------------------------------------------- noise units
 
 
+def test_noise_units_use_each_orderings_same_network_null_and_keep_the_cross_network_one():
+    distances = {
+        "random": pd.DataFrame({"ordering": "random", "epoch": 1, "phase": 1, "learning_rate": 0.1,
+                                "batch": [0, 1, 2], "distance": [1.0, 2.0, 3.0]}),
+        "edges": pd.DataFrame({"ordering": "edges", "epoch": 1, "phase": 1, "learning_rate": 0.1,
+                               "batch": [0, 1], "distance": [4.0, 2.0]}),
+        "color": pd.DataFrame({"ordering": "color", "epoch": 1, "phase": 1, "learning_rate": 0.1,
+                               "batch": [0, 1], "distance": [4.0, 2.0]}),
+    }
+    for table in distances.values():
+        table["cosine_similarity"], table["relative_distance"] = 0.5, 1.0
+    nulls = {  # edges' own random batches at its own parameters: mean 3, sd 1; color was trained without
+        "edges": pd.DataFrame({"epoch": 1, "draw": [0, 1, 2], "distance": [2.0, 3.0, 4.0]}),
+        "color": pd.DataFrame({"epoch": [], "draw": [], "distance": []}),
+    }
+    out = analysis.noise_unit_distances(distances, "random", nulls).set_index(["ordering", "batch"])
+    assert out.loc[("edges", 0), "noise_z"] == pytest.approx(1.0)  # (4 - 3) / 1, same network
+    assert out.loc[("edges", 0), "noise_ratio"] == pytest.approx(4 / 3)
+    assert out.loc[("edges", 0), "null_source"] == "same_network"
+    assert out.loc[("edges", 0), "noise_z_cross"] == pytest.approx(2.0)  # (4 - 2) / 1 against random's batches
+    assert out.loc[("color", 0), "null_source"] == "cross_network"  # no null of its own: the cross-network z
+    assert out.loc[("color", 0), "noise_z"] == pytest.approx(2.0) == out.loc[("color", 0), "noise_z_cross"]
+
+
 def test_noise_units_are_z_scores_and_ratios_against_random_batches_of_the_same_epoch():
     rows = []
     for epoch, (random_d, metric_d) in enumerate([([1.0, 2.0, 3.0], [4.0, 2.0]), ([10.0, 30.0, 20.0], [5.0, 40.0])], 1):
@@ -275,7 +305,8 @@ def test_noise_units_do_not_change_when_an_epochs_gradient_scale_changes():
 def test_missing_null_ordering_is_an_error_naming_the_parameter():
     run = synthetic_run(phase_lengths=(2,), learning_rates=(0.1,), n_batches=8, skipped=("random",))
     distances = {o: t["gradient_distances"] for o, t in run["orderings"].items()}
-    with pytest.raises(analysis.AnalysisInputError, match="null ordering 'random' \\(distance_analysis.null_ordering\\) has no distance rows"):
+    message = "null ordering 'random' \\(distance_analysis.null_ordering\\) has no distance rows"
+    with pytest.raises(analysis.AnalysisInputError, match=message):
         analysis.noise_unit_distances(distances, "random")
     with pytest.raises(analysis.AnalysisInputError, match="null_ordering is 'shuffled'"):
         analysis.noise_unit_distances(distances, "shuffled")

@@ -13,7 +13,10 @@ from best_minibatch.batches.batching import (
     ASSIGNMENT_COLUMNS,
     BatchingError,
     batch_size_from_params,
+    class_entropy,
     sort_into_batches,
+    tie_keys,
+    tied_images,
 )
 from best_minibatch.metrics.scoring import METRICS, score_images
 
@@ -75,13 +78,34 @@ def check_batch_invariants(assignments, summary, scores, metric, batch_size):
 # --------------------------------------------------------------------------- hand-made tables
 
 
-def test_ties_are_broken_by_image_id_whatever_the_row_order():
+def test_ties_are_broken_by_a_seeded_random_key_whatever_the_row_order():
     scores = pd.DataFrame({"image_id": [5, 3, 0, 4, 1, 2], "score": [1.0, 0.0, 1.0, 0.0, 1.0, 2.0]})
     index = tiny_index([0] * 6)
-    first, _ = sort_into_batches(scores, index, "intensity", 2)
+    first, summary = sort_into_batches(scores, index, "intensity", 2)
     shuffled, _ = sort_into_batches(scores.sample(frac=1, random_state=3), index, "intensity", 2)
-    assert first["image_id"].tolist() == [3, 4, 0, 1, 5, 2]
     assert shuffled["image_id"].tolist() == first["image_id"].tolist()
+    assert first["metric_value"].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 2.0]
+    keys = dict(zip(range(6), tie_keys(np.arange(6), 0)))
+    assert first["image_id"].tolist() == sorted([3, 4], key=keys.get) + sorted([0, 1, 5], key=keys.get) + [2]
+    assert (summary["tied_images"] == 5).all()  # images 3, 4 share 0.0; 0, 1, 5 share 1.0
+    orders = {tuple(sort_into_batches(scores, index, "intensity", 2, tie_seed=s)[0]["image_id"]) for s in range(8)}
+    assert len(orders) > 1  # the seed, not the id, decides among tied images
+
+
+def test_random_tie_breaks_keep_tied_images_from_grouping_by_class(sample_dataset):
+    """Image ids follow class order in an image-folder source: an id tie-break groups tied images by class."""
+    index = sample_dataset.index
+    train = index[index["split"] == "train"].sort_values("row")
+    scores, _ = score_images("edges", sample_dataset.images["train"].numpy(), train["image_id"].to_numpy(), {})
+    order = np.lexsort([scores["image_id"].to_numpy(), scores["score"].to_numpy()])  # the old tie-break
+    old = scores.iloc[order[: len(order) // 100 * 100]]
+    labels = old["image_id"].map(train.set_index("image_id")["label"]).to_numpy().reshape(-1, 100)
+    counts = np.stack([np.bincount(row, minlength=10) for row in labels])
+    id_entropy = class_entropy(counts).mean()
+    random_entropy = [sort_into_batches(scores, index, "edges", 100, tie_seed=s)[1]["class_entropy"].mean()
+                      for s in range(3)]
+    assert tied_images(scores, ("score",)) > 4000  # edges takes few distinct values on 32x32 images
+    assert min(random_entropy) > id_entropy
 
 
 def test_color_sorts_by_hue_then_saturation_then_value():
@@ -95,8 +119,10 @@ def test_color_sorts_by_hue_then_saturation_then_value():
     )
     scores.insert(1, "score", scores["hue"])
     assignments, summary = sort_into_batches(scores, tiny_index([0] * 5), "color", 1)
-    # hue 5 (ids 1, 4: identical keys -> by id), then hue 10 by saturation (2), then value (3 before 0).
-    assert assignments["image_id"].tolist() == [1, 4, 2, 3, 0]
+    # hue 5 (ids 1, 4: identical keys -> by the random tie key), then hue 10 by saturation (2),
+    # then value (3 before 0).
+    keys = dict(zip([1, 4], tie_keys(np.array([1, 4]), 0)))
+    assert assignments["image_id"].tolist() == sorted([1, 4], key=keys.get) + [2, 3, 0]
     assert summary["metric_mean"].tolist() == [5.0, 5.0, 10.0, 10.0, 10.0]
 
 
@@ -131,7 +157,7 @@ def test_skipped_metric_gives_empty_tables_with_all_columns(caplog):
     assert len(summary) == 0
     assert summary.columns.tolist() == [
         "metric", "batch", "metric_min", "metric_mean", "metric_max", "class_entropy",
-        "class_count_cat", "class_count_dog", "class_count_ship",
+        "class_count_cat", "class_count_dog", "class_count_ship", "tied_images",
     ]
     assert "perceptual" in caplog.text and "skipped" in caplog.text
 

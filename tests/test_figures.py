@@ -11,8 +11,8 @@ from kedro.io import DataCatalog
 from matplotlib.collections import PolyCollection
 from matplotlib.patches import Rectangle
 
-from best_minibatch.analysis import statistics as analysis
 from best_minibatch.analysis import figures
+from best_minibatch.analysis import statistics as analysis
 from tests.test_analysis import run_analysis, synthetic_run
 
 ORDERINGS = ("intensity", "edges", "perceptual", "random")

@@ -15,7 +15,6 @@ import pytest
 import torch
 from kedro.config import OmegaConfigLoader
 
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.py"
 GIB = 2**30

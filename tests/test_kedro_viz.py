@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT
-from tests.conftest import copy_project
+from tests.conftest import PROJECT_ROOT, copy_project
 
 PIPELINES = ["ingest_cifar", "score_metrics", "sort_batches", "gradient_training", "distance_analysis", "visualize"]
 KEDRO = Path(sys.executable).with_name("kedro")

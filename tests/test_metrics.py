@@ -382,7 +382,7 @@ def test_a_metric_with_one_score_for_every_image_is_skipped(test_only_metrics):
     assert len(table) == 0 and status["status"] == "skipped"
     assert len(score_images("always_seven", HAND_MADE, np.arange(5), {})[0]) == 5  # not screened unless asked
     assert status["reason"] == ("carries no information of its own on this data: all 5 images have the same score, "
-                                "so its batches would follow image_id")
+                                "so its batches would follow the tie-break alone")
 
 
 def test_colour_on_grayscale_images_is_skipped_as_undefined_hue_and_saturation(sample_dataset):
@@ -393,8 +393,9 @@ def test_colour_on_grayscale_images_is_skipped_as_undefined_hue_and_saturation(s
     # What the check catches: on gray images, colour's ordering (hue 0, saturation 0, then value) is intensity's.
     unchecked, _ = score_images("color", gray, ids, {})
     assert (unchecked["hue"] == 0).all() and (unchecked["saturation"] == 0).all()
-    np.testing.assert_array_equal(metrics_scoring.ordered_image_ids(unchecked, ("hue", "saturation", "value")),
-                                  metrics_scoring.ordered_image_ids(intensity, ("score",)))
+    colour_ranks = metrics_scoring.sort_ranks(unchecked, ("hue", "saturation", "value"))
+    pd.testing.assert_series_equal(colour_ranks, metrics_scoring.sort_ranks(intensity, ("score",)))
+    assert colour_ranks.nunique() < len(colour_ranks)  # tied images too: equal ranks, whatever breaks the ties
     table, status = score_images("color", gray, ids, {}, compare_with={"intensity": intensity})
     assert len(table) == 0 and status["status"] == "skipped"
     assert "hue and saturation are undefined on grayscale images" in status["reason"]
@@ -402,3 +403,20 @@ def test_colour_on_grayscale_images_is_skipped_as_undefined_hue_and_saturation(s
     # The same images in colour keep their colour ordering.
     colour_intensity, _ = score_images("intensity", rgb, ids, {})
     assert score_images("color", rgb, ids, {}, compare_with={"intensity": colour_intensity})[1]["status"] == "ok"
+
+
+def test_ties_count_a_metric_that_only_breaks_another_metrics_ties_is_kept(test_only_metrics):
+    # Intensity ties on HAND_MADE's images 2, 3 and 4 (255 per pixel each); sort_batches breaks ties by a
+    # seeded random key, so a metric that orders them by image_id instead makes other batches: kept.
+    def pixel_sum(images):
+        return images.reshape(len(images), -1).sum(axis=1, dtype=np.int64).astype(float)
+
+    test_only_metrics("intensity_then_id", lambda images, options: pd.DataFrame(
+        {"score": pixel_sum(images) * 10 + np.arange(len(images))}))
+    test_only_metrics("twice_intensity", lambda images, options: pd.DataFrame({"score": pixel_sum(images) * 2}))
+    ids = np.arange(5)
+    intensity, _ = score_images("intensity", HAND_MADE, ids, {})
+    earlier = {"intensity": intensity}
+    assert score_images("intensity_then_id", HAND_MADE, ids, {}, compare_with=earlier)[1]["status"] == "ok"
+    status = score_images("twice_intensity", HAND_MADE, ids, {}, compare_with=earlier)[1]
+    assert status["status"] == "skipped" and "exactly as 'intensity' does" in status["reason"]

@@ -23,13 +23,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from best_minibatch.training.checkpoints import CheckpointError, RunStore, config_hash
 from best_minibatch.data.tensor_io import PARTIAL_SUFFIX, DiskFullError, load_tensors, save_tensors_atomically
-from best_minibatch.training.models import build_model, count_parameters
+from best_minibatch.training.checkpoints import CheckpointError, RunStore, config_hash
 from best_minibatch.training.gradient_training import (
     GradientProbeRun,
     TrainingConfig,
@@ -37,6 +35,7 @@ from best_minibatch.training.gradient_training import (
     check_buffer_memory,
     run_identity,
 )
+from best_minibatch.training.models import build_model, count_parameters
 from best_minibatch.validation import RunCheckError
 from tests import fault_harness
 from tests.test_training import make_config, tiny_data, tiny_model  # noqa: F401 (tiny_data is a fixture)

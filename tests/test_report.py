@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from best_minibatch.analysis import statistics as analysis
 from best_minibatch.analysis import report
+from best_minibatch.analysis import statistics as analysis
 from tests.test_analysis import SKIP_REASON, planted_effects, run_analysis, synthetic_run
 
 PNG = b"\x89PNG\r\n\x1a\nfake"

@@ -49,7 +49,8 @@ def tiny_model():
 
 run = GradientProbeRun(config, data, tiny_model, "intensity")
 for spilled in run.run():
-    save_tensors_atomically(spilled.gradient, Path(config.gradients_dir) / (run.partition_id(spilled.epoch, spilled.batch) + ".pt"))
+    path = Path(config.gradients_dir) / (run.partition_id(spilled.epoch, spilled.batch) + ".pt")
+    save_tensors_atomically(spilled.gradient, path)
 out.mkdir(parents=True, exist_ok=True)
 run.results.distances.to_parquet(out / "distances.parquet")
 save_tensors_atomically(run.results.model_state, out / "model.pt")

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from best_minibatch.training.runtime import cpu_threads
 from best_minibatch import selection as S
-from best_minibatch.selection import statistics as T
 from best_minibatch.analysis.statistics import holm_adjust
 from best_minibatch.metrics.scoring import METRICS
+from best_minibatch.selection import statistics as T
+from best_minibatch.training.runtime import cpu_threads
 
 # --------------------------------------------------------------------------- a synthetic experiment
 

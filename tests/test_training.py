@@ -13,11 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from best_minibatch.training.checkpoints import RunConflictError
-from best_minibatch.data.tensor_io import load_tensors
-from best_minibatch.data.images import to_model_input
 from best_minibatch.analysis.statistics import per_example_gradient_trace
-from best_minibatch.training.probing import GradientVarianceTrace, batch_gradient
+from best_minibatch.data.images import to_model_input
+from best_minibatch.data.tensor_io import load_tensors
+from best_minibatch.training.checkpoints import RunConflictError
 from best_minibatch.training.gradient_training import (
     DISTANCE_COLUMNS,
     HISTORY_COLUMNS,
@@ -29,6 +28,7 @@ from best_minibatch.training.gradient_training import (
     TrainingData,
     TrainingDataError,
 )
+from best_minibatch.training.probing import GradientVarianceTrace, batch_gradient
 
 NUM_TRAIN, BATCH, NUM_TEST = 240, 20, 60
 
@@ -354,3 +354,54 @@ def test_trace_check_records_the_epoch_start_trace_for_the_orderings_asked(tmp_p
 def test_trace_check_must_be_a_switch_or_a_list_of_orderings(tmp_path):
     with pytest.raises(TrainingConfigError, match="gradient_training.trace_check: expected true, false or a list"):
         make_config(tmp_path, trace_check="random")
+
+
+# --------------------------------------------------------------------------- the same-parameter null
+
+
+def test_null_batches_do_not_touch_training_and_survive_a_resume(tmp_path, tiny_data):
+    plain = run_to_end(make_config(tmp_path / "a", keep_gradients="none"), tiny_data).run.results
+    config = make_config(tmp_path / "b", keep_gradients="none", null_batches=4)
+    first = run_to_end(config, tiny_data).run.results
+    pd.testing.assert_frame_equal(first.distances, plain.distances)  # the null is probed, never trained on
+    pd.testing.assert_frame_equal(first.history.drop(columns=["seconds", "run_name"]),
+                                  plain.history.drop(columns=["seconds", "run_name"]))
+    nulls = first.null_distances
+    assert len(nulls) == 3 * 4 and nulls["draw"].tolist() == [0, 1, 2, 3] * 3
+    assert (nulls["full_grad_norm"].to_numpy() == np.repeat(first.history["full_grad_norm"].to_numpy(), 4)).all()
+    again = run_to_end(config, tiny_data).run.results  # the finished run, read back from its checkpoint
+    pd.testing.assert_frame_equal(again.null_distances, nulls)
+    assert first.history["run_name"].iloc[0] != plain.history["run_name"].iloc[0]  # R is part of the identity
+
+
+def test_same_parameter_null_matches_the_sampling_theory_of_a_linear_model(tmp_path):
+    """No BatchNorm, parameters that do not move (lr ~ 0): the mean of the K fixed batches' gradients is the
+    full gradient over all N images, and a random batch of m drawn without replacement lies at squared
+    distance tr(Sigma) / m * (N - m) / (N - 1) from it in expectation (Sigma: per-example gradients)."""
+    n, m, size = 240, 8, 4
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    data = TrainingData(images, labels, torch.randperm(n, generator=generator).view(n // m, m))
+
+    def linear() -> nn.Module:
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 10))
+
+    epochs = 25
+    config = TrainingConfig.from_params({
+        "checkpoint_dir": None, "keep_gradients": "none", "null_batches": 16,
+        "training": {"model": {"name": "small_cnn"}, "phases": [{"epochs": epochs, "lr": 1e-12}], "momentum": 0.0,
+                     "weight_decay": 0.0, "cpu_threads": 1, "progress_bar": False}})
+    run = GradientProbeRun(config, data, linear, "random")
+    for _ in run.run():
+        pass
+    squared = run.results.null_distances["distance"].to_numpy() ** 2
+    model = linear()
+    inputs = to_model_input(images)
+    per_example = torch.stack([batch_gradient(model, inputs[i:i + 1], labels[i:i + 1]) for i in range(n)]).double()
+    trace = float(((per_example - per_example.mean(0)) ** 2).sum(1).mean())  # tr(Sigma), population covariance
+    expected = trace / m * (n - m) / (n - 1)
+    standard_error = squared.std(ddof=1) / np.sqrt(len(squared))
+    assert len(squared) == epochs * 16
+    assert abs(squared.mean() - expected) < 3 * standard_error, (squared.mean(), expected, standard_error)

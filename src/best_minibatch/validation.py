@@ -142,9 +142,10 @@ def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any
 
 
 def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.batches.batching import batch_size_from_params
+    from best_minibatch.batches.batching import batch_size_from_params, tie_seed_from_params
 
-    Section(params, "sort_batches", ("batch_size",))
+    Section(params, "sort_batches", ("batch_size", "tie_seed"))
+    tie_seed_from_params(params)
     batch_size = batch_size_from_params(params)
     if facts.n_train is not None and batch_size > facts.n_train:
         raise ValueError(

@@ -21,7 +21,8 @@ from tests.test_analysis import SKIP_REASON, planted_effects, synthetic_run
 CONF = Path(__file__).resolve().parents[2] / "conf" / "base"
 ANALYSIS_TABLES = ("ordering_status", "distance_noise_units", "batch_phase_stats", "batch_group_comparisons",
                    "claim_verdicts", "confound_correlations", "best_worst_batches", "gradient_noise_trace_check")
-KINDS = ("gradient_distances", "training_history", "batch_summary", "metric_status", "batch_assignments")
+KINDS = ("gradient_distances", "training_history", "batch_summary", "metric_status", "batch_assignments",
+         "null_distances")
 
 
 def project_catalog_config(tmp_path: Path) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -310,7 +310,8 @@ def training_curves(histories: Mapping[str, pd.DataFrame], null_ordering: str) -
             for _, span in spans.iloc[1:].iterrows():
                 axis.axvline(span["first_epoch"] - 0.5, color="0.3", linestyle=":", linewidth=1)
             for _, span in spans.iterrows():
-                axis.text((span["first_epoch"] + span["last_epoch"]) / 2, 1.0, f"phase {int(span['phase'])}\nlr {span['learning_rate']:g}",
+                phase_label = f"phase {int(span['phase'])}\nlr {span['learning_rate']:g}"
+                axis.text((span["first_epoch"] + span["last_epoch"]) / 2, 1.0, phase_label,
                           transform=axis.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
             axis.set_xlabel("epoch")
             axis.set_ylabel(label)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import html
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -105,9 +106,9 @@ def _figure_html(name: str, png: bytes, caption: str) -> str:
 FIGURE_CAPTIONS = {
     "heatmap": "The paper's heat map: one panel per learning-rate phase, x = batch (ascending metric), y = epoch; "
                "light = gradient closer to the full gradient. Top: ‖g_k − g_full‖; bottom: noise units, the "
-               "z-score against the random ordering's batches of the same epoch (0 = a random batch; those come "
-               "from the random ordering's own network, see the caveat above). One colour scale per row for "
-               "all phases.",
+               "z-score against random batches of the same epoch probed at the same parameters (0 = a random "
+               "batch; the cross-network null for an ordering trained without null batches, see the caveat "
+               "above). One colour scale per row for all phases.",
     "distance_by_rank": "Per phase: each metric's mean distance per batch against its rank, over the random "
                         "ordering's mean and 95% range; top raw, bottom in noise units. Each ordering trains its "
                         "own network, so whole-curve offsets from the band mix batch composition with differences "
@@ -174,7 +175,8 @@ def _setup_section(setup, ordering_status, histories, parameters, null_ordering)
     if "phases" in setup:
         lines.append(f"<li>{setup['n_epochs']} epochs in {len(setup['phases'])} learning-rate phases "
                      "(a phase = consecutive epochs with one learning rate, read from the training history):</li>")
-    lines.append(f"<li>Null control: the <b>{_escape(null_ordering)}</b> ordering (images assigned to batches at random).</li></ul>")
+    lines.append(f"<li>Null control: the <b>{_escape(null_ordering)}</b> ordering (images assigned to batches at "
+                 "random).</li></ul>")
     if "phases" in setup:
         lines.append(html_table(setup["phases"], {"phase": "phase", "first_epoch": "first epoch",
                                                   "last_epoch": "last epoch", "n_epochs": "epochs",
@@ -242,7 +244,11 @@ def _claims_section(claims: pd.DataFrame, alpha: float, null_ordering: str) -> s
         "<ul>" + "".join(_finding(row) for _, row in claims.iterrows()) + "</ul>",
         f"<p class='note'>Section 5 of the paper reads these conclusions off heat maps. Here each is a permutation "
         f"test (batches are the units; each batch contributes its mean distance over the phase's epochs, in noise "
-        f"units: the z-score against the {_escape(null_ordering)} ordering's batches of the same epoch). "
+        f"units: the z-score against random batches of the same epoch probed by <i>the same network at the same "
+        f"parameters</i>, the ordering's own same-parameter null (<code>gradient_training.null_batches</code>); "
+        f"an ordering trained without it falls back on the {_escape(null_ordering)} ordering's batches, the "
+        f"cross-network null of the caveat below; column <code>null_source</code> of distance_noise_units says "
+        f"which). "
         f"<i>difference</i> = mean(group) − mean(rest); negative = the group's gradients are closer to the full "
         f"gradient. A claim is <b>supported</b> when its Holm-adjusted p-value is below α = {alpha:g} and the "
         f"difference has the claimed sign, <b>contradicted</b> when significant with the opposite sign, and "
@@ -250,11 +256,12 @@ def _claims_section(claims: pd.DataFrame, alpha: float, null_ordering: str) -> s
         "(one family). The <i>after class balance</i> columns repeat the test on distances residualised on the "
         "batch's class entropy (least squares within the ordering and phase): a claim that holds before but not "
         "after is explained by the batches' class mix.</p>",
-        f"<p class='note'><b>Caveat on noise units.</b> Each ordering trains its own network; the "
-        f"{_escape(null_ordering)} batches of epoch e are probed at the {_escape(null_ordering)} run's parameters, "
-        "not at this ordering's. A whole ordering lying above or below 0 therefore mixes batch composition with "
-        "differences between the trained networks (compare the training curves). The claims compare groups of "
-        "batches within one ordering and phase, which that offset does not affect.</p>",
+        f"<p class='note'><b>Caveat on the cross-network null</b> (secondary columns <code>noise_z_cross</code>, "
+        f"and the primary noise units of an ordering trained without null batches). Each ordering trains its own "
+        f"network; the {_escape(null_ordering)} batches of epoch e are probed at the {_escape(null_ordering)} run's "
+        "parameters, not at this ordering's. A whole ordering lying above or below 0 then mixes batch composition "
+        "with differences between the trained networks. The same-parameter null removes that offset; the claims "
+        "compare groups of batches within one ordering and phase, which the offset does not affect either way.</p>",
     ]
     shown = claims.assign(verdict=claims["verdict"].map(_short_verdict),
                           adjusted_verdict=claims["adjusted_verdict"].map(_short_verdict))

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
-from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -108,16 +108,28 @@ def _require_columns(table: pd.DataFrame, columns: Iterable[str], name: str) -> 
 
 
 def noise_unit_distances(
-    distances_by_ordering: Mapping[str, pd.DataFrame], null_ordering: str
+    distances_by_ordering: Mapping[str, pd.DataFrame], null_ordering: str,
+    null_by_ordering: Mapping[str, pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
-    """All orderings' distance rows in one table, with derived phases and noise units.
+    """All orderings' distance rows in one table, with their noise units.
 
-    Each ordering's phases come from its own learning rates. Added columns:
-    ``phase`` (derived; replaces any ``phase`` in the input), ``null_mean`` and
-    ``null_std`` (mean and sample standard deviation of ``distance`` over the
-    null ordering's batches of the same epoch), ``noise_z`` and ``noise_ratio``.
-    Orderings with zero rows (skipped metrics) contribute nothing. Epochs the null
-    ordering lacks get NaN noise units.
+    Two nulls, named everywhere they appear:
+
+    * **same-network** (``null_source == "same_network"``): the ordering's own random
+      batches (``{ordering}.null_distances``), probed by the same ``net_compare`` at the
+      same epoch-start parameters and compared with the same full gradient; the
+      primary noise units whenever the ordering has them;
+    * **cross-network** (``*_cross`` columns): the null ordering's batches of the same
+      epoch, probed at that run's own parameters; kept as a secondary column, and the
+      primary one only for an ordering trained without null batches
+      (``null_source == "cross_network"``).
+
+    Added columns: ``null_mean`` and ``null_std`` (mean and sample standard deviation
+    of the null distances of the same epoch), ``noise_z = (distance - null_mean) /
+    null_std`` and ``noise_ratio = distance / null_mean``, the same three for the
+    cross-network null (``null_mean_cross``, ``noise_z_cross``, ``noise_ratio_cross``)
+    and ``null_source``. Orderings with zero rows (skipped metrics) contribute nothing.
+    Epochs the null lacks get NaN noise units.
     """
     if null_ordering not in distances_by_ordering:
         raise AnalysisInputError(
@@ -141,15 +153,28 @@ def noise_unit_distances(
         )
     combined = pd.concat(frames, ignore_index=True)
     null_rows = combined[combined["ordering"] == null_ordering]
-    null_stats = (
-        null_rows.groupby("epoch")["distance"].agg(null_mean="mean", null_std="std").reset_index()
-    )
-    combined = combined.merge(null_stats, on="epoch", how="left")
+    cross = null_rows.groupby("epoch")["distance"].agg(null_mean_cross="mean", null_std_cross="std").reset_index()
+    combined = combined.merge(cross, on="epoch", how="left")
+    combined["noise_z_cross"] = (combined["distance"] - combined["null_mean_cross"]) / combined["null_std_cross"]
+    combined["noise_ratio_cross"] = combined["distance"] / combined["null_mean_cross"]
+    same = [table.assign(ordering=ordering) for ordering, table in (null_by_ordering or {}).items() if len(table)]
+    if same:
+        own = pd.concat(same, ignore_index=True).groupby(["ordering", "epoch"])["distance"].agg(
+            null_mean="mean", null_std="std").reset_index()
+        combined = combined.merge(own, on=["ordering", "epoch"], how="left")
+    else:
+        combined["null_mean"] = np.nan
+        combined["null_std"] = np.nan
+    has_own = combined.groupby("ordering")["null_mean"].transform(lambda s: s.notna().any())
+    combined["null_source"] = np.where(has_own, "same_network", "cross_network")
+    combined.loc[~has_own, "null_mean"] = combined.loc[~has_own, "null_mean_cross"]
+    combined.loc[~has_own, "null_std"] = combined.loc[~has_own, "null_std_cross"]
     combined["noise_z"] = (combined["distance"] - combined["null_mean"]) / combined["null_std"]
     combined["noise_ratio"] = combined["distance"] / combined["null_mean"]
     columns = [
         "ordering", "epoch", "phase", "learning_rate", "batch", *DISTANCE_MEASURES,
-        "null_mean", "null_std", *NOISE_MEASURES,
+        "null_mean", "null_std", *NOISE_MEASURES, "null_source", "null_mean_cross", "null_std_cross",
+        "noise_z_cross", "noise_ratio_cross",
     ]
     extra = [c for c in combined.columns if c not in columns]
     return combined[columns + extra].sort_values(["ordering", "epoch", "batch"], kind="stable").reset_index(

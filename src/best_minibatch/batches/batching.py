@@ -1,8 +1,10 @@
 """Fixed-order mini-batches: sort the training set by a metric and cut it into equal batches.
 
 Knows nothing of Kedro. Images sort ascending by the metric's ``sort_columns``
-(registered in :mod:`best_minibatch.metrics.scoring`), ties broken by ``image_id``, and
-the sorted sequence is cut into ``K = floor(N / m)`` batches of exactly ``m``
+(registered in :mod:`best_minibatch.metrics.scoring`), ties broken by a seeded random
+key of each image (:func:`tie_keys`; not by ``image_id``, which follows class order in
+an image-folder source and would group tied images by class), and the sorted sequence
+is cut into ``K = floor(N / m)`` batches of exactly ``m``
 images; the ``N - K m`` images with the largest sort keys are dropped (as in the
 paper: 50,000 / 256 gives 195 batches and drops 80).
 """
@@ -10,7 +12,8 @@ paper: 50,000 / 256 gives 195 batches and drops 80).
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +29,15 @@ class BatchingError(ValueError):
     """Scores or parameters that cannot be cut into batches; the message names the problem and the fix."""
 
 
+def tie_seed_from_params(params: Mapping[str, Any]) -> int:
+    """``sort_batches.tie_seed`` checked: a non-negative integer (default 0)."""
+    seed = params.get("tie_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise BatchingError(f"sort_batches.tie_seed must be a non-negative integer, got {seed!r}; fix it in "
+                            "conf/<env>/parameters_sort_batches.yml.")
+    return int(seed)
+
+
 def batch_size_from_params(params: Mapping[str, Any]) -> int:
     """``sort_batches.batch_size`` checked: a positive integer."""
     if "batch_size" not in params:
@@ -39,11 +51,35 @@ def batch_size_from_params(params: Mapping[str, Any]) -> int:
     return int(size)
 
 
-def sort_order(scores: pd.DataFrame, sort_columns: tuple[str, ...]) -> np.ndarray:
-    """Row positions of ``scores`` in ascending order of ``sort_columns`` (most significant first), ties by ``image_id``."""
+def tie_keys(image_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A random-looking ``uint64`` per image, fixed by ``(seed, image_id)`` alone (not by the table's row order).
+
+    SplitMix64's finaliser of ``image_id`` mixed with the seed: distinct ids give
+    distinct keys, and a tie is broken the same way on every rerun.
+    """
+    with np.errstate(over="ignore"):
+        z = np.asarray(image_ids, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(int(seed) + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sort_order(scores: pd.DataFrame, sort_columns: tuple[str, ...], tie_seed: int = 0) -> np.ndarray:
+    """Row positions of ``scores`` in ascending order of ``sort_columns`` (most significant first).
+
+    Ties are broken by :func:`tie_keys` of ``tie_seed``, then by ``image_id``.
+    """
+    ids = scores["image_id"].to_numpy()
     # np.lexsort sorts by its last key first, so the keys go in reverse significance.
-    keys = [scores["image_id"].to_numpy()] + [scores[column].to_numpy() for column in reversed(sort_columns)]
+    keys = [ids, tie_keys(ids, tie_seed)] + [scores[column].to_numpy() for column in reversed(sort_columns)]
     return np.lexsort(keys)
+
+
+def tied_images(scores: pd.DataFrame, sort_columns: tuple[str, ...]) -> int:
+    """How many images share all their sort values with at least one other image."""
+    if len(scores) == 0:
+        return 0
+    return int(scores.duplicated(subset=list(sort_columns), keep=False).sum())
 
 
 def training_classes(image_index: pd.DataFrame) -> pd.DataFrame:
@@ -81,10 +117,10 @@ def _check_scores(scores: pd.DataFrame, metric: str, sort_columns: tuple[str, ..
         raise BatchingError(f"The '{metric}' score table holds NaN or infinite scores; rerun score_metrics.")
 
 
-def assign_batches(scores: pd.DataFrame, metric: str, batch_size: int) -> pd.DataFrame:
+def assign_batches(scores: pd.DataFrame, metric: str, batch_size: int, tie_seed: int = 0) -> pd.DataFrame:
     """Sort ``scores`` by ``metric``'s sort columns and cut them into ``floor(N / batch_size)`` full batches."""
     sort_columns = METRICS[metric].sort_columns
-    order = sort_order(scores, sort_columns)
+    order = sort_order(scores, sort_columns, tie_seed)
     n_batches = len(scores) // batch_size
     kept = order[: n_batches * batch_size]
     return pd.DataFrame(
@@ -132,12 +168,13 @@ def summarize_batches(assignments: pd.DataFrame, image_index: pd.DataFrame, metr
 
 
 def sort_into_batches(
-    scores: pd.DataFrame, image_index: pd.DataFrame, metric: str, batch_size: int
+    scores: pd.DataFrame, image_index: pd.DataFrame, metric: str, batch_size: int, tie_seed: int = 0
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Batch assignments and per-batch summary of ``metric``'s ordering (see the module docstring).
 
     A zero-row score table (a skipped metric) gives zero-row outputs with the same
-    columns. Every check happens before anything is returned.
+    columns. Every check happens before anything is returned. The summary's
+    ``tied_images`` counts the metric's images that share their sort values with another.
     """
     if metric not in METRICS:
         raise BatchingError(f"Unknown metric '{metric}'; registered metrics: {', '.join(METRICS)}.")
@@ -156,11 +193,14 @@ def sort_into_batches(
             f"sort_batches.batch_size={batch_size} exceeds the {len(scores)} images scored by '{metric}', "
             "so not one full batch fits; lower sort_batches.batch_size."
         )
-    assignments = assign_batches(scores, metric, int(batch_size))
+    assignments = assign_batches(scores, metric, int(batch_size), tie_seed)
     summary = summarize_batches(assignments, image_index, metric)
+    tied = tied_images(scores, METRICS[metric].sort_columns)
+    summary["tied_images"] = np.int64(tied)
     if len(scores):
         logger.info(
-            "'%s': %d images -> %d batches of %d (%d dropped)",
-            metric, len(scores), len(summary), batch_size, len(scores) - len(assignments),
+            "'%s': %d images -> %d batches of %d (%d dropped); %d images tied on the metric (order among them "
+            "random, seed %d)", metric, len(scores), len(summary), batch_size, len(scores) - len(assignments),
+            tied, tie_seed,
         )
     return assignments, summary

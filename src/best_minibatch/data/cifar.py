@@ -22,9 +22,9 @@ import io
 import pickle
 import tarfile
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
 
 import cv2
 import numpy as np
@@ -137,13 +137,17 @@ def read_image_folder(path: Path) -> ImageDataset:
     """Read ``train/<class>/<file>`` and ``test/<class>/<file>`` from a folder or a zip."""
     if path.is_dir():
         entries = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
-        read_bytes: Callable[[str], bytes] = lambda name: entries[name].read_bytes()
+        def read_bytes(name: str) -> bytes:
+            return entries[name].read_bytes()
+
         names = list(entries)
         archive = None
     elif zipfile.is_zipfile(path):
         archive = _open_zip(path)
         names = [n for n in archive.namelist() if not n.endswith("/")]
-        read_bytes = lambda name: _read_zip_entry(archive, path, name)
+        def read_bytes(name: str) -> bytes:
+            return _read_zip_entry(archive, path, name)
+
     else:
         raise DatasetInputError(
             f"'{path}' is not a folder or a readable zip archive (corrupt or truncated?). "

@@ -316,11 +316,22 @@ def metric_availability(name: str, params: Mapping[str, Any] | None) -> str | No
     return reason
 
 
-def ordered_image_ids(table: pd.DataFrame, sort_columns: Sequence[str]) -> np.ndarray:
-    """``image_id`` in the order the batches take them: ascending ``sort_columns`` (most significant
-    first), ties by ``image_id`` (the rule of ``batches.batching.sort_order``)."""
-    keys = [table["image_id"].to_numpy()] + [table[column].to_numpy() for column in reversed(sort_columns)]
-    return table["image_id"].to_numpy()[np.lexsort(keys)]
+def sort_ranks(table: pd.DataFrame, sort_columns: Sequence[str]) -> pd.Series:
+    """Each image's rank under ``sort_columns`` (most significant first), tied images sharing one rank.
+
+    Indexed by ``image_id``. Two metrics with equal ranks for every image put the images in
+    the same batches whatever breaks their ties (``sort_batches`` breaks them by a seeded
+    key of each image, the same for every metric).
+    """
+    keys = [table[column].to_numpy() for column in sort_columns]
+    order = np.lexsort(keys[::-1])
+    changes = np.zeros(len(table), dtype=bool)
+    for key in keys:
+        ordered = key[order]
+        changes[1:] |= ordered[1:] != ordered[:-1]
+    ranks = np.empty(len(table), dtype=np.int64)
+    ranks[order] = np.cumsum(changes)
+    return pd.Series(ranks, index=table["image_id"].to_numpy())
 
 
 def uninformative_reason(
@@ -328,10 +339,10 @@ def uninformative_reason(
 ) -> str | None:
     """Why metric ``name``'s scores carry no information of their own on these images (None: they do).
 
-    Two cases: every image has the same sort key (the ordering is the ``image_id``
-    order), or the images sort exactly as under another metric of ``others`` (score
-    tables of the same images; empty ones, skipped metrics, are ignored), so its
-    batches would be that metric's. The metric's ``explain_degenerate`` hook, given
+    Two cases: every image has the same sort key (the batches would follow the
+    tie-break alone), or the images sort exactly as under another metric of ``others``,
+    ties included (:func:`sort_ranks`; score tables of the same images; empty ones,
+    skipped metrics, are ignored), so its batches would be that metric's. The metric's ``explain_degenerate`` hook, given
     ``images``, adds the reason in words (e.g. colour on grayscale images).
     """
     metric = METRICS[name]
@@ -345,16 +356,17 @@ def uninformative_reason(
         return None
     keys = table.loc[:, list(metric.sort_columns)]
     if (keys.nunique(dropna=False) <= 1).all():
-        return explained(f"all {len(table)} images have the same score, so its batches would follow image_id")
-    order = ordered_image_ids(table, metric.sort_columns)
-    ids = np.sort(table["image_id"].to_numpy())
+        return explained(f"all {len(table)} images have the same score, so its batches would follow the "
+                         "tie-break alone")
+    ranks = sort_ranks(table, metric.sort_columns)
     for other, other_table in others.items():
         columns = METRICS[other].sort_columns if other in METRICS else ()
         if other == name or len(other_table) != len(table) or not set(columns) <= set(other_table.columns):
             continue
-        if not np.array_equal(np.sort(other_table["image_id"].to_numpy()), ids):
+        other_ranks = sort_ranks(other_table, columns)
+        if not other_ranks.index.sort_values().equals(ranks.index.sort_values()):
             continue  # another image set (e.g. an older run's table): not comparable
-        if np.array_equal(ordered_image_ids(other_table, columns), order):
+        if (other_ranks.reindex(ranks.index).to_numpy() == ranks.to_numpy()).all():
             return explained(f"it orders the {len(table)} images exactly as '{other}' does, so its batches "
                              f"would be {other}'s (kept: {other})")
     return None

@@ -123,7 +123,7 @@ class ImageData:
 
     @classmethod
     def from_tables(cls, image_index: pd.DataFrame, split: pd.DataFrame, train_images: torch.Tensor,
-                    test_images: torch.Tensor, device: torch.device | str = "cpu") -> "ImageData":
+                    test_images: torch.Tensor, device: torch.device | str = "cpu") -> ImageData:
         """Convert the uint8 NHWC tensors once (``images.to_model_input``) and map ids to rows."""
         train_index = image_index.loc[image_index["split"] == "train"]
         test_index = image_index.loc[image_index["split"] == "test"].sort_values("row")

@@ -67,12 +67,13 @@ def subset_ids(split: pd.DataFrame, subset: str) -> np.ndarray:
 # --------------------------------------------------------------------------- fixed orderings
 
 
-def ordering_batches(scores: pd.DataFrame, ordering: str, train_ids: np.ndarray, batch_size: int) -> np.ndarray:
+def ordering_batches(scores: pd.DataFrame, ordering: str, train_ids: np.ndarray, batch_size: int,
+                     tie_seed: int = 0) -> np.ndarray:
     """One metric's fixed batching of the training images: ``K x m`` image ids, batch 0 = lowest metric.
 
     ``scores`` (``{ordering}.image_scores``) restricted to ``train_ids`` go through
     ``batching.assign_batches``, the same sort-and-cut as ``sort_batches``: sorted
-    by the metric's ``sort_columns``, ties by ``image_id``, cut into ``K = floor(N / m)``
+    by the metric's ``sort_columns``, ties by ``sort_batches.tie_seed``'s random key, cut into ``K = floor(N / m)``
     batches, the ``N - K m`` images with the largest keys dropped.
     """
     if len(scores) == 0:
@@ -86,7 +87,7 @@ def ordering_batches(scores: pd.DataFrame, ordering: str, train_ids: np.ndarray,
     restricted = scores.loc[scores["image_id"].isin(train_ids)].reset_index(drop=True)
     if len(restricted) < batch_size:
         raise SelectionDataError(f"{len(restricted)} training images cannot fill one batch of {batch_size}.")
-    assignments = assign_batches(restricted, ordering, batch_size)
+    assignments = assign_batches(restricted, ordering, batch_size, tie_seed)
     k = int(assignments["batch"].max()) + 1
     return assignments.sort_values(["batch", "position"])["image_id"].to_numpy(np.int64).reshape(k, batch_size)
 

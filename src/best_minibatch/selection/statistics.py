@@ -34,9 +34,10 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -454,6 +455,11 @@ def _ci(mean: float, low: float, high: float, scale: float = 100.0, digits: int 
     return f"{fmt.format(scale * mean)} [{fmt.format(scale * low)}, {fmt.format(scale * high)}]"
 
 
+def _ci_of(row, name: str, *args, **kwargs) -> str:
+    """:func:`_ci` of ``row[name]`` with its ``_low`` and ``_high`` columns."""
+    return _ci(row[name], row[f"{name}_low"], row[f"{name}_high"], *args, **kwargs)
+
+
 def _p(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.3g}"
 
@@ -500,16 +506,16 @@ def report_content(
         rows.append([
             str(r["policy"]),
             _ci(r["val_auc_mean"], r["val_auc_low"], r["val_auc_high"]),
-            "-" if is_base else f"{_ci(r['val_auc_diff'], r['val_auc_diff_low'], r['val_auc_diff_high'], signed=True)}"
+            "-" if is_base else f"{_ci_of(r, 'val_auc_diff', signed=True)}"
                                 f" (p {_p(r['val_auc_p_holm'])})",
             _ci(r["test_accuracy_mean"], r["test_accuracy_low"], r["test_accuracy_high"]),
-            "-" if is_base else f"{_ci(r['test_accuracy_diff'], r['test_accuracy_diff_low'], r['test_accuracy_diff_high'], signed=True)}"
+            "-" if is_base else f"{_ci_of(r, 'test_accuracy_diff', signed=True)}"
                                 f" (p {_p(r['test_accuracy_p_holm'])})",
             _ci(r["steps_to_target_mean"], r["steps_to_target_low"], r["steps_to_target_high"], 1, 0),
-            "-" if is_base else f"{_ci(r['steps_to_target_diff'], r['steps_to_target_diff_low'], r['steps_to_target_diff_high'], 1, 0, True)}"
+            "-" if is_base else f"{_ci_of(r, 'steps_to_target_diff', 1, 0, True)}"
                                 f" (p {_p(r['steps_to_target_p'])}, {int(r['steps_to_target_n'])})",
             _ci(r["seconds_to_target_mean"], r["seconds_to_target_low"], r["seconds_to_target_high"], 1, 1),
-            "-" if is_base else f"{_ci(r['seconds_to_target_diff'], r['seconds_to_target_diff_low'], r['seconds_to_target_diff_high'], 1, 1, True)}"
+            "-" if is_base else f"{_ci_of(r, 'seconds_to_target_diff', 1, 1, True)}"
                                 f" (p {_p(r['seconds_to_target_p'])})",
             f"{int(r['not_reached'])} of {int(r['n_seeds'])}",
             f"{r['probe_passes_mean']:.0f}",
@@ -530,13 +536,13 @@ def report_content(
         for _, r in summary.loc[summary["control_verdict"] != ""].iterrows():
             control_rows.append([
                 str(r["policy"]),
-                f"{_ci(r['val_auc_ctrl_diff'], r['val_auc_ctrl_diff_low'], r['val_auc_ctrl_diff_high'], signed=True)}"
+                f"{_ci_of(r, 'val_auc_ctrl_diff', signed=True)}"
                 f" (p {_p(r['val_auc_ctrl_p_holm'])})",
-                f"{_ci(r['test_accuracy_ctrl_diff'], r['test_accuracy_ctrl_diff_low'], r['test_accuracy_ctrl_diff_high'], signed=True)}"
+                f"{_ci_of(r, 'test_accuracy_ctrl_diff', signed=True)}"
                 f" (p {_p(r['test_accuracy_ctrl_p_holm'])})",
-                f"{_ci(r['steps_to_target_ctrl_diff'], r['steps_to_target_ctrl_diff_low'], r['steps_to_target_ctrl_diff_high'], 1, 0, True)}"
+                f"{_ci_of(r, 'steps_to_target_ctrl_diff', 1, 0, True)}"
                 f" (p {_p(r['steps_to_target_ctrl_p'])}, {int(r['steps_to_target_ctrl_n'])})",
-                f"{_ci(r['seconds_to_target_ctrl_diff'], r['seconds_to_target_ctrl_diff_low'], r['seconds_to_target_ctrl_diff_high'], 1, 1, True)}"
+                f"{_ci_of(r, 'seconds_to_target_ctrl_diff', 1, 1, True)}"
                 f" (p {_p(r['seconds_to_target_ctrl_p'])})",
                 str(r["control_verdict"]),
                 str(r["test"]) or "-",

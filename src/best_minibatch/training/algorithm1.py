@@ -27,12 +27,11 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from best_minibatch.training.loop import EpochHook
-from best_minibatch.training.probing import EpochGradients, FlatGradient
+from best_minibatch.training.probing import EpochGradients, FlatGradient, measures_against
 from best_minibatch.training.recipe import EpochPlan
 
 #: ``(num_batches) -> EpochGradients``: where an epoch's gradients wait for the full gradient.
@@ -77,13 +76,34 @@ class GradientProbe(EpochHook):
         self.buffer.append(self.flat.vector)
         return self.flat.vector
 
+    def null_gradients(self, batches) -> list[torch.Tensor]:
+        """The gradients of extra batches at the same epoch-start parameters, kept out of ∇_e (copies).
+
+        The same-parameter null: random batches probed by the same net_compare at the
+        same θ_e, compared with the epoch's ∇_e by :meth:`measures`.
+        """
+        rows = []
+        for inputs, targets in batches:
+            self.flat.zero()
+            with self.autocast():
+                loss = self.criterion(self.net_compare(inputs), targets)
+            loss.backward()
+            rows.append(self.flat.vector.clone())
+        return rows
+
     def end_epoch(self, plan: EpochPlan | None = None) -> None:
         """Lines 19-21 run in :meth:`measures` (callers read them once the epoch is done)."""
 
-    def measures(self) -> dict[str, np.ndarray | float]:
-        """∇_e, the mean of the cached ∇_k, and each D_e,k = ||∇_k − ∇_e|| (exact, float64); frees the cache."""
+    def measures(self, null_rows: list[torch.Tensor] | None = None) -> dict[str, Any]:
+        """∇_e, the mean of the cached ∇_k, and each D_e,k = ||∇_k − ∇_e|| (exact, float64); frees the cache.
+
+        With ``null_rows`` (:meth:`null_gradients`), ``"null"`` holds their measures against the same ∇_e.
+        """
         try:
-            return self.buffer.measures()
+            result = self.buffer.measures()
+            if null_rows:
+                result["null"] = measures_against(null_rows, self.buffer.full_gradient())
+            return result
         finally:
             self.close()
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import re
 import tempfile
 import zlib

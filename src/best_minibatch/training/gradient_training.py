@@ -19,17 +19,17 @@ them). See ``docs/gradient_training.md``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import hashlib
 
 import numpy as np
 import pandas as pd
@@ -69,12 +69,15 @@ GIB = 2**30
 
 DISTANCE_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "batch", "distance", "cosine_similarity",
                     "relative_distance", "grad_norm", "full_grad_norm"]
+#: The same-parameter null: random batches probed at the same epoch-start parameters, against the same ∇_e.
+NULL_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "draw", "distance", "cosine_similarity",
+                "relative_distance", "grad_norm", "full_grad_norm"]
 HISTORY_COLUMNS = ["ordering", "epoch", "phase", "learning_rate", "train_loss", "train_accuracy", "test_loss",
                    "test_accuracy", "mean_distance", "seconds", "full_grad_norm", "run_name", "gradients_kept",
                    "gradient_variance_trace", "n_train", "batch_size"]
 _HISTORY_NUMERIC = HISTORY_NUMERIC
 RUN_KEYS = ("training", "seed", "run_name", "checkpoint_dir", "gradients_dir", "keep_checkpoints", "keep_gradients",
-            "spill_dtype", "disk_cap_gb", "gradient_buffer", "trace_check", "expected_hours")
+            "spill_dtype", "disk_cap_gb", "gradient_buffer", "trace_check", "expected_hours", "null_batches")
 
 
 class TrainingConfigError(ConfigError):
@@ -110,6 +113,7 @@ class TrainingConfig:
     scratch_dir: str | None = None
     trace_check: Any = False
     expected_hours: float = 1.0
+    null_batches: int = 0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], training: Mapping[str, Any] | None = None) -> TrainingConfig:
@@ -142,6 +146,8 @@ class TrainingConfig:
             buffer_on_model_device=buffer.boolean("on_model_device", cls.buffer_on_model_device),
             scratch_dir=buffer.get("scratch_dir", cls.scratch_dir),
             trace_check=tuple(trace) if isinstance(trace, list) else trace,
+            null_batches=section.integer("null_batches", cls.null_batches, 0, "Use e.g. 10 (0 switches the "
+                                         "same-parameter null off)."),
             expected_hours=section.number("expected_hours", cls.expected_hours, "Use e.g. 1 (base) or 400 (paper).",
                                           low=0, low_open=True),
         )
@@ -236,7 +242,7 @@ class TrainingData:
 
     @classmethod
     def from_tables(cls, batch_assignments: pd.DataFrame, image_index: pd.DataFrame,
-                    train_images: torch.Tensor, test_images: torch.Tensor | None) -> "TrainingData":
+                    train_images: torch.Tensor, test_images: torch.Tensor | None) -> TrainingData:
         """Check the tables against each other (see ``docs/data_flow.md``) and gather the tensors."""
         for name, table, columns in (
             ("batch_assignments", batch_assignments, ("batch", "position", "image_id")),
@@ -315,11 +321,12 @@ class ProbeResults:
     distance_matrix: torch.Tensor
     history: pd.DataFrame
     model_state: dict[str, torch.Tensor]
+    null_distances: pd.DataFrame = dataclasses.field(default_factory=lambda: _null_frame("", {}))
 
     @classmethod
-    def empty(cls, ordering: str, run_name: str = "") -> "ProbeResults":
+    def empty(cls, ordering: str, run_name: str = "") -> ProbeResults:
         return cls(ordering, run_name, empty_distance_table(), torch.zeros(0, 0, dtype=torch.float64),
-                   empty_history_table(), {})
+                   empty_history_table(), {}, _null_frame("", {}))
 
 
 def empty_distance_table() -> pd.DataFrame:
@@ -341,6 +348,17 @@ def _distance_frame(ordering: str, rows: Mapping[str, Any]) -> pd.DataFrame:
         **{c: np.asarray(rows[c], dtype=np.float64) for c in (*GRADIENT_MEASURES, "full_grad_norm")},
     })
     return frame[DISTANCE_COLUMNS]
+
+
+def _null_frame(ordering: str, rows: Mapping[str, Any]) -> pd.DataFrame:
+    n = len(rows.get("epoch", []))
+    frame = pd.DataFrame({
+        "ordering": pd.Series([ordering] * n, dtype=object),
+        **{c: np.asarray(rows.get(c, []), dtype=np.int64) for c in ("epoch", "phase", "draw")},
+        **{c: np.asarray(rows.get(c, []), dtype=np.float64)
+           for c in ("learning_rate", *GRADIENT_MEASURES, "full_grad_norm")},
+    })
+    return frame[NULL_COLUMNS]
 
 
 def _history_frame(ordering: str, run_name: str, rows: Mapping[str, Any]) -> pd.DataFrame:
@@ -379,6 +397,8 @@ def run_identity(config: TrainingConfig, ordering: str, num_params: int, param_d
                 "param_dtype": str(param_dtype), "data": data_fingerprint}
     if probe and config.traces(ordering):
         identity["trace_check"] = True  # only when on, so that runs without it keep their names
+    if probe and config.null_batches:
+        identity["null_batches"] = config.null_batches  # likewise
     return identity
 
 
@@ -479,7 +499,8 @@ def check_expected_time(config: TrainingConfig, num_batches: int, batch_size: in
             "expected_hours",
             f"the run would take about {hours:,.1f} hours ({orderings} orderings x {config.num_epochs} epochs x "
             f"{num_batches} batches of {batch_size} at {per_step:.3g} s per probed step of {config.model} on "
-            f"{device.type}, measured on {steps} step{'s' if steps > 1 else ''} of {min(batch_size, 16)} images and scaled), more than the {config.expected_hours:g} hours this environment "
+            f"{device.type}, measured on {steps} step{'s' if steps > 1 else ''} of {min(batch_size, 16)} images and "
+            f"scaled), more than the {config.expected_hours:g} hours this environment "
             "expects",
             f"Confirm with --params gradient_training.expected_hours={math.ceil(hours)}, or choose a smaller model "
             "(training.model.name), fewer epochs (training.phases), or a GPU.")
@@ -633,10 +654,14 @@ class GradientProbeRun:
         plan = result.plan
         measures = None
         if probe is not None:
+            # The same-parameter null: R random batches through the same net_compare, still at θ_e.
+            null_rows = probe.null_gradients(self._null_batch(plan.epoch, r) for r in range(self.config.null_batches))
             try:
-                measures = probe.measures()
+                measures = probe.measures(null_rows)
             except NonFiniteGradientError as error:
                 raise DivergenceError(self._divergence_message(plan, None, str(error))) from error
+            if "null" in measures:
+                self._record_null(plan, measures, progress)
         kept = plan.epoch in self.kept_epochs
         if kept:
             progress.gradient_checksums[plan.epoch] = probe.checksums
@@ -728,6 +753,28 @@ class GradientProbeRun:
         return (inputs.to(self.device, non_blocking=non_blocking),
                 self.data.train_labels[rows].to(self.device, non_blocking=non_blocking))
 
+    def _null_batch(self, epoch: int, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random batch ``draw`` of ``epoch``: ``m`` training images without replacement, seeded per
+        (seed, ordering, epoch, draw), augmented (when on) with a stream apart from the fixed batches'."""
+        data = self.data
+        rng = np.random.default_rng([self.config.seed, zlib.crc32(self.ordering.encode()), epoch, draw])
+        rows = torch.from_numpy(rng.choice(data.train_images.shape[0], size=data.batch_size, replace=False))
+        inputs = to_model_input(data.train_images[rows], dtype=self.param_dtype)
+        if self.config.recipe.augment:
+            inputs = augment(inputs, batch_generator(self.config.seed, epoch, data.num_batches + draw))
+        return inputs.to(self.device), data.train_labels[rows].to(self.device)
+
+    def _record_null(self, plan: EpochPlan, measures: Mapping[str, Any], progress: Progress) -> None:
+        null, count = measures["null"], len(measures["null"]["distance"])
+        rows = progress.null
+        rows["epoch"] += [plan.epoch] * count
+        rows["phase"] += [plan.phase] * count
+        rows["learning_rate"] += [plan.learning_rate] * count
+        rows["draw"] += list(range(count))
+        for c in GRADIENT_MEASURES:
+            rows[c] += null[c].tolist()
+        rows["full_grad_norm"] += [measures["full_grad_norm"]] * count
+
     def _divergence_message(self, plan: EpochPlan, batch: int | None, what: str) -> str:
         where = f"epoch {plan.epoch}" + (f", batch {batch}" if batch is not None else "")
         kept = (f"the last good checkpoint (epoch {plan.epoch - 1}) is kept in '{self.store.folder}'"
@@ -804,4 +851,5 @@ class GradientProbeRun:
             matrix = torch.zeros(0, 0, dtype=torch.float64)
         model_state = {k: v.detach().cpu().clone() for k, v in net_normal.state_dict().items()}
         return ProbeResults(self.ordering, self.run_name, distances, matrix,
-                            _history_frame(self.ordering, self.run_name, progress.history), model_state)
+                            _history_frame(self.ordering, self.run_name, progress.history), model_state,
+                            _null_frame(self.ordering, progress.null))

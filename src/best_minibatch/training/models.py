@@ -17,7 +17,8 @@ see ``docs/adding_a_model.md``.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

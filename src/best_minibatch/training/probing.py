@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -62,6 +62,25 @@ def distance_measures(gradients: torch.Tensor | np.ndarray) -> dict[str, np.ndar
         "grad_norm": norms.numpy(),
         "full_grad_norm": float(full_norm),
     }
+
+
+def measures_against(rows: list[torch.Tensor], full: torch.Tensor) -> dict[str, np.ndarray]:
+    """Float64 distance, cosine, relative distance and norm of each row against a given full gradient.
+
+    The same arithmetic as :meth:`EpochGradients.measures`, for gradients that are
+    not part of the mean (the same-parameter null's random batches).
+    """
+    full = full.to(torch.float64)
+    full_norm = float(torch.linalg.vector_norm(full))
+    out = {c: np.zeros(len(rows)) for c in GRADIENT_MEASURES}
+    for i, row in enumerate(rows):
+        row64 = row.to(device=full.device, dtype=torch.float64)
+        norm = float(torch.linalg.vector_norm(row64))
+        distance = float(torch.linalg.vector_norm(row64 - full))
+        out["distance"][i], out["grad_norm"][i] = distance, norm
+        out["cosine_similarity"][i] = float(torch.dot(row64, full)) / (norm * full_norm)
+        out["relative_distance"][i] = distance / full_norm
+    return out
 
 
 # --------------------------------------------------------------------------- one epoch's gradients
@@ -158,6 +177,12 @@ class EpochGradients:
                 row = np.fromfile(stream, dtype=_NUMPY_DTYPES[self.dtype], count=self.num_params)
                 yield torch.from_numpy(row).to(self.device)
 
+    def full_gradient(self) -> torch.Tensor:
+        """The mean of the stored gradients (float64): the full-batch gradient of equation 3."""
+        if self._count != self.num_batches:
+            raise RuntimeError(f"Only {self._count} of {self.num_batches} gradients were stored.")
+        return self._sum / self._count
+
     def measures(self) -> dict[str, np.ndarray | float]:
         """Exact float64 measures of every stored gradient against their mean (see :func:`distance_measures`).
 
@@ -198,7 +223,7 @@ class EpochGradients:
             self._scratch_path.unlink(missing_ok=True)
             self._scratch_path = None
 
-    def __enter__(self) -> "EpochGradients":
+    def __enter__(self) -> EpochGradients:
         return self
 
     def __exit__(self, *exc_info) -> None:

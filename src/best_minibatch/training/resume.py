@@ -25,6 +25,7 @@ from best_minibatch.training.checkpoints import tensor_checksum
 from best_minibatch.training.probing import GRADIENT_MEASURES
 
 DISTANCE_ROW_KEYS = ("epoch", "phase", "learning_rate", "batch", *GRADIENT_MEASURES, "full_grad_norm")
+NULL_ROW_KEYS = ("epoch", "phase", "learning_rate", "draw", *GRADIENT_MEASURES, "full_grad_norm")
 HISTORY_NUMERIC = ["epoch", "phase", "learning_rate", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                    "mean_distance", "seconds", "full_grad_norm", "gradients_kept", "gradient_variance_trace",
                    "n_train", "batch_size"]
@@ -40,6 +41,8 @@ class Progress:
 
     distances: dict[str, list] = field(default_factory=lambda: {c: [] for c in DISTANCE_ROW_KEYS})
     history: dict[str, list] = field(default_factory=lambda: {c: [] for c in HISTORY_NUMERIC})
+    # the same-parameter null's rows (epochs x draws)
+    null: dict[str, list] = field(default_factory=lambda: {c: [] for c in NULL_ROW_KEYS})
     # epoch -> CRC-32 of each spilled gradient (checkpoints.tensor_checksum), to verify the files on resume
     gradient_checksums: dict[int, list[int]] = field(default_factory=dict)
 
@@ -48,6 +51,7 @@ class Progress:
             "distances": {c: torch.tensor(v, dtype=torch.float64 if isinstance(v[0], float) else torch.int64)
                           if v else torch.zeros(0) for c, v in self.distances.items()},
             "history": {c: torch.tensor(v, dtype=torch.float64) for c, v in self.history.items()},
+            "null": {c: torch.tensor(v, dtype=torch.float64) for c, v in self.null.items()},
             "gradient_checksums": {f"{e:03d}": torch.tensor(v, dtype=torch.int64)
                                    for e, v in self.gradient_checksums.items()},
         }
@@ -60,6 +64,8 @@ class Progress:
         epochs = len(state["history"]["epoch"])
         for c in progress.history:  # columns added later read as NaN in older checkpoints
             progress.history[c] = state["history"][c].tolist() if c in state["history"] else [math.nan] * epochs
+        for c, v in state.get("null", {}).items():  # absent in checkpoints of runs without the null
+            progress.null[c] = [int(x) for x in v.tolist()] if c in ("epoch", "phase", "draw") else v.tolist()
         for e, v in state.get("gradient_checksums", {}).items():
             progress.gradient_checksums[int(e)] = v.tolist()
         return progress

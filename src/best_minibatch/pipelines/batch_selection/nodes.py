@@ -1,4 +1,4 @@
-"""Nodes of ``batch_selection``; the logic is in :mod:`best_minibatch.selection.experiment` and :mod:`best_minibatch.selection.statistics`.
+"""Nodes of ``batch_selection``; the logic is in :mod:`best_minibatch.selection`.
 
 Per-ordering datasets arrive as keyword arguments named ``<kind>__<ordering>``
 (the pipeline builds them from the metric registry).
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def prepare_policies(
     image_index: pd.DataFrame, batch_phase_stats: pd.DataFrame, params: dict[str, Any], training: dict[str, Any],
-    sort_batch_size: int, **tables: Any
+    sort_batch_size: int, tie_seed: int, **tables: Any
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Check every parameter, hold out the validation split, and build the static policies' batches.
 
@@ -43,7 +43,7 @@ def prepare_policies(
     skipped = {m: (s or {}).get("reason") or "skipped" for m, s in statuses.items()
                if (s or {}).get("status") != "ok"}
     orderings = {
-        ordering: selection.ordering_batches(scores, ordering, train_ids, config.batch_size)
+        ordering: selection.ordering_batches(scores, ordering, train_ids, config.batch_size, tie_seed)
         for ordering, scores in by_ordering(tables, "image_scores").items()
         if len(scores) and ordering not in skipped
     }

@@ -28,7 +28,7 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
             node(
                 prepare_policies,
                 inputs={"image_index": "image_index", "batch_phase_stats": "batch_phase_stats", "params": params,
-                        **recipe, **per_ordering},
+                        "tie_seed": "params:sort_batches.tie_seed", **recipe, **per_ordering},
                 outputs=["validation_split", "batch_pools", "notes"],
                 name="prepare_policies",
             ),
@@ -54,5 +54,5 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
         template,
         namespace=NAMESPACE,
         inputs={*SHARED_INPUTS, *per_ordering.values()},
-        parameters={name: name for name in (params, *recipe.values())},
+        parameters={name: name for name in (params, *recipe.values(), "params:sort_batches.tie_seed")},
     )

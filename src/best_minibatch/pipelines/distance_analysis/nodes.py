@@ -31,9 +31,11 @@ def tabulate_orderings(**tables: Any) -> pd.DataFrame:
 
 
 def express_in_noise_units(params: dict[str, Any], **tables: pd.DataFrame) -> pd.DataFrame:
-    """All orderings' distances with derived phases and noise units against the null ordering."""
+    """All orderings' distances in noise units: against each ordering's same-network null batches (and,
+    as a secondary column, the null ordering's batches)."""
     params = analysis.check_parameters(params)
-    return analysis.noise_unit_distances(by_ordering(tables, "gradient_distances"), params["null_ordering"])
+    return analysis.noise_unit_distances(by_ordering(tables, "gradient_distances"), params["null_ordering"],
+                                         by_ordering(tables, "null_distances"))
 
 
 def summarise_batches_per_phase(noise_units: pd.DataFrame, **tables: pd.DataFrame) -> pd.DataFrame:

@@ -37,7 +37,8 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
             ),
             node(
                 express_in_noise_units,
-                inputs={"params": params, **per_ordering_inputs("gradient_distances", orderings)},
+                inputs={"params": params, **per_ordering_inputs("gradient_distances", orderings),
+                        **per_ordering_inputs("null_distances", orderings)},
                 outputs="distance_noise_units",
                 name="express_in_noise_units",
             ),

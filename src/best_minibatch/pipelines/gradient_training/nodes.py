@@ -65,12 +65,12 @@ def train_with_gradient_probe(
 
 def publish_probe_results(
     probe_results: ProbeResults | str,
-) -> tuple[pd.DataFrame, torch.Tensor, pd.DataFrame, dict[str, torch.Tensor]]:
-    """Split a finished run into its versioned outputs: distances, distance matrix, history, model."""
+) -> tuple[pd.DataFrame, torch.Tensor, pd.DataFrame, dict[str, torch.Tensor], pd.DataFrame]:
+    """Split a finished run into its versioned outputs: distances, distance matrix, history, model, null distances."""
     if not isinstance(probe_results, ProbeResults):
         raise RuntimeError("train_with_gradient_probe ended without results; see the error it raised above.")
     return (probe_results.distances, probe_results.distance_matrix, probe_results.history,
-            probe_results.model_state)
+            probe_results.model_state, probe_results.null_distances)
 
 
 def _epoch_list(epochs: set[int]) -> str:

@@ -24,7 +24,7 @@ def _ordering_template(ordering: str) -> Pipeline:
             node(
                 publish_probe_results,
                 inputs="probe_results",
-                outputs=["gradient_distances", "distance_matrix", "training_history", "trained_model"],
+                outputs=["gradient_distances", "distance_matrix", "training_history", "trained_model", "null_distances"],
                 name="publish_probe_results",
             ),
         ]

@@ -15,8 +15,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from best_minibatch.analysis import figures
-from best_minibatch.analysis import report
+from best_minibatch.analysis import figures, report
 from best_minibatch.analysis.statistics import check_parameters
 from best_minibatch.pipelines.orderings import by_ordering
 
