@@ -351,6 +351,7 @@ def test_planted_structure_gives_exactly_the_planted_verdicts():
         ("later_phases_extremes_worse", "color", 2): "supported",
         ("later_phases_extremes_worse", "edges", 2): "supported",
         ("later_phases_extremes_worse", "perceptual", 2): f"not tested (metric skipped: {SKIP_REASON})",
+        ("later_phases_extremes_worse", "perceptual", 3): f"not tested (metric skipped: {SKIP_REASON})",
         ("later_phases_extremes_worse", "intensity", 3): "undecided",
         ("later_phases_extremes_worse", "color", 3): "undecided",
         ("later_phases_extremes_worse", "edges", 3): "undecided",
@@ -364,6 +365,18 @@ def test_null_run_leaves_every_claim_undecided(seed):
     claims = run_analysis(run)["claims"]
     assert len(claims) == 2 + 1 + 1 + 4 * 2
     assert set(claims["verdict"]) == {"undecided"}
+
+
+def test_a_skipped_metric_has_a_not_tested_row_per_phase_like_a_tested_metric():
+    """A skipped metric's rows are labelled with the phases a tested metric's rows have, and count the same."""
+    run = synthetic_run(effects=planted_effects(), seed=3)  # three phases, perceptual skipped
+    claims = run_analysis(run)["claims"]
+    later = claims[claims["claim_id"] == "later_phases_extremes_worse"]
+    phases = later.groupby("ordering")["phase"].apply(list).to_dict()
+    assert phases == {"intensity": [2, 3], "color": [2, 3], "edges": [2, 3], "perceptual": [2, 3]}
+    skipped = later[later["ordering"] == "perceptual"]
+    assert skipped["verdict"].str.startswith("not tested (metric skipped").all()
+    assert skipped["p_holm"].isna().all()  # not tested: outside Holm's family
 
 
 def test_claims_after_the_first_phase_are_not_tested_in_a_one_phase_run():

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -61,12 +62,52 @@ def viz_environment() -> dict[str, str]:
     return {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
 
 
+def start_group(command: list[str], **options) -> subprocess.Popen:
+    """Start ``command`` as the leader of a new process group, so that it and every process it starts
+    (kedro viz runs its server in a child process; Chromium starts several) can be stopped together."""
+    return subprocess.Popen(command, start_new_session=True, **options)
+
+
+def stop_group(process: subprocess.Popen, grace: float = 10) -> None:
+    """Stop ``process`` and its whole process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break  # the group is gone
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        if not _group_alive(process.pid):
+            break
+    process.wait(timeout=30)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def run_group(command: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for a command that starts processes of its own: they are all stopped when it returns."""
+    process = start_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    finally:
+        stop_group(process)
+
+
 @pytest.fixture(scope="module")
 def viz_server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("viz") / "kedro-viz.log"
     with log.open("w") as output:
-        process = subprocess.Popen(
+        process = start_group(
             [str(KEDRO), "viz", "run", "--host", "127.0.0.1", "--port", str(port), "--no-browser"],
             cwd=PROJECT_ROOT,
             env=viz_environment(),
@@ -81,18 +122,11 @@ def viz_server(tmp_path_factory):
             raise AssertionError(f"{error}; kedro viz said:\n{log.read_text()[-3000:]}") from error
         yield f"http://127.0.0.1:{port}", api
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_group(process)  # `kedro viz run` serves from a child process: terminating kedro alone orphans it
 
 
 def run_chromium(url: str, profile: Path, *extra: str) -> str:
-    result = subprocess.run(
-        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    return result.stdout
+    return run_group([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url], timeout=180).stdout
 
 
 def test_viz_api_lists_pipelines_namespaces_and_layers(viz_server):
@@ -125,12 +159,12 @@ def test_viz_in_headless_chromium_shows_pipelines_and_a_training_node(viz_server
 
 def test_viz_build_makes_a_static_site_that_serves_over_http(tmp_path):
     project = copy_project(tmp_path / "project")
-    subprocess.run([str(KEDRO), "viz", "build"], cwd=project, env=viz_environment(), check=True, timeout=600,
-                   capture_output=True)
+    built = run_group([str(KEDRO), "viz", "build"], timeout=600, cwd=project, env=viz_environment())
+    assert built.returncode == 0, built.stderr[-3000:]
     build = project / "build"
     assert (build / "index.html").exists()
     port = free_port()
-    server = subprocess.Popen(
+    server = start_group(
         [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(build)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -141,5 +175,4 @@ def test_viz_build_makes_a_static_site_that_serves_over_http(tmp_path):
         api = json.loads(wait_for(f"http://127.0.0.1:{port}/api/main", 30, server))
         assert set(PIPELINES) <= {p["id"] for p in api["pipelines"]}
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_group(server)

@@ -81,10 +81,13 @@ def test_report_holds_every_claim_with_its_verdict_and_numbers(page_and_result):
 def test_report_states_each_finding_and_flags_one_that_class_balance_explains():
     page, _, _ = _report()
     findings = page.split("<h2>The paper's claims, tested</h2>")[1].split("</ul>")[0]
-    assert findings.count("<li>") == 11
+    assert findings.count("<li>") == 12  # 9 tested rows; perceptual skipped: phase 1, and phases 2 and 3
     assert ("<b>intensity, phase 1</b>: claim “upper quartile of the metric closer to the full gradient than the "
             "other 75%” — <b>supported</b>") in findings
     assert "<b>perceptual, phase 1</b>: not tested: metric skipped" in findings
+    for phase in (2, 3):  # like the tested metrics' rows of the claim about later phases
+        assert f"<b>perceptual, phase {phase}</b>: not tested: metric skipped" in findings
+    assert "Tested: 9;" in page and "Not tested: 3.</b>" in page
     run = synthetic_run(phase_lengths=(3,), learning_rates=(0.1,), skipped=(), n_batches=20, noise=0.3, seed=5)
     summary = run["orderings"]["intensity"]["batch_summary"]
     entropy = np.where((np.arange(20) + 0.5) / 20 > 0.75, 1.35, 0.9)

@@ -76,10 +76,26 @@ def script_and_data(tmp_path_factory, sample_dataset) -> tuple[Path, Path]:
     return folder / "run.py", folder / "data.pt"
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
 def start(script: Path, data: Path, work: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), str(work), str(out), str(data)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, str(script), str(work), str(out), str(data)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _STARTED.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def stop_started_runs():
+    """Every run a test started is stopped when the test ends, whatever its outcome."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=60)
 
 
 def test_rerun_after_sigkill_resumes_and_matches_an_uninterrupted_run(tmp_path, script_and_data):

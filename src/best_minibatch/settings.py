@@ -5,9 +5,14 @@ import warnings
 from kedro.config import OmegaConfigLoader
 
 from best_minibatch.hooks import RunChecks
+from best_minibatch.run_hooks import RunRecord
 
 # Every parameter and input of a run is checked before its first node (docs/reliability.md).
-HOOKS = (RunChecks(),)
+# RunRecord pins every input to the last completed run's versions (first of all hooks) and its
+# lock_hook lets one run at a time use the data folder (last, once every check has passed):
+# docs/data_flow.md, "Which versions a run reads".
+_RUN_RECORD = RunRecord()
+HOOKS = (RunChecks(), _RUN_RECORD, _RUN_RECORD.lock_hook)
 
 # kedro-viz writes a .viz/ folder on every run through its hooks; runs don't need it.
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-viz",)

@@ -240,7 +240,9 @@ def _claims_section(claims: pd.DataFrame, alpha: float, null_ordering: str) -> s
     summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICT_COLORS)
     lines = [
         "<h2>The paper's claims, tested</h2>",
-        f"<p><b>Tested: {len(tested)}; {summary}. Not tested: {len(claims) - len(tested)}.</b></p>",
+        f"<p><b>Tested: {len(tested)}; {summary}. Not tested: {len(claims) - len(tested)}.</b> Each count is of "
+        "rows: one claim, for one metric, in one phase (a metric that could not be tested has a row for each "
+        "phase its claim covers, like a tested one).</p>",
         "<ul>" + "".join(_finding(row) for _, row in claims.iterrows()) + "</ul>",
         f"<p class='note'>Section 5 of the paper reads these conclusions off heat maps. Here each is a permutation "
         f"test (batches are the units; each batch contributes its mean distance over the phase's epochs, in noise "

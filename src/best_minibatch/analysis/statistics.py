@@ -476,6 +476,9 @@ def claim_verdicts(
     """
     status = ordering_status.set_index("ordering")
     n_phases = comparisons.groupby("ordering")["phase"].max().to_dict() if len(comparisons) else {}
+    # The run's phases (every ordering trains with the same schedule): a metric that could not be tested
+    # gets a row per phase its claim covers, labelled and counted like a tested metric's rows.
+    run_phases = max(n_phases.values(), default=0)
     indexed = comparisons.set_index(["ordering", "phase", "comparison"]) if len(comparisons) else None
     number_columns = (
         "group_batches", "n_group", "n_rest", "mean_group", "mean_rest", "difference", "cohens_d",
@@ -507,7 +510,8 @@ def claim_verdicts(
             else:
                 reason = ""
             if reason:
-                rows.append({**base, "phase": first_untested_phase, "not_tested": reason})
+                phases = ([1] if claim.phases == "first" else list(range(2, run_phases + 1))) or [first_untested_phase]
+                rows.extend({**base, "phase": phase, "not_tested": reason} for phase in phases)
                 continue
             phases = [1] if claim.phases == "first" else list(range(2, n_phases[metric] + 1))
             for phase in phases:

@@ -149,6 +149,9 @@ def read_image_folder(path: Path) -> ImageDataset:
             return _read_zip_entry(archive, path, name)
 
     else:
+        mismatch = _layout_mismatch(path, "image_folder")
+        if mismatch is not None:
+            raise mismatch
         raise DatasetInputError(
             f"'{path}' is not a folder or a readable zip archive (corrupt or truncated?). "
             "Rebuild the archive or point ingest_cifar.source.path at the extracted folder."
@@ -334,7 +337,17 @@ def _load_canonical_pickles(path: Path) -> dict[str, dict]:
         for file in path.rglob("*"):
             if file.is_file() and file.name in CANONICAL_FILES:
                 found[file.name] = _unpickle(file.read_bytes(), f"{path}:{file.relative_to(path)}")
+        if not found:
+            mismatch = _layout_mismatch(path, "cifar_python")
+            if mismatch is not None:
+                raise mismatch
         return found
+    if zipfile.is_zipfile(path):  # tarfile would call it a corrupt tar archive
+        raise _layout_mismatch(path, "cifar_python") or DatasetInputError(
+            f"'{path}' is a zip archive; layout 'cifar_python' reads the CIFAR-10 python release as the original "
+            "cifar-10-python.tar.gz or as its extracted folder. Extract the zip and set ingest_cifar.source.path "
+            "to the folder, or use the .tar.gz."
+        )
     with _open_tar(path) as archive:
         try:
             for member in archive:
@@ -347,6 +360,34 @@ def _load_canonical_pickles(path: Path) -> dict[str, dict]:
                 f"Corrupt or truncated tar archive '{path}': {error}. Re-download cifar-10-python.tar.gz."
             ) from error
     return found
+
+
+def _layout_mismatch(path: Path, asked: str) -> DatasetInputError | None:
+    """When ``path`` holds the other layout than ``asked``: an error saying what it is and which layout reads it."""
+    try:
+        found = detect_layout(path)
+    except DatasetInputError:
+        return None  # unreadable or unknown: the caller's own message applies
+    kind = "a folder" if path.is_dir() else "a zip archive" if zipfile.is_zipfile(path) else "a tar archive"
+    if found == asked and not (found == "cifar_python" and kind == "a zip archive"):
+        return None
+    if found == "image_folder":
+        return DatasetInputError(
+            f"'{path}' is {kind} of image folders (train/<class>/<image> and test/<class>/<image>), which layout "
+            f"'image_folder' reads, not '{asked}'. Set ingest_cifar.source.layout: image_folder (or auto, which "
+            "recognises it)."
+        )
+    release = "the CIFAR-10 python release (data_batch_1..5, test_batch, batches.meta)"
+    if kind == "a zip archive":
+        return DatasetInputError(
+            f"'{path}' is a zip archive holding {release}. Layout 'cifar_python' reads that release as the original "
+            "cifar-10-python.tar.gz or as its extracted folder: extract the zip and set ingest_cifar.source.path to "
+            "the folder (layout: cifar_python or auto)."
+        )
+    return DatasetInputError(
+        f"'{path}' is {kind} holding {release}, which layout 'cifar_python' reads, not '{asked}'. Set "
+        "ingest_cifar.source.layout: cifar_python (or auto, which recognises it)."
+    )
 
 
 def _open_tar(path: Path) -> tarfile.TarFile:
