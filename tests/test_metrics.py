@@ -13,7 +13,9 @@ import pytest
 import torch
 import torchvision
 
-from best_minibatch.metrics import scoring as metrics
+from best_minibatch.metrics import lpips_weights
+from best_minibatch.metrics import perceptual as metrics
+from best_minibatch.metrics import scoring as metrics_scoring
 from best_minibatch.metrics.scoring import (
     METRICS,
     MetricConfigError,
@@ -48,9 +50,11 @@ HAND_MADE = np.stack([BLACK, WHITE, RED, RED_BLUE, RED_GREEN])
 
 @pytest.fixture
 def no_cached_alexnet(tmp_path, monkeypatch):
-    """A torchvision cache that certainly lacks the AlexNet weights (torch.hub.get_dir() follows TORCH_HOME)."""
+    """No source has the AlexNet weights: an empty torch cache (torch.hub.get_dir() follows TORCH_HOME, and
+    both torchvision's file and the converted one live under it), downloads off (the default)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    assert not metrics.alexnet_weights_path({"backbone_weights": None}).exists()
+    assert not lpips_weights.torchvision_cache_path().exists()
+    assert not lpips_weights.stored_weights_path().exists()
 
 
 @pytest.fixture
@@ -202,7 +206,8 @@ def test_edges_thresholds_and_blur_are_parameters():
     noisy = rng.integers(0, 256, size=(20, SIDE, SIDE, 3), dtype=np.uint8)
     default, _ = score_images("edges", noisy, np.arange(20), {})
     blurred, _ = score_images("edges", noisy, np.arange(20), {"edges": {"blur_kernel_size": 5}})
-    strict_thresholds, _ = score_images("edges", noisy, np.arange(20), {"edges": {"low_threshold": 400, "high_threshold": 800}})
+    strict_thresholds, _ = score_images("edges", noisy, np.arange(20),
+                                        {"edges": {"low_threshold": 400, "high_threshold": 800}})
     assert (blurred["score"] < default["score"]).all()
     assert (strict_thresholds["score"] < default["score"]).all()
     with pytest.raises(MetricConfigError, match="low_threshold"):
@@ -235,27 +240,31 @@ def test_perceptual_missing_weights_default_skips_with_one_loud_warning(
         table, status = score_images("perceptual", HAND_MADE, np.arange(5), {})
     assert status["metric"] == "perceptual" and status["status"] == "skipped"
     assert "alexnet-owt-7be5be79.pth" in status["reason"]
-    assert "score_metrics.perceptual.backbone_weights" in status["reason"]  # names the fix
+    assert "make weights" in status["reason"]  # names the one command that fixes it
+    assert "score_metrics.perceptual.backbone_weights" in status["reason"]
     assert len(table) == 0 and list(table.columns) == ["image_id", "score"]
     assert table.dtypes.tolist() == [np.dtype("int64"), np.dtype("float64")]
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "SKIPPED" in warnings[0].getMessage() and "TORCH_HOME" in warnings[0].getMessage()
+    assert "SKIPPED" in warnings[0].getMessage() and "make weights" in warnings[0].getMessage()
 
 
 def test_perceptual_missing_weights_strict_raises_before_any_work(no_cached_alexnet, perceptual_must_not_score):
-    with pytest.raises(MetricUnavailableError, match=r"score_metrics\.perceptual\.strict is true"):
+    with pytest.raises(MetricUnavailableError, match=r"score_metrics\.perceptual\.strict is true") as raised:
         score_images("perceptual", HAND_MADE, np.arange(5), {"perceptual": {"strict": True}})
+    assert "make weights" in str(raised.value)
 
 
 def test_perceptual_named_weights_file_that_is_missing_is_a_config_error(tmp_path, perceptual_must_not_score):
     with pytest.raises(MetricConfigError, match=r"score_metrics\.perceptual\.backbone_weights names"):
-        score_images("perceptual", HAND_MADE, np.arange(5), {"perceptual": {"backbone_weights": str(tmp_path / "nope.pth")}})
+        score_images("perceptual", HAND_MADE, np.arange(5),
+                     {"perceptual": {"backbone_weights": str(tmp_path / "nope.pth")}})
 
 
 @pytest.mark.parametrize(
     "option, value",
-    [("batch_size", 0), ("upsample_to", 16), ("device", "tpu"), ("strict", "yes")],
+    [("batch_size", 0), ("upsample_to", 16), ("device", "tpu"), ("strict", "yes"), ("download", "no"),
+     ("cpu_threads", 0)],
 )
 def test_perceptual_bad_options_are_errors_even_without_weights(no_cached_alexnet, option, value):
     with pytest.raises(MetricConfigError, match=rf"score_metrics\.perceptual\.{option}"):
@@ -274,7 +283,13 @@ def test_perceptual_code_path_with_random_backbone_not_lpips(random_alexnet_file
     images = sample_dataset.images["train"][:120].numpy()
     params = {"perceptual": {"backbone_weights": str(random_alexnet_file), "batch_size": 50, "upsample_to": 64}}
     table, status = score_images("perceptual", images, np.arange(120), params)
-    assert status == {"metric": "perceptual", "status": "ok", "reason": None}
+    assert {k: status[k] for k in ("metric", "status", "reason")} == {
+        "metric": "perceptual", "status": "ok", "reason": None}
+    # The status says which file the scores rest on: the named one, unproven (the user chose it).
+    assert status["provenance"]["source"] == "score_metrics.perceptual.backbone_weights"
+    assert status["provenance"]["path"] == str(random_alexnet_file)
+    assert status["provenance"]["sha256"] == lpips_weights.sha256_of(random_alexnet_file)
+    assert status["provenance"]["proof"] is None
     assert len(table) == 120 and np.isfinite(table["score"]).all() and (table["score"] > 0).all()
 
     # The backbone really holds the file's weights (not lpips' own random initialisation).
@@ -295,10 +310,10 @@ def test_perceptual_code_path_with_random_backbone_not_lpips(random_alexnet_file
 
 def test_lpips_input_is_scaled_to_minus_one_one_and_upsampled():
     images = np.stack([BLACK, WHITE])
-    native = metrics._to_lpips_input(images, None, torch.device("cpu"))
+    native = metrics.to_lpips_input(images, None, torch.device("cpu"))
     assert native.shape == (2, 3, 32, 32)
     assert native[0].eq(-1).all() and native[1].eq(1).all()
-    upsampled = metrics._to_lpips_input(images, 64, torch.device("cpu"))
+    upsampled = metrics.to_lpips_input(images, 64, torch.device("cpu"))
     assert upsampled.shape == (2, 3, 64, 64) and upsampled[1].eq(1).all()
 
 
@@ -316,3 +331,92 @@ def test_combine_scores_has_one_row_per_image_and_columns_per_metric():
     assert combined["image_id"].tolist() == ids.tolist()
     assert combined["perceptual"].isna().all()
     assert combined["color_hue"].tolist() == tables["color"]["hue"].tolist()
+
+
+# --------------------------------------------------------------------------- metrics without information of their own
+
+
+@pytest.fixture
+def test_only_metrics():
+    """Registers test-only metrics for one test and removes them afterwards."""
+    added = []
+
+    def register(name, function, **options):
+        register_metric(name, description=f"test-only: {name}", **options)(function)
+        added.append(name)
+
+    yield register
+    for name in added:
+        METRICS.pop(name, None)
+
+
+def test_a_metric_ordering_the_images_like_an_earlier_one_is_skipped_with_the_reason(sample_dataset, test_only_metrics,
+                                                                                     caplog):
+    # Mean brightness: intensity divided by the pixel count, so exactly intensity's order.
+    test_only_metrics("mean_brightness", lambda images, options: pd.DataFrame(
+        {"score": images.reshape(len(images), -1).mean(axis=1)}))
+    images = sample_dataset.images["train"][:400].numpy()
+    ids = np.arange(400)
+    intensity, _ = score_images("intensity", images, ids, {})
+    with caplog.at_level(logging.WARNING, logger="best_minibatch.metrics.scoring"):
+        table, status = score_images("mean_brightness", images, ids, {}, compare_with={"intensity": intensity})
+    assert len(table) == 0 and list(table.columns) == ["image_id", "score"]
+    assert status["status"] == "skipped"
+    assert status["reason"] == ("carries no information of its own on this data: it orders the 400 images exactly "
+                                "as 'intensity' does, so its batches would be intensity's (kept: intensity)")
+    assert "METRIC 'mean_brightness' SKIPPED" in caplog.text
+    # Without intensity to compare with, or against a metric that orders differently, it is kept.
+    assert score_images("mean_brightness", images, ids, {}, compare_with={})[1]["status"] == "ok"
+    edges, _ = score_images("edges", images, ids, {})
+    assert score_images("mean_brightness", images, ids, {}, compare_with={"edges": edges})[1]["status"] == "ok"
+    # A skipped (empty) table or one of other images is not compared.
+    empty = METRICS["intensity"].empty_scores()
+    assert score_images("mean_brightness", images, ids, {}, compare_with={"intensity": empty})[1]["status"] == "ok"
+    shifted = intensity.assign(image_id=intensity["image_id"] + 1000)
+    assert score_images("mean_brightness", images, ids, {}, compare_with={"intensity": shifted})[1]["status"] == "ok"
+
+
+def test_a_metric_with_one_score_for_every_image_is_skipped(test_only_metrics):
+    test_only_metrics("always_seven", lambda images, options: pd.DataFrame({"score": np.full(len(images), 7.0)}))
+    table, status = score_images("always_seven", HAND_MADE, np.arange(5), {}, compare_with={})
+    assert len(table) == 0 and status["status"] == "skipped"
+    assert len(score_images("always_seven", HAND_MADE, np.arange(5), {})[0]) == 5  # not screened unless asked
+    assert status["reason"] == ("carries no information of its own on this data: all 5 images have the same score, "
+                                "so its batches would follow the tie-break alone")
+
+
+def test_colour_on_grayscale_images_is_skipped_as_undefined_hue_and_saturation(sample_dataset):
+    rgb = sample_dataset.images["train"][:500].numpy()
+    gray = np.repeat(cv2.cvtColor(rgb.reshape(-1, SIDE, 3), cv2.COLOR_RGB2GRAY).reshape(500, SIDE, SIDE, 1), 3, axis=3)
+    ids = np.arange(500)
+    intensity, _ = score_images("intensity", gray, ids, {})
+    # What the check catches: on gray images, colour's ordering (hue 0, saturation 0, then value) is intensity's.
+    unchecked, _ = score_images("color", gray, ids, {})
+    assert (unchecked["hue"] == 0).all() and (unchecked["saturation"] == 0).all()
+    colour_ranks = metrics_scoring.sort_ranks(unchecked, ("hue", "saturation", "value"))
+    pd.testing.assert_series_equal(colour_ranks, metrics_scoring.sort_ranks(intensity, ("score",)))
+    assert colour_ranks.nunique() < len(colour_ranks)  # tied images too: equal ranks, whatever breaks the ties
+    table, status = score_images("color", gray, ids, {}, compare_with={"intensity": intensity})
+    assert len(table) == 0 and status["status"] == "skipped"
+    assert "hue and saturation are undefined on grayscale images" in status["reason"]
+    assert "exactly as 'intensity' does" in status["reason"]
+    # The same images in colour keep their colour ordering.
+    colour_intensity, _ = score_images("intensity", rgb, ids, {})
+    assert score_images("color", rgb, ids, {}, compare_with={"intensity": colour_intensity})[1]["status"] == "ok"
+
+
+def test_ties_count_a_metric_that_only_breaks_another_metrics_ties_is_kept(test_only_metrics):
+    # Intensity ties on HAND_MADE's images 2, 3 and 4 (255 per pixel each); sort_batches breaks ties by a
+    # seeded random key, so a metric that orders them by image_id instead makes other batches: kept.
+    def pixel_sum(images):
+        return images.reshape(len(images), -1).sum(axis=1, dtype=np.int64).astype(float)
+
+    test_only_metrics("intensity_then_id", lambda images, options: pd.DataFrame(
+        {"score": pixel_sum(images) * 10 + np.arange(len(images))}))
+    test_only_metrics("twice_intensity", lambda images, options: pd.DataFrame({"score": pixel_sum(images) * 2}))
+    ids = np.arange(5)
+    intensity, _ = score_images("intensity", HAND_MADE, ids, {})
+    earlier = {"intensity": intensity}
+    assert score_images("intensity_then_id", HAND_MADE, ids, {}, compare_with=earlier)[1]["status"] == "ok"
+    status = score_images("twice_intensity", HAND_MADE, ids, {}, compare_with=earlier)[1]
+    assert status["status"] == "skipped" and "exactly as 'intensity' does" in status["reason"]

@@ -13,7 +13,7 @@ from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import ParquetDataset
 
 from best_minibatch import settings
-from best_minibatch.metrics.scoring import METRICS
+from best_minibatch.metrics.scoring import METRICS, score_images
 from best_minibatch.pipelines.score_metrics import create_pipeline as create_score_metrics
 from best_minibatch.pipelines.sort_batches import create_pipeline as create_sort_batches
 
@@ -46,6 +46,7 @@ def in_memory_catalog(dataset, parameters) -> DataCatalog:
 
 @pytest.fixture
 def no_cached_alexnet(tmp_path, monkeypatch):
+    """No source has the AlexNet weights: torchvision's file and the converted one both live under TORCH_HOME."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
 
 
@@ -56,7 +57,8 @@ def test_both_pipelines_run_every_ordering_with_perceptual_skipped_without_weigh
     catalog = in_memory_catalog(sample_dataset, parameters)
     with caplog.at_level(logging.INFO):
         SequentialRunner().run(create_score_metrics() + create_sort_batches(), catalog)
-    project_warnings = [r for r in caplog.records if r.name.startswith("best_minibatch") and r.levelno >= logging.WARNING]
+    project_warnings = [r for r in caplog.records
+                        if r.name.startswith("best_minibatch") and r.levelno >= logging.WARNING]
     assert len(project_warnings) == 1 and "SKIPPED" in project_warnings[0].getMessage()  # one loud warning
 
     for metric in METRICS:
@@ -64,7 +66,7 @@ def test_both_pipelines_run_every_ordering_with_perceptual_skipped_without_weigh
         assignments = catalog.load(f"{metric}.batch_assignments")
         summary = catalog.load(f"{metric}.batch_summary")
         if metric == "perceptual":
-            assert status["status"] == "skipped" and "backbone_weights" in status["reason"]
+            assert status["status"] == "skipped" and "make weights" in status["reason"]
             assert len(catalog.load("perceptual.image_scores")) == 0
             assert len(assignments) == 0 and len(summary) == 0
             assert "class_count_airplane" in summary.columns
@@ -84,11 +86,27 @@ def test_both_pipelines_run_every_ordering_with_perceptual_skipped_without_weigh
 def test_one_namespace_runs_on_its_own(sample_dataset):
     parameters = project_config()["parameters"]
     catalog = in_memory_catalog(sample_dataset, parameters)
+    # edges is compared with the metrics registered before it: their tables of an earlier run.
+    ids = sample_dataset.index.query("split == 'train'").sort_values("row")["image_id"].to_numpy()
+    for earlier in ("intensity", "color"):
+        scores, _ = score_images(earlier, sample_dataset.images["train"].numpy(), ids, {})
+        catalog.save(f"{earlier}.image_scores", scores)
     pipeline = (create_score_metrics() + create_sort_batches()).only_nodes_with_namespaces(["edges"])
     assert {node.name for node in pipeline.nodes} == {"edges.score_images", "edges.sort_into_batches"}
+    assert {"intensity.image_scores", "color.image_scores"} <= pipeline.inputs()
     outputs = SequentialRunner().run(pipeline, catalog)
     assert set(outputs) == {"edges.metric_status", "edges.batch_assignments", "edges.batch_summary"}
     assert len(catalog.load("edges.batch_summary")) == 50
+
+
+def test_each_metric_reads_the_score_tables_of_the_metrics_registered_before_it():
+    names = list(METRICS)
+    for node in create_score_metrics().nodes:
+        if node.name.endswith(".score_images"):
+            metric = node.name.split(".")[0]
+            earlier = names[:names.index(metric)]
+            assert node.inputs == ["train_images", "image_index", "params:score_metrics",
+                                   *(f"{e}.image_scores" for e in earlier)]
 
 
 def test_catalog_factories_give_every_metric_its_own_versioned_files():

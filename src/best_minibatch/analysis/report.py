@@ -209,11 +209,23 @@ def _setup_section(setup, ordering_status, histories, parameters, null_ordering)
                                     **({"n_seeds": "seeds"} if "n_seeds" in table else {}),
                                     "final_train_accuracy": "final train accuracy",
                                     "final_test_accuracy": "final test accuracy", "final_test_loss": "final test loss"}))
+    lines.append(_provenance_html(ordering_status))
     shown = {k: parameters[k] for k in ("ingest_cifar", "score_metrics", "sort_batches", "gradient_training",
                                         "distance_analysis", "visualize") if k in parameters}
     lines.append("<details><summary>Parameters of this run</summary><pre>"
                  f"{_escape(json.dumps(shown, indent=2, default=str))}</pre></details>")
     return "\n".join(lines)
+
+
+def _provenance_html(ordering_status: pd.DataFrame) -> str:
+    """What each metric's scores rest on (the perceptual metric's weights: source and sha256), where recorded."""
+    if "provenance" not in ordering_status:
+        return ""
+    recorded = ordering_status[ordering_status["provenance"].fillna("") != ""]
+    if recorded.empty:
+        return ""
+    items = "".join(f"<li><b>{_escape(r.ordering)}</b>: {_escape(r.provenance)}</li>" for r in recorded.itertuples())
+    return f"<h3>Pretrained weights</h3><ul>{items}</ul>"
 
 
 def _short_verdict(verdict: str) -> str:

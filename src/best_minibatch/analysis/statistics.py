@@ -895,12 +895,14 @@ def ordering_status_table(
     statuses: Mapping[str, Mapping], distances_by_ordering: Mapping[str, pd.DataFrame]
 ) -> pd.DataFrame:
     """One row per ordering: ``status`` (``ok`` / ``skipped`` / ``no data``), ``reason``, epochs, batches, phases,
-    seeds (``n_seeds``: the runs of the ordering)."""
+    seeds (``n_seeds``: the runs of the ordering) and ``provenance``: what the metric's scores rest on, as its
+    status records it (e.g. the perceptual metric's weights: source and sha256), ``""`` when it records nothing."""
     rows = []
     for ordering, distances in distances_by_ordering.items():
         status = dict(statuses.get(ordering) or {})
         state = status.get("status", "ok")
         reason = status.get("reason")
+        provenance = status.get("provenance") or {}
         if state != "skipped" and len(distances) == 0:
             state, reason = "no data", reason or "the gradient_distances table has no rows"
         if len(distances):
@@ -910,7 +912,9 @@ def ordering_status_table(
         else:
             n_epochs = n_phases = n_batches = n_seeds = 0
         rows.append({"ordering": ordering, "status": state, "reason": reason or "", "n_epochs": n_epochs,
-                     "n_phases": n_phases, "n_batches": int(n_batches), "n_seeds": n_seeds})
+                     "n_phases": n_phases, "n_batches": int(n_batches), "n_seeds": n_seeds,
+                     "provenance": str(provenance.get("description", "")) if isinstance(provenance, dict)
+                     else str(provenance)})
     return pd.DataFrame(rows)
 
 

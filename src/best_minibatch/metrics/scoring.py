@@ -19,32 +19,28 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:  # torch and lpips load lazily: only the perceptual metric needs them
-    import lpips
-    import torch
+from best_minibatch.metrics import perceptual
+from best_minibatch.metrics.options import MetricConfigError, MetricUnavailableError
+from best_minibatch.metrics.options import require_int as _require_int
+from best_minibatch.metrics.options import require_number as _require_number
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["METRICS", "Metric", "MetricConfigError", "MetricUnavailableError", "register_metric", "score_images",
+           "metric_options", "metric_availability", "combine_scores", "uninformative_reason"]
+
 ScoreFunction = Callable[[np.ndarray, Mapping[str, Any]], pd.DataFrame]
 UnavailableReason = Callable[[Mapping[str, Any]], "str | None"]
-
-
-class MetricConfigError(ValueError):
-    """Parameters of a metric that cannot be used; the message names the parameter and the fix."""
-
-
-class MetricUnavailableError(RuntimeError):
-    """A metric that cannot run here (e.g. missing pretrained weights) while its ``strict`` option is on."""
+Provenance = Callable[[Mapping[str, Any]], "dict[str, Any] | None"]
+DegenerateExplanation = Callable[[np.ndarray], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +54,11 @@ class Metric:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     # Returns why the metric cannot run with these options (None: it can); checked before any work.
     unavailable_reason: UnavailableReason | None = None
+    # Returns what the scores rest on (e.g. pretrained weights: source, sha256) for the status record.
+    provenance: Provenance | None = None
+    # Given the images, says why this metric may carry no information of its own on them (e.g. colour on
+    # grayscale images); quoted when the scores turn out constant or ordered like another metric's.
+    explain_degenerate: DegenerateExplanation | None = None
 
     @property
     def score_columns(self) -> tuple[str, ...]:
@@ -97,6 +98,8 @@ def register_metric(
     sort_columns: tuple[str, ...] = ("score",),
     defaults: Mapping[str, Any] | None = None,
     unavailable_reason: UnavailableReason | None = None,
+    provenance: Provenance | None = None,
+    explain_degenerate: DegenerateExplanation | None = None,
 ) -> Callable[[ScoreFunction], ScoreFunction]:
     """Decorator: register the decorated function as metric ``name`` (appended to :data:`METRICS`).
 
@@ -105,7 +108,10 @@ def register_metric(
     metric accepts, with its default; parameters may override only these keys.
     ``unavailable_reason``: optional check, run before any work, that returns why
     the metric cannot run (a metric with a ``strict`` option then raises instead of
-    being skipped).
+    being skipped). ``provenance``: optional, returns what the scores rest on (for
+    instance pretrained weights and their sha256), kept in the metric's status.
+    ``explain_degenerate``: optional, given the images returns why the metric may
+    carry no information of its own on them; :func:`uninformative_reason` quotes it.
     """
 
     def decorator(function: ScoreFunction) -> ScoreFunction:
@@ -120,33 +126,12 @@ def register_metric(
             sort_columns=tuple(sort_columns),
             defaults=dict(defaults or {}),
             unavailable_reason=unavailable_reason,
+            provenance=provenance,
+            explain_degenerate=explain_degenerate,
         )
         return function
 
     return decorator
-
-
-# --------------------------------------------------------------------------- option checks
-
-
-def _require_int(options: Mapping[str, Any], metric: str, key: str, minimum: int) -> int:
-    value = options[key]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise MetricConfigError(
-            f"score_metrics.{metric}.{key} must be an integer >= {minimum}, got {value!r}. "
-            "Fix it in conf/<env>/parameters_score_metrics.yml."
-        )
-    return int(value)
-
-
-def _require_number(options: Mapping[str, Any], metric: str, key: str, minimum: float) -> float:
-    value = options[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value >= minimum:
-        raise MetricConfigError(
-            f"score_metrics.{metric}.{key} must be a number >= {minimum}, got {value!r}. "
-            "Fix it in conf/<env>/parameters_score_metrics.yml."
-        )
-    return float(value)
 
 
 # --------------------------------------------------------------------------- M1: intensity
@@ -187,10 +172,20 @@ def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     return np.stack([hue, saturation, value], axis=1)
 
 
+def color_on_grayscale_images(images: np.ndarray) -> str | None:
+    """Why the colour metric says nothing of its own on grayscale images (None when some pixel has colour)."""
+    red, green, blue = images[..., 0], images[..., 1], images[..., 2]
+    if np.array_equal(red, green) and np.array_equal(green, blue):
+        return ("hue and saturation are undefined on grayscale images: every pixel has R = G = B, so hue and "
+                "saturation are 0 and the colour ordering sorts by brightness alone")
+    return None
+
+
 @register_metric(
     "color",
     description="M2: mean RGB colour as HSV (hue in degrees [0, 360), saturation and value in [0, 1]).",
     sort_columns=("hue", "saturation", "value"),
+    explain_degenerate=color_on_grayscale_images,
 )
 def color_score(images: np.ndarray, options: Mapping[str, Any]) -> pd.DataFrame:
     """Mean colour of the image converted to HSV; ``score`` is the hue (the most significant sort key)."""
@@ -261,188 +256,13 @@ def edges_score(images: np.ndarray, options: Mapping[str, Any]) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- M4: perceptual (LPIPS)
 
-# torchvision's file for AlexNet's ImageNet weights (AlexNet_Weights.IMAGENET1K_V1), as its cache names it.
-ALEXNET_WEIGHTS_FILENAME = "alexnet-owt-7be5be79.pth"
-
-PERCEPTUAL_DEFAULTS = {
-    # Local file with torchvision's AlexNet ImageNet state dict; null: torchvision's cache,
-    # <torch.hub.get_dir()>/checkpoints/alexnet-owt-7be5be79.pth (i.e. under $TORCH_HOME).
-    "backbone_weights": None,
-    # true: missing weights are an error before any work; false: the metric is skipped with a warning.
-    "strict": False,
-    # Side length the images (and the average image) are bilinearly upsampled to before LPIPS;
-    # None = native 32x32, as in the paper (which feeds the images to LPIPS as they are). 64 is
-    # the patch size LPIPS's linear layers were fitted on and gives AlexNet's conv3-conv5 3x3
-    # instead of 1x1 feature maps, at about 4x the cost.
-    "upsample_to": None,
-    "batch_size": 500,
-    "device": "cpu",  # cpu | cuda | auto (cuda when available)
-}
-
-
-def alexnet_weights_path(options: Mapping[str, Any]) -> Path:
-    """Where the AlexNet ImageNet weights are looked for: the parameter, else torchvision's cache."""
-    if options.get("backbone_weights"):
-        return Path(options["backbone_weights"]).expanduser()
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS_FILENAME
-
-
-def _perceptual_settings(options: Mapping[str, Any]) -> tuple[int, int | None, str]:
-    """Checked ``batch_size``, ``upsample_to`` and ``device`` of the perceptual metric."""
-    batch_size = _require_int(options, "perceptual", "batch_size", 1)
-    upsample_to = options["upsample_to"]
-    if upsample_to is not None:
-        upsample_to = _require_int(options, "perceptual", "upsample_to", 32)
-    if not isinstance(options["strict"], bool):
-        raise MetricConfigError(f"score_metrics.perceptual.strict must be true or false, got {options['strict']!r}.")
-    device = str(options["device"])
-    if device not in ("cpu", "cuda", "auto"):
-        raise MetricConfigError(f"score_metrics.perceptual.device must be cpu, cuda or auto, got {device!r}.")
-    return batch_size, upsample_to, device
-
-
-def perceptual_unavailable_reason(options: Mapping[str, Any]) -> str | None:
-    """Why LPIPS cannot run (None: the AlexNet weights are there). A named file that is missing is an error."""
-    _perceptual_settings(options)  # bad options are an error even where the metric would be skipped
-    path = alexnet_weights_path(options)
-    if path.is_file():
-        return None
-    if options.get("backbone_weights"):
-        raise MetricConfigError(
-            f"score_metrics.perceptual.backbone_weights names '{path}', which does not exist. "
-            "Point it at torchvision's AlexNet ImageNet weights file "
-            f"({ALEXNET_WEIGHTS_FILENAME}) or set it to null to use torchvision's cache."
-        )
-    return (
-        f"AlexNet ImageNet weights for LPIPS not found at {path} (torchvision's cache; "
-        "this machine cannot download them). Fix: copy torchvision's "
-        f"{ALEXNET_WEIGHTS_FILENAME} (from https://download.pytorch.org/models/{ALEXNET_WEIGHTS_FILENAME}) "
-        "into $TORCH_HOME/hub/checkpoints/, or set score_metrics.perceptual.backbone_weights to "
-        "a local copy."
-    )
-
-
-def _lpips_with_backbone(backbone_state: Mapping[str, torch.Tensor] | None) -> lpips.LPIPS:
-    """LPIPS (AlexNet, v0.1 linear weights from the lpips wheel) without any download.
-
-    ``pnet_rand=True`` makes lpips build AlexNet randomly initialised instead of
-    asking torchvision for the pretrained weights (which would download them);
-    the ImageNet features are then copied in from ``backbone_state``.
-    """
-    import lpips
-
-    with warnings.catch_warnings():
-        # lpips calls torchvision's deprecated `pretrained=` argument.
-        warnings.simplefilter("ignore", UserWarning)
-        model = lpips.LPIPS(pretrained=True, net="alex", version="0.1", pnet_rand=True, verbose=False)
-    if backbone_state is not None:
-        # lpips keeps AlexNet's `features.<i>` layers as `slice<k>.<i>`.
-        target = model.net.state_dict()
-        missing = [f"features.{key.split('.', 1)[1]}" for key in target
-                   if f"features.{key.split('.', 1)[1]}" not in backbone_state]
-        if missing:
-            raise MetricConfigError(
-                f"The AlexNet weights file lacks {missing[0]} (and {len(missing) - 1} more keys); "
-                "score_metrics.perceptual.backbone_weights must hold torchvision's AlexNet state dict "
-                f"({ALEXNET_WEIGHTS_FILENAME})."
-            )
-        model.net.load_state_dict({key: backbone_state[f"features.{key.split('.', 1)[1]}"] for key in target})
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
-
-
-def load_lpips_alexnet(weights_path: str | Path) -> lpips.LPIPS:
-    """The real LPIPS metric: AlexNet with its ImageNet weights from ``weights_path`` plus lpips' v0.1 layers."""
-    import torch
-
-    try:
-        state = torch.load(Path(weights_path), map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise MetricConfigError(
-            f"Cannot read AlexNet weights from '{weights_path}' ({error}). It must be torchvision's "
-            f"{ALEXNET_WEIGHTS_FILENAME}; fix score_metrics.perceptual.backbone_weights or the cached file."
-        ) from error
-    return _lpips_with_backbone(state)
-
-
-def lpips_with_random_backbone_not_pretrained(seed: int = 0) -> lpips.LPIPS:
-    """NOT LPIPS: the same network with a randomly initialised AlexNet. For timing and code-path tests only."""
-    import torch
-
-    torch.manual_seed(seed)
-    return _lpips_with_backbone(None)
-
-
-def _resolve_device(name: str) -> torch.device:
-    from best_minibatch.training.runtime import resolve_device
-
-    try:
-        return resolve_device(name)
-    except ValueError as error:
-        raise MetricConfigError(f"score_metrics.perceptual.device: {error}; use cpu or auto.") from error
-
-
-def _to_lpips_input(images: np.ndarray, upsample_to: int | None, device: torch.device) -> torch.Tensor:
-    """uint8 (or float) NHWC in [0, 255] -> float32 NCHW in [-1, 1] (LPIPS's input range), optionally upsampled."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    x = x.permute(0, 3, 1, 2).to(torch.float32).div_(127.5).sub_(1.0)
-    if upsample_to is not None and upsample_to != x.shape[-1]:
-        x = F.interpolate(x, size=(upsample_to, upsample_to), mode="bilinear", align_corners=False)
-    return x
-
-
-def lpips_distances_to_reference(
-    model: lpips.LPIPS,
-    images: np.ndarray,
-    reference: np.ndarray,
-    *,
-    batch_size: int = 500,
-    upsample_to: int | None = None,
-    device: str = "cpu",
-) -> np.ndarray:
-    """LPIPS distance of every image (uint8 ``N x H x W x 3``) to one ``reference`` image (``H x W x 3``, 0-255 floats)."""
-    import torch
-
-    target = _resolve_device(device)
-    model = model.to(target)
-    reference_input = _to_lpips_input(reference[None].astype(np.float32), upsample_to, target)
-    distances = np.empty(len(images), dtype=np.float64)
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = _to_lpips_input(images[start:start + batch_size], upsample_to, target)
-            # lpips broadcasts the single reference over the batch.
-            distances[start:start + len(batch)] = model(batch, reference_input).flatten().double().cpu().numpy()
-    return distances
-
-
-@register_metric(
+register_metric(
     "perceptual",
     description="M4: LPIPS (AlexNet, v0.1) distance between each image and the training set's average image.",
-    defaults=PERCEPTUAL_DEFAULTS,
-    unavailable_reason=perceptual_unavailable_reason,
-)
-def perceptual_score(images: np.ndarray, options: Mapping[str, Any]) -> pd.DataFrame:
-    """LPIPS distance to the average image (pixel-wise mean over all scored images), computed in batches."""
-    batch_size, upsample_to, device = _perceptual_settings(options)
-    _resolve_device(device)
-    path = alexnet_weights_path(options)
-    model = load_lpips_alexnet(path)
-    average_image = images.mean(axis=0, dtype=np.float64)
-    started = time.perf_counter()
-    distances = lpips_distances_to_reference(
-        model, images, average_image, batch_size=batch_size, upsample_to=upsample_to, device=device
-    )
-    logger.info(
-        "LPIPS (AlexNet from %s) scored %d images in %.1f s", path, len(images), time.perf_counter() - started
-    )
-    return pd.DataFrame({"score": distances})
+    defaults=perceptual.PERCEPTUAL_DEFAULTS,
+    unavailable_reason=perceptual.perceptual_unavailable_reason,
+    provenance=perceptual.perceptual_provenance,
+)(perceptual.perceptual_score)
 
 
 # --------------------------------------------------------------------------- random control
@@ -470,7 +290,7 @@ def metric_options(name: str, params: Mapping[str, Any] | None) -> dict[str, Any
         raise MetricConfigError(
             f"score_metrics.{unknown[0]} is not a registered metric (known: {', '.join(METRICS)}). "
             "Remove it from conf/<env>/parameters_score_metrics.yml or register the metric in "
-            "best_minibatch/metrics.py."
+            "best_minibatch/metrics/scoring.py."
         )
     if name not in METRICS:
         raise MetricConfigError(f"Unknown metric '{name}'; registered metrics: {', '.join(METRICS)}.")
@@ -496,20 +316,91 @@ def metric_availability(name: str, params: Mapping[str, Any] | None) -> str | No
     return reason
 
 
+def sort_ranks(table: pd.DataFrame, sort_columns: Sequence[str]) -> pd.Series:
+    """Each image's rank under ``sort_columns`` (most significant first), tied images sharing one rank.
+
+    Indexed by ``image_id``. Two metrics with equal ranks for every image put the images in
+    the same batches whatever breaks their ties (``sort_batches`` breaks them by a seeded
+    key of each image, the same for every metric).
+    """
+    keys = [table[column].to_numpy() for column in sort_columns]
+    order = np.lexsort(keys[::-1])
+    changes = np.zeros(len(table), dtype=bool)
+    for key in keys:
+        ordered = key[order]
+        changes[1:] |= ordered[1:] != ordered[:-1]
+    ranks = np.empty(len(table), dtype=np.int64)
+    ranks[order] = np.cumsum(changes)
+    return pd.Series(ranks, index=table["image_id"].to_numpy())
+
+
+def uninformative_reason(
+    name: str, table: pd.DataFrame, others: Mapping[str, pd.DataFrame], images: np.ndarray | None = None
+) -> str | None:
+    """Why metric ``name``'s scores carry no information of their own on these images (None: they do).
+
+    Two cases: every image has the same sort key (the batches would follow the
+    tie-break alone), or the images sort exactly as under another metric of ``others``,
+    ties included (:func:`sort_ranks`; score tables of the same images; empty ones,
+    skipped metrics, are ignored), so its batches would be that metric's. The metric's ``explain_degenerate`` hook, given
+    ``images``, adds the reason in words (e.g. colour on grayscale images).
+    """
+    metric = METRICS[name]
+
+    def explained(text: str) -> str:
+        note = metric.explain_degenerate(images) if metric.explain_degenerate and images is not None else None
+        return f"carries no information of its own on this data: {note}; {text}" if note else \
+            f"carries no information of its own on this data: {text}"
+
+    if len(table) < 2:
+        return None
+    keys = table.loc[:, list(metric.sort_columns)]
+    if (keys.nunique(dropna=False) <= 1).all():
+        return explained(f"all {len(table)} images have the same score, so its batches would follow the "
+                         "tie-break alone")
+    ranks = sort_ranks(table, metric.sort_columns)
+    for other, other_table in others.items():
+        columns = METRICS[other].sort_columns if other in METRICS else ()
+        if other == name or len(other_table) != len(table) or not set(columns) <= set(other_table.columns):
+            continue
+        other_ranks = sort_ranks(other_table, columns)
+        if not other_ranks.index.sort_values().equals(ranks.index.sort_values()):
+            continue  # another image set (e.g. an older run's table): not comparable
+        if (other_ranks.reindex(ranks.index).to_numpy() == ranks.to_numpy()).all():
+            return explained(f"it orders the {len(table)} images exactly as '{other}' does, so its batches "
+                             f"would be {other}'s (kept: {other})")
+    return None
+
+
+def _loud_skip_warning(name: str, reason: str) -> None:
+    logger.warning(
+        "\n%s\nMETRIC '%s' SKIPPED: %s\nIts orderings will be empty in every later table and report.\n%s",
+        "!" * 78, name, reason, "!" * 78,
+    )
+
+
 def score_images(
     name: str,
     images: np.ndarray,
     image_ids: Sequence[int] | np.ndarray,
     params: Mapping[str, Any] | None,
+    compare_with: Mapping[str, pd.DataFrame] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score ``images`` (uint8 ``N x H x W x 3``) with metric ``name``.
 
     Returns the score table (``image_id`` + the metric's score columns, one row per
     image in input order) and the status ``{"metric", "status": "ok"|"skipped",
-    "reason"}``. A metric that cannot run (e.g. LPIPS without its AlexNet weights)
-    logs one loud warning and returns a zero-row table with status ``skipped``;
-    with its ``strict`` option it raises :class:`MetricUnavailableError` instead.
-    Every check happens before any scoring.
+    "reason"}`` (plus ``"provenance"`` for a metric that records one, e.g. the
+    perceptual metric's weights). A metric that cannot run (e.g. LPIPS without its
+    AlexNet weights) logs one loud warning and returns a zero-row table with status
+    ``skipped``; with its ``strict`` option it raises :class:`MetricUnavailableError`
+    instead. Every such check happens before any scoring.
+
+    ``compare_with``: when given (the pipeline passes the score tables of the metrics
+    registered before this one, on the same images), the scores are screened: a
+    metric whose scores carry no information of their own (:func:`uninformative_reason`:
+    one score for every image, or ordered exactly like one of these tables) is
+    skipped the same way, with that reason. ``None`` scores without screening.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -523,10 +414,7 @@ def score_images(
     metric = METRICS[name]
     reason = metric_availability(name, params)
     if reason is not None:
-        logger.warning(
-            "\n%s\nMETRIC '%s' SKIPPED: %s\nIts orderings will be empty in every later table and report.\n%s",
-            "!" * 78, name, reason, "!" * 78,
-        )
+        _loud_skip_warning(name, reason)
         return metric.empty_scores(), {"metric": name, "status": "skipped", "reason": reason}
 
     started = time.perf_counter()
@@ -542,7 +430,14 @@ def score_images(
         raise RuntimeError(f"Metric '{name}' produced non-finite scores; check its inputs and options.")
     table.insert(0, "image_id", ids)
     logger.info("Scored %d images with '%s' in %.2f s", len(images), name, time.perf_counter() - started)
-    return table, {"metric": name, "status": "ok", "reason": None}
+    status: dict[str, Any] = {"metric": name, "status": "ok", "reason": None}
+    if metric.provenance is not None:
+        status["provenance"] = metric.provenance(options)
+    reason = None if compare_with is None else uninformative_reason(name, table, compare_with, images)
+    if reason is not None:
+        _loud_skip_warning(name, reason)
+        return metric.empty_scores(), {**status, "status": "skipped", "reason": reason}
+    return table, status
 
 
 def combine_scores(image_ids: Sequence[int] | np.ndarray, tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:

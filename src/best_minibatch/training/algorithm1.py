@@ -27,11 +27,12 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from best_minibatch.training.loop import EpochHook
-from best_minibatch.training.probing import EpochGradients, FlatGradient, measures_against
+from best_minibatch.training.probing import GRADIENT_MEASURES, EpochGradients, FlatGradient, measures_against
 from best_minibatch.training.recipe import EpochPlan
 
 #: ``(num_batches) -> EpochGradients``: where an epoch's gradients wait for the full gradient.
@@ -76,34 +77,30 @@ class GradientProbe(EpochHook):
         self.buffer.append(self.flat.vector)
         return self.flat.vector
 
-    def null_gradients(self, batches) -> list[torch.Tensor]:
-        """The gradients of extra batches at the same epoch-start parameters, kept out of ∇_e (copies).
+    def null_measures(self, batches) -> dict[str, Any]:
+        """The same-parameter null: extra batches' gradients at the same θ_e, each measured against ∇_e at once.
 
-        The same-parameter null: random batches probed by the same net_compare at the
-        same θ_e, compared with the epoch's ∇_e by :meth:`measures`.
+        Random batches go through the same net_compare (still at the epoch-start
+        parameters) after the epoch's K batches, so ∇_e is known; they never enter it,
+        and no gradient is kept beyond its own measurement.
         """
+        full = self.buffer.full_gradient()
         rows = []
         for inputs, targets in batches:
             self.flat.zero()
             with self.autocast():
                 loss = self.criterion(self.net_compare(inputs), targets)
             loss.backward()
-            rows.append(self.flat.vector.clone())
-        return rows
+            rows.append(measures_against([self.flat.vector], full))
+        return {c: np.concatenate([r[c] for r in rows]) if rows else np.zeros(0) for c in GRADIENT_MEASURES}
 
     def end_epoch(self, plan: EpochPlan | None = None) -> None:
         """Lines 19-21 run in :meth:`measures` (callers read them once the epoch is done)."""
 
-    def measures(self, null_rows: list[torch.Tensor] | None = None) -> dict[str, Any]:
-        """∇_e, the mean of the cached ∇_k, and each D_e,k = ||∇_k − ∇_e|| (exact, float64); frees the cache.
-
-        With ``null_rows`` (:meth:`null_gradients`), ``"null"`` holds their measures against the same ∇_e.
-        """
+    def measures(self) -> dict[str, Any]:
+        """∇_e, the mean of the cached ∇_k, and each D_e,k = ||∇_k − ∇_e|| (exact, float64); frees the cache."""
         try:
-            result = self.buffer.measures()
-            if null_rows:
-                result["null"] = measures_against(null_rows, self.buffer.full_gradient())
-            return result
+            return self.buffer.measures()
         finally:
             self.close()
 

@@ -762,13 +762,14 @@ class GradientProbeRun:
         measures = None
         if probe is not None:
             # The same-parameter null: R random batches through the same net_compare, still at θ_e.
-            null_rows = probe.null_gradients(self._null_batch(plan.epoch, r) for r in range(self.config.null_batches))
+            null = (probe.null_measures(self._null_batch(plan.epoch, r) for r in range(self.config.null_batches))
+                    if self.config.null_batches else None)
             try:
-                measures = probe.measures(null_rows)
+                measures = probe.measures()
             except NonFiniteGradientError as error:
                 raise DivergenceError(self._divergence_message(plan, None, str(error))) from error
-            if "null" in measures:
-                self._record_null(plan, measures, progress)
+            if null is not None:
+                self._record_null(plan, {**measures, "null": null}, progress)
         kept = plan.epoch in self.kept_epochs
         if kept:
             progress.gradient_checksums[plan.epoch] = probe.checksums

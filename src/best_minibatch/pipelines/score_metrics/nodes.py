@@ -26,11 +26,22 @@ def training_image_ids(image_index: pd.DataFrame, n_images: int) -> np.ndarray:
 
 
 def score_training_images(
-    metric: str, train_images: torch.Tensor, image_index: pd.DataFrame, params: dict[str, Any]
+    metric: str,
+    earlier_metrics: tuple[str, ...],
+    train_images: torch.Tensor,
+    image_index: pd.DataFrame,
+    params: dict[str, Any],
+    *earlier_scores: pd.DataFrame,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Score every training image with ``metric``; return its score table and its status (ok or skipped)."""
+    """Score every training image with ``metric``; return its score table and its status (ok or skipped).
+
+    ``earlier_scores`` are the score tables of ``earlier_metrics`` (the metrics registered
+    before this one): a metric that orders the images exactly like one of them, or
+    gives every image the same score, is skipped as carrying no information of its own.
+    """
     image_ids = training_image_ids(image_index, len(train_images))
-    return score_images(metric, train_images.numpy(), image_ids, params)
+    earlier = dict(zip(earlier_metrics, earlier_scores, strict=True))
+    return score_images(metric, train_images.numpy(), image_ids, params, compare_with=earlier)
 
 
 def combine_metric_scores(image_index: pd.DataFrame, *score_tables: pd.DataFrame) -> pd.DataFrame:

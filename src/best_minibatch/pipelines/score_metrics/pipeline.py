@@ -3,24 +3,25 @@
 import warnings
 from functools import partial, update_wrapper
 
-from kedro.pipeline import Pipeline, node
+from kedro.pipeline import Pipeline, node, pipeline
 
 from best_minibatch.metrics.scoring import METRICS
-from best_minibatch.pipelines.orderings import per_ordering
 
 from .nodes import combine_metric_scores, score_training_images
 
 SHARED_INPUTS = {"train_images", "image_index"}
 
 
-def ordering_template(metric: str) -> Pipeline:
+def ordering_template(metric: str, earlier_metrics: tuple[str, ...]) -> Pipeline:
     """The per-metric template: the metric's name is bound to the node function (keeping its name for
-    logs and kedro-viz); every other input is shared or namespaced."""
+    logs and kedro-viz). Besides the images it reads the score tables of the metrics registered before
+    it, to recognise a metric that orders the images exactly like one of them."""
     return Pipeline(
         [
             node(
-                update_wrapper(partial(score_training_images, metric), score_training_images),
-                inputs=["train_images", "image_index", "params:score_metrics"],
+                update_wrapper(partial(score_training_images, metric, earlier_metrics), score_training_images),
+                inputs=["train_images", "image_index", "params:score_metrics",
+                        *(f"{earlier}.image_scores" for earlier in earlier_metrics)],
                 outputs=["image_scores", "metric_status"],
                 name="score_images",
             )
@@ -29,11 +30,25 @@ def ordering_template(metric: str) -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    orderings = per_ordering(ordering_template, SHARED_INPUTS, "score_metrics")
+    names = tuple(METRICS)
     with warnings.catch_warnings():
-        # This node reads every namespace's table by its namespaced name on purpose (the data
+        # These nodes read other namespaces' tables by their namespaced names on purpose (the data
         # contract); Kedro's advice against dots in dataset names does not apply.
         warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
+        # Like pipelines.orderings.per_ordering, plus each metric's own shared inputs: the
+        # earlier metrics' score tables stay un-namespaced.
+        orderings = sum(
+            (
+                pipeline(
+                    ordering_template(metric, names[:position]),
+                    namespace=metric,
+                    inputs=SHARED_INPUTS | {f"{earlier}.image_scores" for earlier in names[:position]},
+                    parameters={"params:score_metrics": "params:score_metrics"},
+                )
+                for position, metric in enumerate(names)
+            ),
+            Pipeline([]),
+        )
         combined = Pipeline(
             [
                 node(
