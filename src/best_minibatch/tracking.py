@@ -273,13 +273,13 @@ class RunTracking:
         if status != REUSED:
             self._log_metrics(history_metrics(ordering, history))
 
-    def _log_metrics(self, metrics: Iterable[tuple[str, float, int]]) -> None:
+    def _log_metrics(self, metrics: Iterable[tuple[str, float, int]], run_id: str | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(key, value, now, step) for key, value, step in metrics]
         for start in range(0, len(batch), _METRICS_PER_CALL):
-            self._client.log_batch(self._run_id, metrics=batch[start:start + _METRICS_PER_CALL])
+            self._client.log_batch(run_id or self._run_id, metrics=batch[start:start + _METRICS_PER_CALL])
 
     def _log_artifact(self, dataset_name: str, artifact_path: str) -> None:
         path = saved_path(self._catalog, dataset_name, self._save_version)
@@ -313,13 +313,11 @@ class RunTracking:
                 steps = reached.loc[(seed, policy), "steps_to_target"]
                 if _finite(steps):
                     metrics.append(("steps_to_target", float(steps), 0))
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
             params = [Param("policy", str(policy)), Param("seed", str(int(seed)))]
             if target is not None:
                 params.append(Param("target_validation_accuracy", str(target)))
-            self._client.log_batch(child, metrics=[Metric(k, v, now, s) for k, v, s in metrics], params=params)
+            self._client.log_batch(child, params=params)
+            self._log_metrics(metrics, child)
             self._client.set_terminated(child)
 
     def _tag_trainings(self) -> None:
