@@ -12,10 +12,8 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -32,7 +30,7 @@ from best_minibatch import tracking
 from best_minibatch.metrics.scoring import METRICS
 from best_minibatch.selection.statistics import time_to_target
 from tests.conftest import PROJECT_ROOT, QUICK_RUN_PARAMS, copy_project, run_session
-from tests.test_kedro_viz import free_port, wait_for
+from tests.test_kedro_viz import free_port, start_group, stop_group, wait_for
 
 HISTORY_COLUMNS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "mean_distance", "learning_rate")
 CLAIM_COLUMNS = ["claim_id", "ordering", "phase", "verdict", "difference", "p_holm"]
@@ -266,11 +264,10 @@ def test_mlflow_ui_serves_the_run_and_its_metrics_and_leaves_no_process(tracked,
     log = tmp_path / "mlflow-ui.log"
     environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("w") as output:
-        server = subprocess.Popen(
+        server = start_group(  # its own process group: the server and every worker it starts
             [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", store_uri(project),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=project, env=environment, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the server and every worker it starts
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -297,18 +294,8 @@ def test_mlflow_ui_serves_the_run_and_its_metrics_and_leaves_no_process(tracked,
                                         timeout=60).read()
         assert report == newest(project / "data/08_reporting/report.html").read_bytes()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while processes_in_group(server.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        stop_group(server)
         left = processes_in_group(server.pid)
-        if left:
-            os.killpg(server.pid, signal.SIGKILL)
         assert not left, f"mlflow ui left processes {left} behind"
 
 
@@ -396,14 +383,18 @@ def test_a_misspelled_tracking_key_is_an_error_naming_it(tmp_path, monkeypatch):
     assert not (project / "data" / "09_tracking").exists()
 
 
-def test_kedro_mlflow_own_hook_is_not_registered_twice(tmp_path, monkeypatch):
+def test_the_plugin_hook_is_driven_once_and_starts_after_every_check_and_the_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
     project = copy_project(tmp_path / "project", tracking=True)
     bootstrap_project(project)
     with KedroSession.create(project_path=project) as session:
         plugins = session._hook_manager.get_plugins()
+        implementations = session._hook_manager.hook.before_pipeline_run.get_hookimpls()
     assert any(isinstance(p, tracking.RunTracking) for p in plugins)
-    assert not any(type(p).__module__.startswith("kedro_mlflow") for p in plugins)
+    assert not any(type(p).__module__.startswith("kedro_mlflow") for p in plugins)  # DISABLE_HOOKS_FOR_PLUGINS
+    called = [type(implementation.plugin).__name__ for implementation in reversed(implementations)]
+    assert called[-1] == "RunTracking", called  # a run refused by a check or by the lock writes no MLflow run
+    assert called.index("RunChecks") < called.index("_LockHook") < called.index("RunTracking")
 
 
 # --------------------------------------------------------------------------- small pieces

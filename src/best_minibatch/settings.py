@@ -12,9 +12,10 @@ from best_minibatch.tracking import RunTracking
 # RunRecord pins every input to the last completed run's versions (first of all hooks) and its
 # lock_hook lets one run at a time use the data folder (last, once every check has passed):
 # docs/data_flow.md, "Which versions a run reads". RunTracking records the run in MLflow
-# (docs/tracking.md); registered before lock_hook, it starts after it, once the run holds the lock.
+# (docs/tracking.md); the last hook registered of those marked trylast is the last called, so
+# the MLflow run starts once the run holds the lock.
 _RUN_RECORD = RunRecord()
-HOOKS = (RunChecks(), _RUN_RECORD, RunTracking(), _RUN_RECORD.lock_hook)
+HOOKS = (RunChecks(), _RUN_RECORD, _RUN_RECORD.lock_hook, RunTracking())
 
 # kedro-viz writes a .viz/ folder on every run through its hooks; runs don't need it.
 # kedro-mlflow's own hook is driven by RunTracking (which never lets tracking fail a run).
