@@ -66,13 +66,16 @@ QUICK_RUN_PARAMS = {
 }
 
 
-def copy_project(destination: Path) -> Path:
+def copy_project(destination: Path, tracking: bool = False) -> Path:
     """Copy what a run needs (conf, embedded data, pyproject) into ``destination``.
 
-    Runs in the copy leave the checkout's own data/ untouched.
+    Runs in the copy leave the checkout's own data/ untouched. MLflow tracking is off in
+    the copy (conf/local/mlflow.yml) unless ``tracking``: only tests of tracking need it.
     """
     shutil.copytree(PROJECT_ROOT / "conf", destination / "conf", ignore=shutil.ignore_patterns("local"))
     (destination / "conf" / "local").mkdir()
+    if not tracking:
+        (destination / "conf" / "local" / "mlflow.yml").write_text("enabled: false\n")
     (destination / "data" / "01_raw").mkdir(parents=True)
     shutil.copy2(PROJECT_ROOT / "data/01_raw/cifar10-sample.zip", destination / "data/01_raw/")
     shutil.copy2(PROJECT_ROOT / "pyproject.toml", destination / "pyproject.toml")
@@ -96,8 +99,9 @@ def run_session(project: Path, env: str | None = None, pipeline: str | None = No
 
 @pytest.fixture(scope="session")
 def finished_project(tmp_path_factory) -> Path:
-    """A copy of the project after one quick default run (every pipeline, every ordering)."""
+    """A copy of the project after one quick default run (every pipeline, every ordering), tracked in
+    MLflow in its own store (data/09_tracking/; tests/test_tracking.py reads it)."""
     os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
-    project = copy_project(tmp_path_factory.mktemp("finished") / "project")
+    project = copy_project(tmp_path_factory.mktemp("finished") / "project", tracking=True)
     run_session(project, runtime_params=QUICK_RUN_PARAMS)
     return project

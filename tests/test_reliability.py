@@ -38,9 +38,9 @@ from best_minibatch.training.gradient_training import (
 from best_minibatch.training.models import build_model, count_parameters
 from best_minibatch.validation import RunCheckError
 from tests import fault_harness
+from tests.conftest import copy_project
 from tests.test_training import make_config, tiny_data, tiny_model  # noqa: F401 (tiny_data is a fixture)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NUM_BATCHES = 10
 RUN_FOLDER = "*/intensity"  # <run_name>/<ordering> under the checkpoint and gradient roots
 
@@ -364,14 +364,7 @@ def test_every_checkpoint_damaged_stops_naming_them(tmp_path, tiny_data):
 @pytest.fixture(scope="module")
 def fresh_project(tmp_path_factory) -> Path:
     """A copy of the project with only its raw data: nothing has run yet."""
-    project = tmp_path_factory.mktemp("fresh") / "project"
-    shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    (project / "data" / "01_raw").mkdir(parents=True)
-    shutil.copy2(PROJECT_ROOT / "data/01_raw/cifar10-sample.zip", project / "data/01_raw/")
-    shutil.copy2(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
-    (project / "src").mkdir()  # the package is installed; Kedro only checks that src/ exists
-    return project
+    return copy_project(tmp_path_factory.mktemp("fresh") / "project")
 
 
 def files_under(folder: Path) -> set[str]:

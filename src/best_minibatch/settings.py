@@ -6,16 +6,20 @@ from kedro.config import OmegaConfigLoader
 
 from best_minibatch.hooks import RunChecks
 from best_minibatch.run_hooks import RunRecord
+from best_minibatch.tracking import RunTracking
 
 # Every parameter and input of a run is checked before its first node (docs/reliability.md).
 # RunRecord pins every input to the last completed run's versions (first of all hooks) and its
 # lock_hook lets one run at a time use the data folder (last, once every check has passed):
-# docs/data_flow.md, "Which versions a run reads".
+# docs/data_flow.md, "Which versions a run reads". RunTracking records the run in MLflow
+# (docs/tracking.md); the last hook registered of those marked trylast is the last called, so
+# the MLflow run starts once the run holds the lock.
 _RUN_RECORD = RunRecord()
-HOOKS = (RunChecks(), _RUN_RECORD, _RUN_RECORD.lock_hook)
+HOOKS = (RunChecks(), _RUN_RECORD, _RUN_RECORD.lock_hook, RunTracking())
 
 # kedro-viz writes a .viz/ folder on every run through its hooks; runs don't need it.
-DISABLE_HOOKS_FOR_PLUGINS = ("kedro-viz",)
+# kedro-mlflow's own hook is driven by RunTracking (which never lets tracking fail a run).
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro-viz", "kedro_mlflow")
 
 # Keep a run's log for what a user can act on (the one loud warning of a skipped metric):
 # Kedro 1.7's config loader calls a deprecated OmegaConf API, and the analysis nodes read
@@ -28,5 +32,5 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     # Environments such as conf/paper override single keys, not whole top-level blocks.
-    "merge_strategy": {"parameters": "soft", "catalog": "soft"},
+    "merge_strategy": {"parameters": "soft", "catalog": "soft", "mlflow": "soft"},
 }

@@ -1,0 +1,575 @@
+"""MLflow tracking of every ``kedro run``, through the kedro-mlflow plugin (docs/tracking.md).
+
+Kedro glue, registered in ``settings.py``. One ``kedro run`` is one MLflow run,
+named after its pipelines and environment and tagged with the environment, the git
+commit and the run names of the trainings it used. Everything logged comes from
+the datasets the pipelines already save (the ``after_dataset_saved`` hook), never
+from inside the core library:
+
+* parameters, flattened, by kedro-mlflow's own hook (``mlflow.yml``);
+* per ordering and epoch (step = epoch): ``train_loss``, ``train_accuracy``,
+  ``test_loss``, ``test_accuracy``, ``mean_distance``, ``learning_rate`` (from
+  ``<ordering>.training_history``) and ``mean_noise_units`` (the mean noise-unit
+  z of the epoch's batches, from ``distance_noise_units``), each named
+  ``<measure>/<ordering>`` so that the orderings are curves of one chart group;
+* the claim verdicts as a table artifact, and per claim, ordering and phase its
+  ``claim_difference/...`` and ``claim_p_holm/...``;
+* the report, the PNG figures (heat maps among them) and each ordering's trained
+  model (under its training run name) as artifacts;
+* ``batch_selection``: one nested run per (policy, seed) with its validation
+  curve (step = optimizer step), its steps to the target and its final accuracies.
+
+A finished training found again by its hash (the training log says "complete;
+reusing its results") is not logged again: its tags say ``reused`` and link to the
+MLflow run that trained it.
+
+Why this hook drives kedro-mlflow's ``MlflowHook`` instead of letting Kedro
+register it (``DISABLE_HOOKS_FOR_PLUGINS`` in ``settings.py``):
+
+* tracking must never fail a run: every call to the plugin and to MLflow is
+  guarded; the first failure (an unwritable store, a server that is down) is
+  one warning, and the run goes on untracked;
+* ``enabled: false`` in ``mlflow.yml`` switches tracking off, and nothing is
+  written to the store before the run's checks (``hooks.RunChecks``) have passed,
+  so a refused run leaves no trace;
+* a relative SQLite store is placed inside the project, wherever Kedro runs from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from kedro.framework.hooks import hook_impl
+
+# Kedro imports the plugin anyway (its entry points) on every session. On import, MLflow warns that the
+# plugin's pipeline model (unused here) lacks type hints, and forces that warning to show past any
+# filter; recording the warnings of this import is the one way to keep it out of every run's log.
+with warnings.catch_warnings(record=True):
+    from kedro_mlflow.config.kedro_mlflow_config import KedroMlflowConfig
+    from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
+
+logger = logging.getLogger(__name__)
+
+#: The per-epoch columns of ``training_history`` logged as ``<column>/<ordering>``.
+HISTORY_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "mean_distance", "learning_rate")
+#: The learning-curve columns of ``batch_selection.learning_curves`` logged per (policy, seed).
+CURVE_METRICS = ("val_accuracy", "val_loss", "train_loss")
+#: The per-run results of ``batch_selection.run_results`` logged once per (policy, seed).
+RESULT_METRICS = ("final_val_accuracy", "test_accuracy", "test_loss", "steps", "seconds", "probe_seconds")
+#: The logger and message of gradient_training that say a training was found by its hash.
+TRAINING_LOGGER = "best_minibatch.training.gradient_training"
+_FOUND = re.compile(r"^(?P<ordering>[\w.-]+): run '(?P<run_name>[^']+)' found in .*, "
+                    r"(?P<what>complete; reusing its results|resuming after epoch (?P<epoch>\d+))$")
+_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
+# Tag keys (MLflow tags are the links between runs: the UI filters and searches on them).
+TRAINING_TAG = "training_run.{ordering}"
+STATUS_TAG = "training_run.{ordering}.status"
+TRAINED_IN_TAG = "training_run.{ordering}.trained_in"
+TRAINED, REUSED, READ = "trained", "reused", "read"
+
+
+class TrackingConfigError(ValueError):
+    """``mlflow.yml`` cannot be used; the message names the key and the fix."""
+
+
+class RunTracking:
+    """Kedro hooks: one MLflow run per ``kedro run``, logged from the datasets the run saves."""
+
+    def __init__(self) -> None:
+        self._config: Any = None  # kedro_mlflow's KedroMlflowConfig, when tracking is on
+        self._context: Any = None
+        self._save_version: str | None = None
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        self._plugin: Any = None
+        self._client: Any = None
+        self._run_id: str | None = None
+        self._experiment_id: str | None = None
+        self._catalog: Any = None
+        self._warned = False
+        self._trainings: dict[str, dict[str, str]] = {}  # ordering -> run_name, status, trained_in
+        self._found: dict[str, tuple[str, str]] = {}  # ordering -> (run_name, status) from the training log
+        self._curves: pd.DataFrame | None = None
+        self._log_handler: logging.Handler | None = None
+        self._active = False
+        self._own_run = False  # False when an MLflow run was open before `kedro run` (an orchestrator's)
+
+    # ------------------------------------------------------------------ configuration
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        """Read ``mlflow.yml``; nothing is written anywhere until a run has passed its checks."""
+        self._config, self._context = None, context
+        conf = load_tracking_conf(context)
+        enabled = conf.pop("enabled", True)
+        if not isinstance(enabled, bool):
+            raise TrackingConfigError(f"mlflow.yml: enabled must be true or false, got {enabled!r}. "
+                                      "Write `enabled: false` to switch tracking off.")
+        if not enabled:
+            return
+        from pydantic import ValidationError
+
+        try:
+            config = KedroMlflowConfig.model_validate(conf)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            raise TrackingConfigError(
+                f"mlflow.yml: {problems}. Fix the key (the plugin's keys are listed in conf/base/mlflow.yml and "
+                "docs/tracking.md), or write `enabled: false` to switch tracking off."
+            ) from error
+        if config.tracking.experiment.name == "Default" and "name" not in conf.get("tracking", {}).get(
+                "experiment", {}):
+            config.tracking.experiment.name = context._package_name or "best_minibatch"
+        uri = config.server.mlflow_tracking_uri
+        if uri is not None:
+            config.server.mlflow_tracking_uri = project_sqlite_uri(uri, Path(context.project_path))
+        # As kedro-mlflow does, so that `kedro mlflow ui` and notebooks find the configuration.
+        context.__setattr__("mlflow", config)
+        self._config = config
+
+    @hook_impl
+    def after_catalog_created(self, save_version: str) -> None:
+        self._save_version = save_version
+
+    # ------------------------------------------------------------------ the run
+
+    @hook_impl(trylast=True)  # after hooks.RunChecks: a refused run writes nothing to the store
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._reset_run()
+        if self._config is None:
+            return
+        self._catalog = catalog
+        self._active = True
+        self._guard("start the MLflow run", self._start, run_params, pipeline, catalog)
+
+    def _start(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        import mlflow
+
+        config, context = self._config, self._context
+        already_active = mlflow.active_run() is not None
+        if not already_active:
+            store = sqlite_path(config.server.mlflow_tracking_uri)
+            if store is not None:
+                store.parent.mkdir(parents=True, exist_ok=True)
+            config.setup(context)  # tracking URI, experiment (created on first use)
+        env = run_params.get("env") or _default_env()
+        pipelines = run_params.get("pipeline_names") or ["__default__"]
+        name = run_name(pipelines, run_params.get("namespaces"), env)
+        if config.tracking.run.name is None:
+            config.tracking.run.name = name
+        plugin = MlflowHook()
+        plugin.mlflow_config = config
+        plugin._already_active_mlflow = already_active
+        self._own_run = not already_active
+        plugin.before_pipeline_run(run_params, pipeline, catalog)
+        self._plugin = plugin
+        self._run_id = plugin.run_id
+        if self._run_id is None:  # the pipeline is listed in tracking.disable_tracking.pipelines
+            return
+        self._client = mlflow.MlflowClient(tracking_uri=mlflow.get_tracking_uri())
+        self._experiment_id = self._client.get_run(self._run_id).info.experiment_id
+        commit, dirty = git_state([Path(context.project_path), Path(__file__).parent])
+        tags = {"env": env, "pipelines": ",".join(pipelines), "git_commit": commit or "unknown",
+                "git_dirty": str(dirty).lower() if commit else "unknown"}
+        if run_params.get("namespaces"):
+            tags["namespaces"] = ",".join(run_params["namespaces"])
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        self._client.log_batch(self._run_id, tags=_tags(tags))
+        self._log_handler = _TrainingLogHandler(self._found)
+        logging.getLogger(TRAINING_LOGGER).addHandler(self._log_handler)
+        logger.info("MLflow run '%s' (%s) in %s", config.tracking.run.name, self._run_id,
+                    config.server.mlflow_tracking_uri)
+
+    @hook_impl
+    def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any], is_async: bool) -> None:
+        if self._tracking():
+            # The report's whole `parameters` input would log every parameter a second time under
+            # "parameters."; each section is logged from the nodes that read it.
+            params = {key: value for key, value in inputs.items() if key != "parameters"}
+            self._guard("log the parameters", self._plugin.before_node_run, node, catalog, params, is_async)
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name: str, data: Any) -> None:
+        if self._tracking() and dataset_name.endswith(".training_history") and isinstance(data, pd.DataFrame):
+            ordering = dataset_name.rsplit(".", 1)[0]
+            name = training_run_name(data)
+            if name and ordering not in self._trainings:
+                self._trainings[ordering] = {"run_name": name, "status": READ}
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
+        if self._tracking():
+            self._guard(f"log '{dataset_name}'", self._log_saved, dataset_name, data)
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._finish(lambda: self._plugin.after_pipeline_run(run_params, pipeline, catalog))
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._finish(lambda: self._plugin.on_pipeline_error(error, run_params, pipeline, catalog))
+
+    def _finish(self, end: Callable[[], None]) -> None:
+        self._remove_log_handler()
+        if self._tracking():
+            self._guard("tag the trainings used", self._tag_trainings)
+        if self._plugin is not None and self._active:
+            self._guard("end the MLflow run", end)
+            if self._own_run:
+                self._guard("end the MLflow run", _close_run, self._run_id)
+        self._active = False
+
+    # ------------------------------------------------------------------ what each dataset logs
+
+    def _log_saved(self, name: str, data: Any) -> None:
+        kind = name.rsplit(".", 1)[-1]
+        ordering = name.rsplit(".", 1)[0] if "." in name else None
+        if kind == "training_history" and ordering and isinstance(data, pd.DataFrame):
+            self._log_training(ordering, data)
+        elif kind == "trained_model" and ordering:
+            training = self._trainings.get(ordering, {})
+            if training.get("status") != REUSED and training.get("run_name"):
+                self._log_artifact(name, f"models/{ordering}/{training['run_name']}")
+        elif name == "distance_noise_units":
+            self._log_metrics(noise_unit_metrics(data))
+        elif name == "claim_verdicts":
+            self._client.log_table(self._run_id, data=_json_safe(data), artifact_file="analysis/claim_verdicts.json")
+            self._log_metrics(claim_metrics(data))
+        elif name == "report_html":
+            self._log_artifact(name, "report")
+        elif name.startswith("figures_") and name.endswith("_png"):
+            self._log_artifact(name, f"figures/{name.removeprefix('figures_').removesuffix('_png')}")
+        elif name == "batch_selection.learning_curves":
+            self._curves = data
+        elif name == "batch_selection.run_results" and self._curves is not None:
+            target = _selection_target(self._catalog)
+            self._log_selection_runs(self._curves, data, target)
+            self._curves = None
+        elif name == "batch_selection.summary":
+            self._client.log_table(self._run_id, data=_json_safe(data),
+                                   artifact_file="batch_selection/summary.json")
+        elif name == "batch_selection.convergence_png":
+            self._log_artifact(name, "batch_selection")
+
+    def _log_training(self, ordering: str, history: pd.DataFrame) -> None:
+        name = training_run_name(history)
+        if not name:  # a skipped metric: no training
+            return
+        found_name, status = self._found.get(ordering, (name, TRAINED))
+        if found_name != name:
+            status = TRAINED
+        self._trainings[ordering] = {"run_name": name, "status": status}
+        if status != REUSED:
+            self._log_metrics(history_metrics(ordering, history))
+
+    def _log_metrics(self, metrics: Iterable[tuple[str, float, int]], run_id: str | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, value, now, step) for key, value, step in metrics]
+        for start in range(0, len(batch), _METRICS_PER_CALL):
+            self._client.log_batch(run_id or self._run_id, metrics=batch[start:start + _METRICS_PER_CALL])
+
+    def _log_artifact(self, dataset_name: str, artifact_path: str) -> None:
+        path = saved_path(self._catalog, dataset_name, self._save_version)
+        if path is None:
+            logger.debug("Not logged to MLflow: the file of '%s' was not found", dataset_name)
+        elif path.is_dir():
+            self._client.log_artifacts(self._run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self._run_id, str(path), artifact_path)
+
+    def _log_selection_runs(self, curves: pd.DataFrame, results: pd.DataFrame, target: float | None) -> None:
+        """One nested run per (policy, seed): its learning curve, steps to the target, final results."""
+        from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        from best_minibatch.selection.statistics import time_to_target
+
+        reached = time_to_target(curves, target).set_index(["seed", "policy"]) if target is not None else None
+        for (policy, seed), curve in curves.groupby(["policy", "seed"], sort=True):
+            child = self._client.create_run(
+                self._experiment_id, run_name=f"{policy} seed {int(seed)}",
+                tags={MLFLOW_PARENT_RUN_ID: self._run_id, "policy": str(policy), "seed": str(int(seed)),
+                      "kind": "batch_selection"},
+            ).info.run_id
+            metrics = selection_curve_metrics(curve)
+            result = results.loc[(results["policy"] == policy) & (results["seed"] == seed)]
+            if len(result):
+                metrics += [(column, float(result.iloc[0][column]), 0) for column in RESULT_METRICS
+                            if column in result and _finite(result.iloc[0][column])]
+            if reached is not None and (seed, policy) in reached.index:
+                steps = reached.loc[(seed, policy), "steps_to_target"]
+                if _finite(steps):
+                    metrics.append(("steps_to_target", float(steps), 0))
+            params = [Param("policy", str(policy)), Param("seed", str(int(seed)))]
+            if target is not None:
+                params.append(Param("target_validation_accuracy", str(target)))
+            self._client.log_batch(child, params=params)
+            self._log_metrics(metrics, child)
+            self._client.set_terminated(child)
+
+    def _tag_trainings(self) -> None:
+        """Tags naming every training this run used, and for reused or read ones the MLflow run that trained it."""
+        tags, notes = {}, []
+        for ordering, training in sorted(self._trainings.items()):
+            name, status = training["run_name"], training["status"]
+            tags[TRAINING_TAG.format(ordering=ordering)] = name
+            tags[STATUS_TAG.format(ordering=ordering)] = status
+            note = f"* `{ordering}`: training `{name}`, {status}"
+            if status in (REUSED, READ):
+                trained_in = self._run_that_trained(ordering, name)
+                tags[TRAINED_IN_TAG.format(ordering=ordering)] = trained_in or "not tracked"
+                if trained_in:
+                    experiment = self._client.get_run(trained_in).info.experiment_id
+                    note += f" (trained in [{trained_in}](#/experiments/{experiment}/runs/{trained_in}))"
+            notes.append(note)
+        if tags:
+            tags["training_runs"] = ", ".join(f"{o}={t['run_name']}" for o, t in sorted(self._trainings.items()))
+            tags["mlflow.note.content"] = "Trainings used by this run:\n\n" + "\n".join(notes)
+            self._client.log_batch(self._run_id, tags=_tags(tags))
+
+    def _run_that_trained(self, ordering: str, name: str) -> str | None:
+        """The newest tracked run, in any experiment of the store, that trained ``name`` for ``ordering``."""
+        experiments = [e.experiment_id for e in self._client.search_experiments()]
+        filter_string = (f"tags.`{TRAINING_TAG.format(ordering=ordering)}` = '{name}' and "
+                         f"tags.`{STATUS_TAG.format(ordering=ordering)}` != '{REUSED}' and "
+                         f"tags.`{STATUS_TAG.format(ordering=ordering)}` != '{READ}'")
+        runs = self._client.search_runs(experiments, filter_string, order_by=["attributes.start_time DESC"],
+                                        max_results=2)
+        runs = [run for run in runs if run.info.run_id != self._run_id]
+        return runs[0].info.run_id if runs else None
+
+    # ------------------------------------------------------------------ never fail a run
+
+    def _tracking(self) -> bool:
+        return self._run_id is not None and self._active
+
+    def _guard(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+        """Run one tracking step; its first failure is one warning and ends tracking for this run."""
+        if not self._active:
+            return None
+        try:
+            return call(*args)
+        except Exception as error:  # tracking must never fail a run
+            self._active = False
+            self._remove_log_handler()
+            if not self._warned:
+                self._warned = True
+                store = getattr(getattr(self._config, "server", None), "mlflow_tracking_uri", None)
+                logger.warning(
+                    "MLflow tracking is off for the rest of this run: could not %s in the store '%s' (%s: %s). "
+                    "The run itself goes on. Make the store writable or reachable, or point mlflow.yml at "
+                    "another one (docs/tracking.md); `enabled: false` in mlflow.yml switches tracking off.",
+                    what, store, type(error).__name__, _first_line(error),
+                )
+            _end_active_runs()
+            return None
+
+    def _remove_log_handler(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger(TRAINING_LOGGER).removeHandler(self._log_handler)
+            self._log_handler = None
+
+
+class _TrainingLogHandler(logging.Handler):
+    """Notes the trainings that gradient_training found by their hash (reused or resumed)."""
+
+    def __init__(self, found: dict[str, tuple[str, str]]) -> None:
+        super().__init__(level=logging.INFO)
+        self.found = found
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            match = _FOUND.match(record.getMessage())
+        except Exception:  # a record that cannot be formatted is not ours
+            return
+        if match:
+            status = REUSED if match["epoch"] is None else f"resumed after epoch {match['epoch']}"
+            self.found[match["ordering"]] = (match["run_name"], status)
+
+
+# ---------------------------------------------------------------------- tables -> metrics
+
+
+def history_metrics(ordering: str, history: pd.DataFrame) -> list[tuple[str, float, int]]:
+    """``(key, value, step)`` of every finite per-epoch number of a ``training_history``, step = epoch."""
+    return [(f"{column}/{ordering}", float(row[column]), int(row["epoch"]))
+            for _, row in history.iterrows() for column in HISTORY_METRICS
+            if column in history and _finite(row[column])]
+
+
+def noise_unit_metrics(noise_units: pd.DataFrame) -> list[tuple[str, float, int]]:
+    """``mean_noise_units/<ordering>`` per epoch: the mean noise-unit z of the epoch's batches."""
+    if noise_units.empty:
+        return []
+    means = noise_units.groupby(["ordering", "epoch"])["noise_z"].mean()
+    return [(f"mean_noise_units/{ordering}", float(value), int(epoch))
+            for (ordering, epoch), value in means.items() if _finite(value)]
+
+
+def claim_metrics(claims: pd.DataFrame) -> list[tuple[str, float, int]]:
+    """Per tested claim, ordering and phase: its difference and Holm-adjusted p-value."""
+    metrics = []
+    for _, row in claims.iterrows():
+        where = f"{row['claim_id']}/{row['ordering']}/phase_{int(row['phase'])}"
+        for column in ("difference", "p_holm"):
+            if _finite(row.get(column)):
+                metrics.append((f"claim_{column}/{where}", float(row[column]), 0))
+    return metrics
+
+
+def selection_curve_metrics(curve: pd.DataFrame) -> list[tuple[str, float, int]]:
+    """A (policy, seed) learning curve, step = optimizer step."""
+    return [(column, float(row[column]), int(row["step"])) for _, row in curve.sort_values("step").iterrows()
+            for column in CURVE_METRICS if column in curve and _finite(row[column])]
+
+
+def training_run_name(history: pd.DataFrame) -> str | None:
+    if "run_name" not in history or history.empty:
+        return None
+    names = history["run_name"].dropna().unique()
+    return str(names[-1]) if len(names) else None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def load_tracking_conf(context: Any) -> dict[str, Any]:
+    """``mlflow.yml`` of the run's environment, as kedro-mlflow reads it (empty when absent)."""
+    from kedro.config import MissingConfigException
+
+    loader = context.config_loader
+    if "mlflow" not in loader.config_patterns:
+        loader.config_patterns.update({"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]})
+    try:
+        return dict(loader["mlflow"] or {})
+    except MissingConfigException:
+        return {}
+
+
+def project_sqlite_uri(uri: str, project_path: Path) -> str:
+    """A relative ``sqlite:///path`` made relative to the project folder, not to the working directory."""
+    path = sqlite_path(uri)
+    if path is None or path.is_absolute():
+        return uri
+    return f"sqlite:///{(project_path / path).as_posix()}"
+
+
+def sqlite_path(uri: str | None) -> Path | None:
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+def run_name(pipelines: Iterable[str], namespaces: Iterable[str] | None, env: str) -> str:
+    """``"__default__ @ local"``, ``"gradient_training[edges] @ local"``, ``"a+b @ paper"``."""
+    name = "+".join(pipelines)
+    if namespaces:
+        name += f"[{','.join(namespaces)}]"
+    return f"{name} @ {env}"
+
+
+def git_state(folders: Iterable[Path]) -> tuple[str | None, bool]:
+    """The commit checked out where the project or the code lives, and whether files differ from it."""
+    for folder in folders:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                    timeout=10, check=True).stdout.strip()
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                    capture_output=True, text=True, timeout=20, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if commit:
+            return commit, bool(status.strip())
+    return None, False
+
+
+def saved_path(catalog: Any, dataset_name: str, save_version: str | None) -> Path | None:
+    """The file or folder a dataset was just saved to (its version of this run when versioned)."""
+    try:
+        config = catalog.config_resolver.resolve_pattern(dataset_name)
+    except Exception:
+        return None
+    if "filepath" not in config and isinstance(config.get("dataset"), dict):
+        config = config["dataset"]  # a wrapper such as OptionalDataset
+    if "filepath" not in config:
+        return None
+    path = Path(config["filepath"])
+    if config.get("versioned") and save_version:
+        path = path / save_version / path.name
+    return path if path.exists() else None
+
+
+def _selection_target(catalog: Any) -> float | None:
+    try:
+        value = catalog.load("params:batch_selection").get("target_validation_accuracy")
+    except Exception:
+        return None
+    return float(value) if _finite(value) else None
+
+
+def _default_env() -> str:
+    from kedro.framework.project import settings
+
+    return (getattr(settings, "CONFIG_LOADER_ARGS", {}) or {}).get("default_run_env") or "local"
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _json_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy MLflow's JSON table artifact can hold: values other than text and numbers as text."""
+    safe = table.copy()
+    for column in [c for c in safe.columns if pd.api.types.is_object_dtype(safe[c].dtype)]:
+        safe[column] = safe[column].map(lambda v: v if v is None or isinstance(v, (str, int, float, bool)) else str(v))
+    return safe
+
+
+def _tags(tags: dict[str, str]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(key, str(value)) for key, value in tags.items()]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _close_run(run_id: str | None) -> None:
+    """Take ``run_id`` off MLflow's stack of active runs wherever the plugin left it open (``nested: true``)."""
+    import mlflow
+
+    while run_id is not None and (active := mlflow.active_run()) is not None and active.info.run_id == run_id:
+        mlflow.end_run()
+
+
+def _end_active_runs() -> None:
+    """Close every MLflow run this thread left open, quietly (the store may be what failed)."""
+    try:
+        import mlflow
+    except ImportError:
+        return
+    for _ in range(10):
+        if mlflow.active_run() is None:
+            return
+        try:
+            mlflow.end_run("FAILED")
+        except Exception:
+            continue
