@@ -41,6 +41,9 @@ SMALL_SELECTION = {"batch_selection": {
 }}
 
 
+RERUN_PIPELINES = ["gradient_training", "distance_analysis", "batch_selection"]
+
+
 def store_uri(project: Path) -> str:
     return f"sqlite:///{project / 'data' / '09_tracking' / 'mlflow.db'}"
 
@@ -177,7 +180,9 @@ def test_report_heat_maps_and_models_are_artifacts_equal_to_the_saved_files(trac
 @pytest.fixture(scope="module")
 def rerun(finished_project, tmp_path_factory) -> tuple[Path, MlflowClient, object, str]:
     """A copy of the finished project, then one run of gradient_training (every training found
-    complete and reused) and a small batch_selection, in a second experiment of the same store."""
+    complete and reused), distance_analysis (batch_selection reads its batch table, which must come
+    from this run's distances: RunRecord) and a small batch_selection, in a second experiment of the
+    same store."""
     project = tmp_path_factory.mktemp("rerun") / "project"
     shutil.copytree(finished_project, project)
     (project / "conf" / "local" / "mlflow.yml").write_text("tracking:\n  experiment:\n    name: rerun\n")
@@ -188,7 +193,7 @@ def rerun(finished_project, tmp_path_factory) -> tuple[Path, MlflowClient, objec
         bootstrap_project(project)
         with KedroSession.create(project_path=project,
                                  runtime_params={**QUICK_RUN_PARAMS, **SMALL_SELECTION}) as session:
-            session.run(pipeline_names=["gradient_training", "batch_selection"])
+            session.run(pipeline_names=RERUN_PIPELINES)
     finally:
         os.chdir(previous)
     assert mlflow.active_run() is None  # both sessions closed their MLflow runs
@@ -201,7 +206,7 @@ def rerun(finished_project, tmp_path_factory) -> tuple[Path, MlflowClient, objec
 @pytest.mark.slow
 def test_reused_trainings_are_tagged_with_the_run_that_trained_them_not_logged_again(rerun):
     project, client, run, first_run = rerun
-    assert run.info.run_name == "gradient_training+batch_selection @ local"
+    assert run.info.run_name == "gradient_training+distance_analysis+batch_selection @ local"
     trained = histories(project)
     for ordering, history in trained.items():
         assert run.data.tags[f"training_run.{ordering}"] == history["run_name"].iloc[0]
