@@ -149,11 +149,11 @@ def test_claims_are_a_table_artifact_and_metrics_equal_to_claim_verdicts(tracked
     assert len(tested) > 0
     metrics = run.data.metrics
     for row in tested.itertuples():
-        where = f"{row.claim_id}/{row.ordering}/phase_{row.phase}"
+        where = f"{row.claim_id}.{row.ordering}.phase_{row.phase}"
         assert metrics[f"claim_difference/{where}"] == row.difference
         assert metrics[f"claim_p_holm/{where}"] == row.p_holm
     for row in claims.loc[not_tested].itertuples():  # e.g. perceptual without its weights: no number to log
-        assert f"claim_difference/{row.claim_id}/{row.ordering}/phase_{row.phase}" not in metrics
+        assert f"claim_difference/{row.claim_id}.{row.ordering}.phase_{row.phase}" not in metrics
 
 
 @pytest.mark.slow
@@ -270,7 +270,7 @@ def test_mlflow_ui_serves_the_run_and_its_metrics_and_leaves_no_process(tracked,
     environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("w") as output:
         server = start_group(  # its own process group: the server and every worker it starts
-            [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", store_uri(project),
+            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri(project),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=project, env=environment, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
         )
@@ -416,3 +416,10 @@ def test_a_relative_sqlite_store_lives_in_the_project_folder(tmp_path):
         f"sqlite:///{tmp_path}/data/09_tracking/mlflow.db"
     assert tracking.project_sqlite_uri("sqlite:////abs/mlflow.db", tmp_path) == "sqlite:////abs/mlflow.db"
     assert tracking.project_sqlite_uri("http://mlflow.example.org:5000", tmp_path) == "http://mlflow.example.org:5000"
+
+
+def test_the_project_artifact_folder_is_used_only_with_a_local_store():
+    folder = "data/09_tracking/artifacts"
+    assert tracking.artifact_location("sqlite:///data/09_tracking/mlflow.db", folder) == folder
+    assert tracking.artifact_location("http://mlflow.example.org:5000", folder) is None  # the server's own store
+    assert tracking.artifact_location("http://mlflow.example.org:5000", "s3://bucket/runs") == "s3://bucket/runs"

@@ -13,7 +13,7 @@ from inside the core library:
   z of the epoch's batches, from ``distance_noise_units``), each named
   ``<measure>/<ordering>`` so that the orderings are curves of one chart group;
 * the claim verdicts as a table artifact, and per claim, ordering and phase its
-  ``claim_difference/...`` and ``claim_p_holm/...``;
+  ``claim_difference/<claim>.<ordering>.phase_<k>`` and ``claim_p_holm/...``;
 * the report, the PNG figures (heat maps among them) and each ordering's trained
   model (under its training run name) as artifacts;
 * ``batch_selection``: one nested run per (policy, seed) with its validation
@@ -133,6 +133,8 @@ class RunTracking:
         uri = config.server.mlflow_tracking_uri
         if uri is not None:
             config.server.mlflow_tracking_uri = project_sqlite_uri(uri, Path(context.project_path))
+        experiment_options = config.tracking.experiment.create_experiment_kwargs
+        experiment_options.artifact_location = artifact_location(uri, experiment_options.artifact_location)
         # As kedro-mlflow does, so that `kedro mlflow ui` and notebooks find the configuration.
         context.__setattr__("mlflow", config)
         self._config = config
@@ -423,7 +425,8 @@ def claim_metrics(claims: pd.DataFrame) -> list[tuple[str, float, int]]:
     """Per tested claim, ordering and phase: its difference and Holm-adjusted p-value."""
     metrics = []
     for _, row in claims.iterrows():
-        where = f"{row['claim_id']}/{row['ordering']}/phase_{int(row['phase'])}"
+        # one "/" only: the MLflow UI makes one chart section per prefix before the last "/"
+        where = f"{row['claim_id']}.{row['ordering']}.phase_{int(row['phase'])}"
         for column in ("difference", "p_holm"):
             if _finite(row.get(column)):
                 metrics.append((f"claim_{column}/{where}", float(row[column]), 0))
@@ -465,6 +468,18 @@ def project_sqlite_uri(uri: str, project_path: Path) -> str:
     if path is None or path.is_absolute():
         return uri
     return f"sqlite:///{(project_path / path).as_posix()}"
+
+
+def artifact_location(tracking_uri: str | None, location: str | None) -> str | None:
+    """``location`` for a new experiment; a folder of this project only where the store is local too.
+
+    With a tracking server (``http://...``), a relative folder would name a path on this machine
+    in the server's experiment; the server's own artifact store is used instead.
+    """
+    if not location or "://" in location or Path(location).is_absolute():
+        return location
+    local = tracking_uri is None or tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+    return location if local else None
 
 
 def sqlite_path(uri: str | None) -> Path | None:
