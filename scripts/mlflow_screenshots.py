@@ -8,8 +8,9 @@ In a copy of the project (its own tracking store), this runs the default
 starts ``mlflow ui`` on the copy's store, and saves two views of it, taken in headless
 Chromium (Debian's ``chromium``), into docs/images/:
 
-* ``mlflow_compare_orderings.png``: the test accuracy of every ordering per epoch, one
-  chart, from the default run (metrics ``test_accuracy/<ordering>``, step = epoch);
+* ``mlflow_compare_orderings.png``: the test accuracy of every ordering per epoch (mean
+  over the seeds), one chart, from the default run (metrics ``test_accuracy/<ordering>``,
+  step = epoch);
 * ``mlflow_compare_seeds.png``: the validation accuracy per optimizer step of every
   (policy, seed) nested run of the batch_selection run.
 
@@ -127,7 +128,8 @@ def serve(project: Path, chromium: str, out: Path) -> None:
     selection = next(r for r in runs if r.info.run_name.startswith("batch_selection"))
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == selection.info.run_id]
     children.sort(key=lambda r: (r.data.params["policy"], int(r.data.params["seed"])))
-    orderings = sorted(key for key in default.data.metrics if key.startswith("test_accuracy/"))
+    # the seed means (test_accuracy/<ordering>), not each seed's curve (test_accuracy/<ordering>.seed_<S>)
+    orderings = sorted(key for key in default.data.metrics if key.startswith("test_accuracy/") and "." not in key)
 
     port = free_port()
     server = subprocess.Popen(

@@ -21,14 +21,17 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from kedro.framework.project import pipelines
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from mlflow.tracking import MlflowClient
 
 from best_minibatch import tracking
+from best_minibatch.data.tensor_io import load_tensors
 from best_minibatch.metrics.scoring import METRICS
 from best_minibatch.selection.statistics import time_to_target
+from best_minibatch.training.gradient_training import seed_model_states
 from tests.conftest import PROJECT_ROOT, QUICK_RUN_PARAMS, copy_project, run_session
 from tests.test_kedro_viz import free_port, start_group, stop_group, wait_for
 
@@ -80,6 +83,17 @@ def histories(project: Path) -> dict[str, pd.DataFrame]:
     return {o: t for o, t in tables.items() if len(t)}
 
 
+def trainings(project: Path) -> dict[tuple[str, int], pd.DataFrame]:
+    """``{(ordering, seed): that training's history rows}``: one training run per ordering and seed."""
+    return {(o, int(seed)): part.sort_values("epoch") for o, history in histories(project).items()
+            for seed, part in history.groupby("seed")}
+
+
+def steps_and_values(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    logged = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+    return [m.step for m in logged], [m.value for m in logged]
+
+
 # --------------------------------------------------------------------------- one tracked run
 
 
@@ -92,12 +106,14 @@ def test_the_run_is_named_and_tagged_after_what_it_ran(tracked):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
     expected_commit = head.stdout.strip() if head.returncode == 0 else "unknown"
     assert tags["git_commit"] == expected_commit
-    trained = histories(project)
-    assert set(trained) == set(METRICS) - {"perceptual"} or set(trained) == set(METRICS)
-    for ordering, history in trained.items():
-        assert tags[f"training_run.{ordering}"] == history["run_name"].iloc[0]
-        assert tags[f"training_run.{ordering}.status"] == "trained"
-        assert f"training_run.{ordering}.trained_in" not in tags
+    trained = trainings(project)
+    assert {o for o, _ in trained} in (set(METRICS) - {"perceptual"}, set(METRICS))  # perceptual needs weights
+    assert len({seed for _, seed in trained}) >= 2  # gradient_training.seeds: [0, 1] in base
+    for (ordering, seed), history in trained.items():
+        training = f"training_run.{ordering}.seed_{seed}"
+        assert tags[training] == history["run_name"].iloc[0]
+        assert tags[f"{training}.status"] == "trained"
+        assert f"{training}.trained_in" not in tags
 
 
 @pytest.mark.slow
@@ -119,22 +135,34 @@ def test_parameters_are_the_flattened_parameters_the_run_read(tracked):
 
 
 @pytest.mark.slow
-def test_per_epoch_metrics_equal_each_orderings_history_and_noise_units(tracked):
+def test_per_epoch_metrics_equal_each_trainings_history_and_their_seed_mean(tracked):
     project, client, run = tracked
-    trained = histories(project)
-    noise = pd.read_parquet(newest(project / "data/08_reporting/analysis/distance_noise_units.parquet"))
-    mean_noise = noise.groupby(["ordering", "epoch"])["noise_z"].mean()
-    for ordering, history in trained.items():
+    for (ordering, seed), history in trainings(project).items():
         epochs = history["epoch"].tolist()
         assert epochs == [1, 2, 3]  # one epoch per phase in the quick run
         for column in HISTORY_COLUMNS:
-            logged = client.get_metric_history(run.info.run_id, f"{column}/{ordering}")
-            assert [m.step for m in sorted(logged, key=lambda m: m.step)] == epochs, (column, ordering)
-            assert [m.value for m in sorted(logged, key=lambda m: m.step)] == history[column].tolist()
-        logged = sorted(client.get_metric_history(run.info.run_id, f"mean_noise_units/{ordering}"),
-                        key=lambda m: m.step)
-        assert [m.step for m in logged] == epochs
-        assert [m.value for m in logged] == mean_noise.loc[ordering].tolist()
+            assert steps_and_values(client, run.info.run_id, f"{column}/{ordering}.seed_{seed}") == (
+                epochs, history[column].tolist()), (column, ordering, seed)
+    for ordering, history in histories(project).items():
+        mean = history.groupby("epoch")[list(HISTORY_COLUMNS)].mean()
+        for column in HISTORY_COLUMNS:
+            assert steps_and_values(client, run.info.run_id, f"{column}/{ordering}") == (
+                mean.index.tolist(), mean[column].tolist()), (column, ordering)
+
+
+@pytest.mark.slow
+def test_mean_noise_units_per_training_and_their_seed_mean_equal_the_noise_unit_table(tracked):
+    project, client, run = tracked
+    noise = pd.read_parquet(newest(project / "data/08_reporting/analysis/distance_noise_units.parquet"))
+    per_seed = noise.groupby(["ordering", "seed", "epoch"])["noise_z"].mean()
+    for (ordering, seed), means in per_seed.groupby(level=["ordering", "seed"]):
+        assert steps_and_values(client, run.info.run_id, f"mean_noise_units/{ordering}.seed_{seed}") == (
+            means.index.get_level_values("epoch").tolist(), means.tolist())
+    seed_mean = per_seed.groupby(level=["ordering", "epoch"]).mean()
+    assert set(seed_mean.index.get_level_values("ordering")) == set(histories(project))
+    for ordering, means in seed_mean.groupby(level="ordering"):
+        assert steps_and_values(client, run.info.run_id, f"mean_noise_units/{ordering}") == (
+            means.index.get_level_values("epoch").tolist(), means.tolist())
 
 
 @pytest.mark.slow
@@ -168,10 +196,12 @@ def test_report_heat_maps_and_models_are_artifacts_equal_to_the_saved_files(trac
     assert {f"heatmap_{o}.png" for o in histories(project)} <= {p.name for p in saved_maps.iterdir()}
     for png in saved_maps.iterdir():
         assert (logged_maps / png.name).read_bytes() == png.read_bytes()
-    for ordering, history in histories(project).items():
+    for (ordering, seed), history in trainings(project).items():
+        saved = seed_model_states(load_tensors(newest(project / f"data/06_models/{ordering}/trained_model.pt")))
         artifact = f"models/{ordering}/{history['run_name'].iloc[0]}/trained_model.pt"
-        model = client.download_artifacts(run_id, artifact, str(tmp_path / ordering))
-        assert Path(model).read_bytes() == newest(project / f"data/06_models/{ordering}/trained_model.pt").read_bytes()
+        logged = load_tensors(client.download_artifacts(run_id, artifact, str(tmp_path / f"{ordering}-{seed}")))
+        assert list(logged) == list(saved[seed]) and len(logged) > 0
+        assert all(torch.equal(logged[key], saved[seed][key]) for key in logged)
 
 
 # --------------------------------------------------------------------------- reuse and batch_selection
@@ -207,11 +237,11 @@ def rerun(finished_project, tmp_path_factory) -> tuple[Path, MlflowClient, objec
 def test_reused_trainings_are_tagged_with_the_run_that_trained_them_not_logged_again(rerun):
     project, client, run, first_run = rerun
     assert run.info.run_name == "gradient_training+distance_analysis+batch_selection @ local"
-    trained = histories(project)
-    for ordering, history in trained.items():
-        assert run.data.tags[f"training_run.{ordering}"] == history["run_name"].iloc[0]
-        assert run.data.tags[f"training_run.{ordering}.status"] == "reused"
-        assert run.data.tags[f"training_run.{ordering}.trained_in"] == first_run
+    for (ordering, seed), history in trainings(project).items():
+        training = f"training_run.{ordering}.seed_{seed}"
+        assert run.data.tags[training] == history["run_name"].iloc[0]
+        assert run.data.tags[f"{training}.status"] == "reused"
+        assert run.data.tags[f"{training}.trained_in"] == first_run
     assert first_run in run.data.tags["mlflow.note.content"]
     assert not [key for key in run.data.metrics if key.split("/")[0] in HISTORY_COLUMNS]
     assert client.list_artifacts(run.info.run_id, "models") == []

@@ -7,15 +7,17 @@ the datasets the pipelines already save (the ``after_dataset_saved`` hook), neve
 from inside the core library:
 
 * parameters, flattened, by kedro-mlflow's own hook (``mlflow.yml``);
-* per ordering and epoch (step = epoch): ``train_loss``, ``train_accuracy``,
-  ``test_loss``, ``test_accuracy``, ``mean_distance``, ``learning_rate`` (from
-  ``<ordering>.training_history``) and ``mean_noise_units`` (the mean noise-unit
-  z of the epoch's batches, from ``distance_noise_units``), each named
-  ``<measure>/<ordering>`` so that the orderings are curves of one chart group;
+* per training (one per ordering and seed of ``gradient_training.seeds``) and epoch
+  (step = epoch): ``train_loss``, ``train_accuracy``, ``test_loss``,
+  ``test_accuracy``, ``mean_distance``, ``learning_rate`` (from
+  ``<ordering>.training_history``) and ``mean_noise_units`` (the mean noise-unit z
+  of the epoch's batches, from ``distance_noise_units``), named
+  ``<measure>/<ordering>.seed_<S>``, and their mean over the seeds as
+  ``<measure>/<ordering>``, so that the orderings are curves of one chart group;
 * the claim verdicts as a table artifact, and per claim, ordering and phase its
   ``claim_difference/<claim>.<ordering>.phase_<k>`` and ``claim_p_holm/...``;
-* the report, the PNG figures (heat maps among them) and each ordering's trained
-  model (under its training run name) as artifacts;
+* the report and the PNG figures (heat maps among them) as artifacts, and each
+  training's model under its training run name;
 * ``batch_selection``: one nested run per (policy, seed) with its validation
   curve (step = optimizer step), its steps to the target and its final accuracies.
 
@@ -67,13 +69,14 @@ CURVE_METRICS = ("val_accuracy", "val_loss", "train_loss")
 RESULT_METRICS = ("final_val_accuracy", "test_accuracy", "test_loss", "steps", "seconds", "probe_seconds")
 #: The logger and message of gradient_training that say a training was found by its hash.
 TRAINING_LOGGER = "best_minibatch.training.gradient_training"
-_FOUND = re.compile(r"^(?P<ordering>[\w.-]+): run '(?P<run_name>[^']+)' found in .*, "
+_FOUND = re.compile(r"^(?P<label>.+?): run '(?P<run_name>[^']+)' found in .*, "
                     r"(?P<what>complete; reusing its results|resuming after epoch (?P<epoch>\d+))$")
 _METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 # Tag keys (MLflow tags are the links between runs: the UI filters and searches on them).
-TRAINING_TAG = "training_run.{ordering}"
-STATUS_TAG = "training_run.{ordering}.status"
-TRAINED_IN_TAG = "training_run.{ordering}.trained_in"
+# {training} is "<ordering>.seed_<S>": one training run per (ordering, seed) of gradient_training.seeds.
+TRAINING_TAG = "training_run.{training}"
+STATUS_TAG = "training_run.{training}.status"
+TRAINED_IN_TAG = "training_run.{training}.trained_in"
 TRAINED, REUSED, READ = "trained", "reused", "read"
 
 
@@ -97,8 +100,8 @@ class RunTracking:
         self._experiment_id: str | None = None
         self._catalog: Any = None
         self._warned = False
-        self._trainings: dict[str, dict[str, str]] = {}  # ordering -> run_name, status, trained_in
-        self._found: dict[str, tuple[str, str]] = {}  # ordering -> (run_name, status) from the training log
+        self._trainings: dict[tuple[str, int], dict[str, str]] = {}  # (ordering, seed) -> run_name, status
+        self._found: dict[str, str] = {}  # training run name -> status, from the training log
         self._curves: pd.DataFrame | None = None
         self._log_handler: logging.Handler | None = None
         self._active = False
@@ -205,9 +208,8 @@ class RunTracking:
     def after_dataset_loaded(self, dataset_name: str, data: Any) -> None:
         if self._tracking() and dataset_name.endswith(".training_history") and isinstance(data, pd.DataFrame):
             ordering = dataset_name.rsplit(".", 1)[0]
-            name = training_run_name(data)
-            if name and ordering not in self._trainings:
-                self._trainings[ordering] = {"run_name": name, "status": READ}
+            for seed, name in training_run_names(data).items():
+                self._trainings.setdefault((ordering, seed), {"run_name": name, "status": READ})
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
@@ -239,10 +241,8 @@ class RunTracking:
         ordering = name.rsplit(".", 1)[0] if "." in name else None
         if kind == "training_history" and ordering and isinstance(data, pd.DataFrame):
             self._log_training(ordering, data)
-        elif kind == "trained_model" and ordering:
-            training = self._trainings.get(ordering, {})
-            if training.get("status") != REUSED and training.get("run_name"):
-                self._log_artifact(name, f"models/{ordering}/{training['run_name']}")
+        elif kind == "trained_model" and ordering and isinstance(data, dict):
+            self._log_models(name, ordering, data)
         elif name == "distance_noise_units":
             self._log_metrics(noise_unit_metrics(data))
         elif name == "claim_verdicts":
@@ -265,15 +265,32 @@ class RunTracking:
             self._log_artifact(name, "batch_selection")
 
     def _log_training(self, ordering: str, history: pd.DataFrame) -> None:
-        name = training_run_name(history)
-        if not name:  # a skipped metric: no training
-            return
-        found_name, status = self._found.get(ordering, (name, TRAINED))
-        if found_name != name:
-            status = TRAINED
-        self._trainings[ordering] = {"run_name": name, "status": status}
-        if status != REUSED:
-            self._log_metrics(history_metrics(ordering, history))
+        """Each seed's curves (``<measure>/<ordering>.seed_<S>``) and, when every seed was trained in
+        this run, their mean (``<measure>/<ordering>``); a reused training is only named (tags)."""
+        names = training_run_names(history)
+        for seed, name in names.items():
+            status = self._found.get(name, TRAINED)
+            self._trainings[(ordering, seed)] = {"run_name": name, "status": status}
+            if status != REUSED:
+                self._log_metrics(history_metrics(training_label(ordering, seed), seed_rows(history, seed)))
+        if names and all(self._trainings[(ordering, seed)]["status"] != REUSED for seed in names):
+            self._log_metrics(history_metrics(ordering, seed_mean(history, HISTORY_METRICS)))
+
+    def _log_models(self, dataset_name: str, ordering: str, flat: dict[str, Any]) -> None:
+        """Each seed's trained weights under its training run name (the project's tensor format)."""
+        import tempfile
+
+        from best_minibatch.data.tensor_io import save_tensors_atomically
+        from best_minibatch.training.gradient_training import seed_model_states
+
+        for seed, state in sorted(seed_model_states(flat).items()):
+            training = self._trainings.get((ordering, seed))
+            if training is None or training["status"] == REUSED:
+                continue
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "trained_model.pt"
+                save_tensors_atomically(state, path)
+                self._client.log_artifact(self._run_id, str(path), f"models/{ordering}/{training['run_name']}")
 
     def _log_metrics(self, metrics: Iterable[tuple[str, float, int]], run_id: str | None = None) -> None:
         from mlflow.entities import Metric
@@ -325,29 +342,30 @@ class RunTracking:
     def _tag_trainings(self) -> None:
         """Tags naming every training this run used, and for reused or read ones the MLflow run that trained it."""
         tags, notes = {}, []
-        for ordering, training in sorted(self._trainings.items()):
-            name, status = training["run_name"], training["status"]
-            tags[TRAINING_TAG.format(ordering=ordering)] = name
-            tags[STATUS_TAG.format(ordering=ordering)] = status
-            note = f"* `{ordering}`: training `{name}`, {status}"
+        for (ordering, seed), training in sorted(self._trainings.items()):
+            key, name, status = training_label(ordering, seed), training["run_name"], training["status"]
+            tags[TRAINING_TAG.format(training=key)] = name
+            tags[STATUS_TAG.format(training=key)] = status
+            note = f"* `{ordering}`, seed {seed}: training `{name}`, {status}"
             if status in (REUSED, READ):
-                trained_in = self._run_that_trained(ordering, name)
-                tags[TRAINED_IN_TAG.format(ordering=ordering)] = trained_in or "not tracked"
+                trained_in = self._run_that_trained(key, name)
+                tags[TRAINED_IN_TAG.format(training=key)] = trained_in or "not tracked"
                 if trained_in:
                     experiment = self._client.get_run(trained_in).info.experiment_id
                     note += f" (trained in [{trained_in}](#/experiments/{experiment}/runs/{trained_in}))"
             notes.append(note)
         if tags:
-            tags["training_runs"] = ", ".join(f"{o}={t['run_name']}" for o, t in sorted(self._trainings.items()))
+            tags["training_runs"] = ", ".join(f"{training_label(o, s)}={t['run_name']}"
+                                              for (o, s), t in sorted(self._trainings.items()))
             tags["mlflow.note.content"] = "Trainings used by this run:\n\n" + "\n".join(notes)
             self._client.log_batch(self._run_id, tags=_tags(tags))
 
-    def _run_that_trained(self, ordering: str, name: str) -> str | None:
-        """The newest tracked run, in any experiment of the store, that trained ``name`` for ``ordering``."""
+    def _run_that_trained(self, training: str, name: str) -> str | None:
+        """The newest tracked run, in any experiment of the store, that trained run ``name`` of ``training``."""
         experiments = [e.experiment_id for e in self._client.search_experiments()]
-        filter_string = (f"tags.`{TRAINING_TAG.format(ordering=ordering)}` = '{name}' and "
-                         f"tags.`{STATUS_TAG.format(ordering=ordering)}` != '{REUSED}' and "
-                         f"tags.`{STATUS_TAG.format(ordering=ordering)}` != '{READ}'")
+        filter_string = (f"tags.`{TRAINING_TAG.format(training=training)}` = '{name}' and "
+                         f"tags.`{STATUS_TAG.format(training=training)}` != '{REUSED}' and "
+                         f"tags.`{STATUS_TAG.format(training=training)}` != '{READ}'")
         runs = self._client.search_runs(experiments, filter_string, order_by=["attributes.start_time DESC"],
                                         max_results=2)
         runs = [run for run in runs if run.info.run_id != self._run_id]
@@ -388,7 +406,7 @@ class RunTracking:
 class _TrainingLogHandler(logging.Handler):
     """Notes the trainings that gradient_training found by their hash (reused or resumed)."""
 
-    def __init__(self, found: dict[str, tuple[str, str]]) -> None:
+    def __init__(self, found: dict[str, str]) -> None:
         super().__init__(level=logging.INFO)
         self.found = found
 
@@ -397,28 +415,33 @@ class _TrainingLogHandler(logging.Handler):
             match = _FOUND.match(record.getMessage())
         except Exception:  # a record that cannot be formatted is not ours
             return
-        if match:
-            status = REUSED if match["epoch"] is None else f"resumed after epoch {match['epoch']}"
-            self.found[match["ordering"]] = (match["run_name"], status)
+        if match:  # a run name is unique to its (ordering, seed)
+            self.found[match["run_name"]] = REUSED if match["epoch"] is None else f"resumed after epoch {match['epoch']}"
 
 
 # ---------------------------------------------------------------------- tables -> metrics
 
 
-def history_metrics(ordering: str, history: pd.DataFrame) -> list[tuple[str, float, int]]:
+def history_metrics(label: str, history: pd.DataFrame) -> list[tuple[str, float, int]]:
     """``(key, value, step)`` of every finite per-epoch number of a ``training_history``, step = epoch."""
-    return [(f"{column}/{ordering}", float(row[column]), int(row["epoch"]))
+    return [(f"{column}/{label}", float(row[column]), int(row["epoch"]))
             for _, row in history.iterrows() for column in HISTORY_METRICS
             if column in history and _finite(row[column])]
 
 
 def noise_unit_metrics(noise_units: pd.DataFrame) -> list[tuple[str, float, int]]:
-    """``mean_noise_units/<ordering>`` per epoch: the mean noise-unit z of the epoch's batches."""
+    """``mean_noise_units/<ordering>.seed_<S>`` per epoch (the mean noise-unit z of the epoch's batches
+    in that seed's run) and ``mean_noise_units/<ordering>``, their mean over the seeds."""
     if noise_units.empty:
         return []
-    means = noise_units.groupby(["ordering", "epoch"])["noise_z"].mean()
-    return [(f"mean_noise_units/{ordering}", float(value), int(epoch))
-            for (ordering, epoch), value in means.items() if _finite(value)]
+    table = noise_units if "seed" in noise_units else noise_units.assign(seed=0)
+    per_seed = table.groupby(["ordering", "seed", "epoch"])["noise_z"].mean()
+    metrics = [(f"mean_noise_units/{training_label(ordering, seed)}", float(value), int(epoch))
+               for (ordering, seed, epoch), value in per_seed.items() if _finite(value)]
+    seed_means = per_seed.groupby(level=["ordering", "epoch"]).mean()
+    metrics += [(f"mean_noise_units/{ordering}", float(value), int(epoch))
+                for (ordering, epoch), value in seed_means.items() if _finite(value)]
+    return metrics
 
 
 def claim_metrics(claims: pd.DataFrame) -> list[tuple[str, float, int]]:
@@ -439,11 +462,28 @@ def selection_curve_metrics(curve: pd.DataFrame) -> list[tuple[str, float, int]]
             for column in CURVE_METRICS if column in curve and _finite(row[column])]
 
 
-def training_run_name(history: pd.DataFrame) -> str | None:
+def training_label(ordering: str, seed: int) -> str:
+    """``intensity.seed_0``: one (ordering, seed) training in metric keys and tags."""
+    return f"{ordering}.seed_{seed}"
+
+
+def training_run_names(history: pd.DataFrame) -> dict[int, str]:
+    """``{seed: run name}`` of a ``training_history`` (seed 0 for a table without seeds)."""
     if "run_name" not in history or history.empty:
-        return None
-    names = history["run_name"].dropna().unique()
-    return str(names[-1]) if len(names) else None
+        return {}
+    table = history if "seed" in history else history.assign(seed=0)
+    names = table.dropna(subset=["run_name"]).groupby("seed", sort=True)["run_name"].last()
+    return {int(seed): str(name) for seed, name in names.items()}
+
+
+def seed_rows(table: pd.DataFrame, seed: int) -> pd.DataFrame:
+    return table.loc[table["seed"] == seed] if "seed" in table else table
+
+
+def seed_mean(history: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """Per epoch, the mean over seeds of each column (NaN where a seed has none)."""
+    present = [column for column in columns if column in history]
+    return history.groupby("epoch", sort=True)[present].mean().reset_index()
 
 
 # ---------------------------------------------------------------------- helpers
