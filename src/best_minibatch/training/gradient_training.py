@@ -546,19 +546,33 @@ def check_buffer_memory(config: TrainingConfig, num_params: int, param_dtype: to
 
 def estimate_hours(config: TrainingConfig, num_batches: int, batch_size: int, orderings: int,
                    image_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
-                   timed_images: int = 16) -> tuple[float, float, int]:
-    """Hours the run's trainings will take, measured: ``(hours, seconds per probed step, steps timed)``.
+                   timed_images: int = 16) -> tuple[float, float, int, int]:
+    """Hours the run's trainings will take, measured: ``(hours, seconds per probed step, steps timed, images per step)``.
 
-    One warm-up and one timed probed step (net_normal's training step plus
-    net_compare's forward and backward) of the configured model on the configured
-    device, on ``min(batch_size, timed_images)`` random images, scaled linearly to
-    the batch size and multiplied by the run's steps. A warm-up that alone takes
-    over 5 s is the measurement (a model that slow needs no second look).
-    Evaluation and spilling are left out.
+    A probed step is net_normal's training step plus net_compare's forward and
+    backward. It is first timed (one warm-up, one timed step) on
+    ``min(batch_size, timed_images)`` random images and scaled linearly to the batch
+    size; a warm-up that alone takes over 5 s is the measurement (a model that slow
+    needs no second look). When that scaled step is cheap (under 2 s), the step is
+    timed again at the real batch size: a small model's step is mostly fixed cost,
+    which linear scaling from a few images overstates (5x for the small CNN at batch
+    256). The step time is multiplied by the run's steps; evaluation and spilling are
+    left out.
     """
     recipe = dataclasses.replace(config.recipe, progress_bar=False)
     device = recipe.resolved_device()
     images = min(batch_size, timed_images)
+    per_step, steps = _time_probed_step(recipe, device, images, image_shape, num_classes)
+    per_step *= batch_size / images
+    if images < batch_size and per_step < 2:
+        images = batch_size
+        per_step, steps = _time_probed_step(recipe, device, images, image_shape, num_classes)
+    return per_step * num_batches * recipe.num_epochs * orderings / 3600, per_step, steps, images
+
+
+def _time_probed_step(recipe: TrainingRecipe, device: torch.device, images: int, image_shape: tuple[int, int, int],
+                      num_classes: int) -> tuple[float, int]:
+    """Seconds of one probed step on ``images`` random images, after a warm-up, and the steps run."""
     with training_environment(recipe), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net_normal = recipe.model_factory(num_classes)().to(device)
@@ -580,8 +594,7 @@ def estimate_hours(config: TrainingConfig, num_batches: int, batch_size: int, or
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - started
-    per_step = seconds * batch_size / images
-    return per_step * num_batches * recipe.num_epochs * orderings / 3600, per_step, steps
+    return seconds, steps
 
 
 def check_expected_time(config: TrainingConfig, num_batches: int, batch_size: int, orderings: int) -> None:
@@ -590,16 +603,21 @@ def check_expected_time(config: TrainingConfig, num_batches: int, batch_size: in
     Every ordering trains once per seed, so the runs are ``orderings x len(config.seeds)``.
     """
     seeds = len(config.seeds)
-    hours, per_step, steps = estimate_hours(config, num_batches, batch_size, orderings * seeds)
+    hours, per_step, steps, images = estimate_hours(config, num_batches, batch_size, orderings * seeds)
+    logger.info("gradient_training: %d orderings x %d seeds x %d epochs x %d batches of %d at %.3g s per probed step of %s "
+                "on %s: about %.2f hours of training (expected_hours: %g)", orderings, seeds, config.num_epochs,
+                num_batches, batch_size, per_step, config.model, config.resolved_device().type, hours,
+                config.expected_hours)
     if hours > config.expected_hours:
         device = config.resolved_device()
+        measured = (f"measured on {steps} step{'s' if steps > 1 else ''} of {images} images"
+                    + (" and scaled" if images < batch_size else ""))
         raise _config_error(
             "expected_hours",
             f"the run would take about {hours:,.1f} hours ({orderings} orderings x {seeds} "
             f"seed{'s' if seeds > 1 else ''} x {config.num_epochs} epochs x "
             f"{num_batches} batches of {batch_size} at {per_step:.3g} s per probed step of {config.model} on "
-            f"{device.type}, measured on {steps} step{'s' if steps > 1 else ''} of {min(batch_size, 16)} images and "
-            f"scaled), more than the {config.expected_hours:g} hours this environment "
+            f"{device.type}, {measured}), more than the {config.expected_hours:g} hours this environment "
             "expects",
             f"Confirm with --params gradient_training.expected_hours={math.ceil(hours)}, or choose a smaller model "
             "(training.model.name), fewer epochs (training.phases), fewer seeds (gradient_training.seeds), "

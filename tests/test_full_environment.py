@@ -1,0 +1,108 @@
+"""The `full` environment (conf/full): all of CIFAR-10 at the paper's batch geometry, on this machine.
+
+Its configuration must stay what docs/results/full_cifar10.md says it is and pass every run
+check on the real data, and one epoch of it must run end to end (ingest to gradient_training)
+on a small subset at the same batch size. The full run itself takes about 1.3 hours.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+from best_minibatch import validation
+from best_minibatch.metrics.scoring import METRICS
+from best_minibatch.training import gradient_training
+from tests.conftest import PROJECT_ROOT, copy_project
+from tests.lpips_support import stored_lpips_weights  # noqa: F401 (fixture)
+
+ORDERINGS = ("intensity", "color", "edges", "perceptual", "random")
+
+
+def full_parameters() -> dict:
+    """The merged parameters of `kedro run --env full` in this checkout (nothing runs)."""
+    bootstrap_project(PROJECT_ROOT)
+    with KedroSession.create(project_path=PROJECT_ROOT, env="full") as session:
+        return session.load_context().params
+
+
+def test_the_full_environment_is_the_paper_geometry_and_passes_every_run_check(full_cifar_zip, monkeypatch,
+                                                                               stored_lpips_weights):  # noqa: F811
+    params = full_parameters()
+    # The run-time check times two probed steps on this machine, which a loaded test machine
+    # distorts (a starved process measured 150 hours); it is recorded here, not run. The real
+    # run's time is in docs/results/full_cifar10.md.
+    timed = []
+    monkeypatch.setattr(gradient_training, "check_expected_time", lambda *args: timed.append(args[1:]))
+    # Only what differs from base is overridden; the rest (e.g. momentum) comes from base.
+    assert params["training"]["momentum"] == 0.9
+    assert Path(PROJECT_ROOT / params["ingest_cifar"]["source"]["path"]).resolve() == full_cifar_zip.resolve()
+    assert params["sort_batches"]["batch_size"] == 256
+    phases = params["training"]["phases"]
+    assert [phase["lr"] for phase in phases] == [0.1, 0.01, 0.001]
+    assert all(phase["epochs"] >= 5 for phase in phases)
+    assert params["gradient_training"]["seeds"] == [0, 1, 2]
+    assert params["gradient_training"]["null_batches"] > 0
+    assert params["score_metrics"]["perceptual"]["strict"] is True
+    assert set(ORDERINGS) == set(METRICS)
+
+    previous = Path.cwd()
+    os.chdir(PROJECT_ROOT)  # the source path is relative to the project root
+    try:
+        n_train = validation.count_training_images(params["ingest_cifar"]["source"])
+        assert n_train == 50_000
+        assert n_train // 256 == 195 and n_train % 256 == 80
+        # Every section's checks, with the run's own facts (the disk cap of the kept gradients too).
+        problems = validation.run_problems(params, params.keys(), validation.RunFacts(n_train=n_train,
+                                                                                       trained_orderings=ORDERINGS))
+    finally:
+        os.chdir(previous)
+    assert problems == []
+    assert timed == [(195, 256, 5)]  # batches, batch size, orderings (each trained once per seed)
+
+
+def test_one_epoch_of_the_full_environment_runs_on_a_subset_at_the_same_batch_size(tmp_path,
+                                                                                    stored_lpips_weights):  # noqa: F811
+    """The embedded sample (5,000 images: 19 batches of 256) through ingest, scoring, batching and
+    gradient_training with the full environment's model, seeds reduced to one and one epoch."""
+    os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+    project = copy_project(tmp_path / "project")
+    params = {
+        "ingest_cifar": {"source": {"path": "data/01_raw/cifar10-sample.zip"}},
+        "training": {"phases": [{"epochs": 1, "lr": 0.1}]},
+        "gradient_training": {"seeds": [0], "keep_gradients": [1]},
+    }
+    previous = Path.cwd()
+    os.chdir(project)
+    try:
+        bootstrap_project(project)
+        with KedroSession.create(project_path=project, env="full", runtime_params=params) as session:
+            session.run(pipeline_names=["ingest_cifar", "score_metrics", "sort_batches", "gradient_training"])
+    finally:
+        os.chdir(previous)
+
+    outputs = project / "data" / "07_model_output"
+    for ordering in ORDERINGS:
+        matrix = torch.load(newest(outputs / ordering / "distance_matrix.pt"), weights_only=True)
+        assert tuple(matrix.shape) == (1, 1, 19), ordering  # seeds x epochs x batches of 256
+        assert torch.isfinite(matrix).all() and (matrix > 0).all()
+        null = pd.read_parquet(newest(outputs / ordering / "null_distances.parquet"))
+        assert len(null) == 20  # R null batches in the one epoch
+        history = pd.read_parquet(newest(outputs / ordering / "training_history.parquet"))
+        assert history["learning_rate"].tolist() == [0.1]
+    model_params = sum(t.numel() for key, t in torch.load(
+        newest(project / "data" / "06_models" / "intensity" / "trained_model.pt"), weights_only=True).items()
+        if key.startswith("seed=0/") and "running" not in key and "num_batches" not in key)
+    assert model_params == 61_338  # small_cnn width 16
+
+
+def newest(versioned: Path) -> Path:
+    """The newest version's file of a versioned dataset."""
+    versions = sorted(versioned.iterdir())
+    assert versions, versioned
+    return versions[-1] / versioned.name
