@@ -116,7 +116,7 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, label: str,
         index_of = {future.key: index for index, future in enumerate(futures)}
         results: list[Any] = [None] * len(items)
         try:
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=client.loop):
                 index = index_of[future.key]
                 results[index] = future.result()  # raises the task's error
                 if on_result is not None:

@@ -301,7 +301,7 @@ class DaskRunner(AbstractRunner):
         done_groups: set[int] = set()
         done_nodes: list[Node] = []
         pending = {group.index: group for group in groups}
-        running = as_completed()
+        running = as_completed(loop=client.loop)
         group_of_key: dict[str, NodeGroup] = {}
         submitted: dict[str, Any] = {}
         total = len(pipeline.nodes)
