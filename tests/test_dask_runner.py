@@ -270,6 +270,25 @@ def test_the_gpu_tag_asks_for_nothing_where_no_worker_offers_a_gpu():
     assert usable_mapping(cuda.tag_resources, cuda.offered_resources())[0] == {"gpu": {"GPU": 1.0}}
 
 
+# --------------------------------------------------------------------------- worker logs
+
+
+def log_from_worker(x):
+    logging.getLogger("best_minibatch.test_dask_runner").info("hello from process %d", os.getpid())
+    return x
+
+
+def test_worker_log_records_reach_this_process(caplog, monkeypatch):
+    """Forwarded to this process's loggers, even though Kedro configures logging on the worker when a task
+    first imports it (from the project folder: conf/logging.yml)."""
+    monkeypatch.chdir(PROJECT_ROOT)
+    caplog.set_level(logging.INFO, logger="best_minibatch")
+    pipeline = Pipeline([node(log_from_worker, "a", "b", name="log")])
+    DaskRunner(config={"local": {"n_workers": 1}}).run(pipeline, DataCatalog({"a": MemoryDataset(1)}))
+    forwarded = [r for r in caplog.records if r.getMessage().startswith("hello from process")]
+    assert len(forwarded) == 1 and forwarded[0].process != os.getpid() and hasattr(forwarded[0], "worker")
+
+
 # --------------------------------------------------------------------------- dask.yml
 
 

@@ -274,11 +274,17 @@ class Cluster:
         return (f"scheduler {self.client.scheduler.address}, {len(workers)} worker(s), {threads} thread(s)"
                 + (f", dashboard {self.client.dashboard_link}" if self.config.dashboard_address else ""))
 
-    def forward_logs(self, names: tuple[str, ...], level: int = logging.INFO) -> None:
+    def forward_logs(self, names: tuple[str, ...], level: int = logging.INFO, preload: tuple[str, ...] = ()) -> None:
         """Worker records of the loggers ``names`` (and below) at ``level`` or above are handled by this process's
         loggers of the same names; on the workers those loggers are set to ``level`` and rich's progress bars off
-        (several workers drawing on one terminal garble it; the loops log a line per epoch instead)."""
-        self.client.register_plugin(_WorkerLogging(names, level, os.getpid()), name="best_minibatch-logging")
+        (several workers drawing on one terminal garble it; the loops log a line per epoch instead).
+
+        ``preload``: modules each worker imports first, before the forwarding starts: one that configures
+        logging on import (Kedro's project module) would otherwise drop the forwarding handler when a task
+        first imports it.
+        """
+        plugin = _WorkerLogging(names, level, os.getpid(), preload)
+        self.client.register_plugin(plugin, name="best_minibatch-logging")
         for name in names:
             self.client.forward_logging(name, level=level)
 
@@ -310,12 +316,16 @@ class Cluster:
 class _WorkerLogging(WorkerPlugin):
     """Set on every worker, present and future: the forwarded loggers' level, no progress bars."""
 
-    def __init__(self, names: tuple[str, ...], level: int, client_pid: int) -> None:
-        self.names, self.level, self.client_pid = names, level, client_pid
+    def __init__(self, names: tuple[str, ...], level: int, client_pid: int, preload: tuple[str, ...]) -> None:
+        self.names, self.level, self.client_pid, self.preload = names, level, client_pid, preload
 
     def setup(self, worker: Any) -> None:
         if os.getpid() == self.client_pid:  # a worker in the client's own process: its logging is the client's
             return
+        import importlib
+
+        for module in self.preload:
+            importlib.import_module(module)
         for name in self.names:
             found = logging.getLogger(name)
             if found.level == logging.NOTSET or found.level > self.level:

@@ -284,7 +284,8 @@ class DaskRunner(AbstractRunner):
         with Cluster(config) as cluster:
             self.client = cluster.client
             try:
-                cluster.forward_logs(FORWARDED_LOGGERS)
+                # Kedro configures logging when its project module is first imported: before the forwarding.
+                cluster.forward_logs(FORWARDED_LOGGERS, preload=("kedro.framework.project",))
                 mapping, notes = usable_mapping(config.tag_resources, cluster.offered_resources())
                 for note in notes:
                     logger.info(note)
