@@ -42,13 +42,15 @@ def compare_runs():
     return module
 
 
-def run_with(project: Path, runner: DaskRunner) -> None:
+def run_with(project: Path, runner: DaskRunner | None, pipeline: str | None = None,
+             params: dict | None = None) -> None:
+    """One ``kedro run`` in ``project`` (the sequential runner when ``runner`` is None)."""
     previous = Path.cwd()
     os.chdir(project)
     try:
         bootstrap_project(project)
-        with KedroSession.create(project_path=project, runtime_params=QUICK_RUN_PARAMS) as session:
-            session.run(runner=runner)
+        with KedroSession.create(project_path=project, runtime_params=params or QUICK_RUN_PARAMS) as session:
+            session.run(runner=runner, pipeline_names=[pipeline] if pipeline else None)
     finally:
         os.chdir(previous)
 
@@ -99,6 +101,31 @@ def test_hooks_run_for_every_node_on_the_dask_runner(finished_project, dask_proj
     sequential_data, dask_data = tracked(finished_project), tracked(dask_project)
     assert dask_data.metrics == sequential_data.metrics and len(dask_data.metrics) > 20
     assert dask_data.params == sequential_data.params
+
+
+# Two seeds x two policies, two epochs, on the quick run's outputs.
+SMALL_SELECTION = {**QUICK_RUN_PARAMS, "batch_selection": {
+    "seeds": [0, 1], "policies": ["shuffle", "fixed_random"], "target_validation_accuracy": 0.2,
+    "training": {"phases": [{"epochs": 1, "lr": 0.1}, {"epochs": 1, "lr": 0.01}]},
+}}
+
+
+@pytest.mark.slow
+def test_batch_selection_runs_on_two_workers_give_the_sequential_tables(tmp_path, dask_project):
+    """Each (policy, seed) run is a task of its own; the tables are the sequential runner's, bit for bit (the
+    figure and the report fragments show wall-clock seconds, so only the tables are compared)."""
+    import shutil
+
+    projects = {}
+    for name, runner in (("sequential", None), ("dask", DaskRunner(config=TWO_WORKERS))):
+        projects[name] = tmp_path / name
+        shutil.copytree(dask_project, projects[name], ignore=shutil.ignore_patterns("09_tracking"))
+        (projects[name] / "conf/local/mlflow.yml").write_text("enabled: false\n")
+        run_with(projects[name], runner, "batch_selection", SMALL_SELECTION)
+    compared, problems = compare_runs().differences(projects["sequential"] / "data", projects["dask"] / "data",
+                                                    {"seconds"}, only="batch_selection", skip={"runs"})
+    tables = [p for p in problems if ".parquet" in p]
+    assert compared >= 6 and not tables, "\n".join(tables)
 
 
 def checkpointed_training(checkpoints: Path, epochs: int) -> tuple[str, int] | None:
@@ -216,6 +243,46 @@ def test_nodes_joined_in_memory_form_one_task(tmp_path):
         catalog.get(name, fallback_to_runtime_pattern=True)
     groups = sorted([n.name for n in g.nodes] for g in plan_groups(pipeline, catalog))
     assert groups == [["alone"], ["one", "two"]]
+
+
+class RecordingHooks:
+    """A hook manager that records the name and node of every hook call (as pluggy's would dispatch them)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+        self.hook = self
+
+    def __getattr__(self, name):
+        def call(**kwargs):
+            self.calls.append((name, kwargs["node"].name if "node" in kwargs else None))
+            return []
+        return call
+
+
+def fails(x):
+    raise ValueError(f"node failed on {x}")
+
+
+def fails_with_a_project_error(x):
+    from best_minibatch.config import ConfigError
+
+    raise ConfigError("section.key", "cannot work", "Fix it.")
+
+
+def test_a_failing_node_stops_the_run_with_its_error_after_its_hooks(tmp_path):
+    pipeline = Pipeline([node(first, "a", "b", name="ok"), node(fails, "b", "c", name="fails"),
+                         node(first, "c", "d", name="never")])
+    hooks = RecordingHooks()
+    with pytest.raises(ValueError, match="node failed on 2"):
+        DaskRunner(config={"local": {"n_workers": 1}}).run(pipeline, DataCatalog({"a": MemoryDataset(1)}), hooks)
+    assert ("on_node_error", "fails") in hooks.calls and ("after_node_run", "ok") in hooks.calls
+    assert not any(node_name == "never" for _, node_name in hooks.calls)
+    # A project error whose class cannot be rebuilt from its message still reads as the project's own error.
+    from best_minibatch.runner import RemoteNodeError
+
+    with pytest.raises(RemoteNodeError, match="Parameter section.key: cannot work. Fix it."):
+        DaskRunner(config={"local": {"n_workers": 1}}).run(
+            Pipeline([node(fails_with_a_project_error, "a", "b", name="refuses")]), DataCatalog({"a": MemoryDataset(1)}))
 
 
 # --------------------------------------------------------------------------- the gpu tag's resources

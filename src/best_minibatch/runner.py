@@ -281,6 +281,8 @@ class DaskRunner(AbstractRunner):
     def _run(self, pipeline: Pipeline, catalog: Any, hook_manager: Any = None, run_id: str | None = None) -> None:
         groups = plan_groups(pipeline, catalog)  # refuses before any work
         config = self.cluster_config()
+        if not groups:
+            return
         with Cluster(config) as cluster:
             self.client = cluster.client
             try:
