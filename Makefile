@@ -47,6 +47,11 @@ benchmark: setup
 	$(BIN)/python benchmarks/benchmark_gradient_training.py
 	$(BIN)/python benchmarks/benchmark_models.py
 
+# The sequential runner against the Dask runner on two workers (docs/scaling.md): several whole runs.
+.PHONY: benchmark-runners
+benchmark-runners: setup
+	$(BIN)/python benchmarks/benchmark_runners.py --rounds 3
+
 viz: setup
 	$(BIN)/kedro viz run --no-browser
 

@@ -60,6 +60,25 @@ def same(a: Path, b: Path, ignore: set[str]) -> str | None:
     return None if a.read_bytes() == b.read_bytes() else "bytes differ"
 
 
+def differences(a: Path, b: Path, ignore: set[str], only: str = "", skip: set[str] = frozenset()) -> tuple[int, list[str]]:
+    """How many files were compared, and a line for each that differs (or exists on one side only).
+
+    ``skip``: folder names left out besides the checkpoints (e.g. ``runs``: the run manifests
+    hold each run's id, times and process).
+    """
+    left, right = newest_files(a), newest_files(b)
+    keys = [k for k in sorted(left.keys() | right.keys()) if only in k and not skip & set(k.split("/"))]
+    problems = []
+    for key in keys:
+        if key not in left or key not in right:
+            problems.append(f"ONLY IN {'A' if key in left else 'B'}  {key}")
+            continue
+        problem = same(left[key], right[key], ignore)
+        if problem:
+            problems.append(f"DIFFERS  {key}: {problem}")
+    return len(keys), problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", type=Path)

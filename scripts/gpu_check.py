@@ -19,6 +19,11 @@ Steps (each one's failure is recorded in the JSON under its name, and the next s
    (conf/paper over conf/base, merged key by key as Kedro's soft merge does) on 5,000 real
    training images (the embedded sample) in batches of the paper's size, evaluated on the
    sample's 1,000 test images, checkpoints and scratch files in a temporary folder.
+   ``paper_run_dask`` (when more than one GPU is present, or with ``--cluster``): the same run
+   once per GPU at the same time on the ``cuda`` Dask cluster of conf/base/dask.yml (dask-cuda,
+   one worker per GPU, each training a task asking for ``GPU: 1``, as the project's Dask runner
+   hands out its trainings); each training's seconds and the whole wall-clock. ``--cluster
+   local`` runs it on two CPU worker processes (the test suite does).
 6. ``time_estimate``: the paper's full run (150 epochs x 50,000 images, one training and one
    probe pass each) from the measured figures.
 
@@ -496,6 +501,42 @@ def paper_run(device: torch.device, paper: PaperParameters, loaded: Mapping[str,
     return out
 
 
+def paper_run_on_cluster(kind: str, trainings: int, paper: PaperParameters, loaded: Mapping[str, torch.Tensor],
+                         batch: int, sizes: Mapping[str, Any], scratch: Path,
+                         model_override: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The same paper run, ``trainings`` times at once on a Dask cluster of ``kind`` (conf/base/dask.yml's kinds).
+
+    ``cuda``: dask-cuda's one worker per GPU, each training a task asking for ``GPU: 1``, so
+    every GPU trains one copy (the project's runner hands out its trainings the same way).
+    ``local``: worker processes on the CPU (what the test suite can run). Each training has
+    its own checkpoint folder. Reports each training's seconds and the whole wall-clock
+    against the single training of ``paper_run``.
+    """
+    from best_minibatch.cluster import Cluster, ClusterConfig
+
+    config = ClusterConfig.from_params({"cluster": kind, "local": {"n_workers": trainings}})
+    print(f"  {trainings} trainings at once on a '{kind}' Dask cluster ...", flush=True)
+    with Cluster(config) as cluster:
+        workers = len(cluster.client.scheduler_info().get("workers", {}))
+        resources = {"GPU": 1} if kind == "cuda" else None
+
+        def one(index: int) -> dict[str, Any]:
+            device = torch.device("cuda" if kind == "cuda" else "cpu")
+            with contextlib.redirect_stdout(None):  # the workers' prints would interleave
+                result = paper_run(device, paper, loaded, batch, sizes, scratch / f"training-{index}", model_override)
+            return {"wall_seconds": result["wall_seconds"], "device": str(device),
+                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                    "final_test_accuracy": result["history"][-1]["test_accuracy"]}
+
+        started = time.perf_counter()
+        futures = [cluster.client.submit(one, i, resources=resources, pure=False) for i in range(trainings)]
+        results = cluster.client.gather(futures)
+        wall = time.perf_counter() - started
+    return {"cluster": kind, "workers": workers, "trainings": trainings, "per_training": results,
+            "wall_seconds": wall,
+            "note": "each training is paper_run's; the wall-clock includes shipping the images to the workers"}
+
+
 def time_estimate(report: Mapping[str, Any]) -> dict[str, Any]:
     """The paper's full run from the measured figures (arithmetic; labelled with what each uses)."""
     passes = PAPER_EPOCHS * PAPER_TRAIN_IMAGES * 2  # one training and one probe pass per image and epoch
@@ -601,6 +642,10 @@ def _check(argv: list[str] | None, scratch_root: Path) -> int:
                         help="auto: CUDA when present, else the CPU with the tiny model")
     parser.add_argument("--conf-dir", type=Path, default=CONF_DIR, help="the project's conf/ (base and paper)")
     parser.add_argument("--sample", type=Path, default=SAMPLE_ZIP, help="the embedded CIFAR-10 sample zip")
+    parser.add_argument("--cluster", choices=("auto", "none", "local", "cuda"), default="auto",
+                        help="also run the paper run once per worker at once on a Dask cluster: auto = the cuda "
+                             "cluster (one worker per GPU) when more than one GPU is present, else none; local = "
+                             "two CPU worker processes (what the test suite runs)")
     args = parser.parse_args(argv)
 
     try:
@@ -654,9 +699,16 @@ def _check(argv: list[str] | None, scratch_root: Path) -> int:
         run_step(report, "paper_run",
                  lambda: paper_run(device, paper, loaded, paper_batch, sizes, scratch_root,
                                    None if mode == "cuda" else paper.base_model), device)
-        if mode == "cuda" and torch.cuda.device_count() > 1:
-            report["paper_run_note"] = (f"{torch.cuda.device_count()} GPUs present: every step of this check "
-                                        "ran on the first one only.")
+        gpus = torch.cuda.device_count() if mode == "cuda" else 0
+        kind = args.cluster if args.cluster != "auto" else ("cuda" if gpus > 1 else "none")
+        if gpus > 1:
+            report["paper_run_note"] = (f"{gpus} GPUs present: every step but paper_run_dask ran on the first one "
+                                        "only.")
+        if kind != "none":
+            trainings = gpus if kind == "cuda" else 2
+            run_step(report, "paper_run_dask",
+                     lambda: paper_run_on_cluster(kind, trainings, paper, loaded, paper_batch, sizes, scratch_root,
+                                                  None if mode == "cuda" else paper.base_model), device)
         run_step(report, "time_estimate", lambda: time_estimate(report), device)
     report["total_seconds"] = time.perf_counter() - started
     write_json_atomically(report, out)

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "best_minibatch"
 #: The Kedro glue: everything else is the core library, which must import without Kedro.
 KEDRO_GLUE = {"datasets.py", "hooks.py", "settings.py", "pipeline_registry.py", "__main__.py", "cli.py",
-              "run_hooks.py", "tracking.py"}
+              "run_hooks.py", "tracking.py", "runner.py"}
 
 
 def core_modules() -> list[str]:

@@ -44,7 +44,7 @@ def cpu_report(tmp_path_factory) -> tuple[dict, str]:
     # -o setup: the venv running this test is already set up; never reinstall from inside a test.
     completed = subprocess.run(
         ["make", "-o", "setup", "gpu-check", f"BIN={Path(sys.executable).parent}", f"GPU_CHECK_OUT={out}",
-         "GPU_CHECK_ARGS=--device cpu"],
+         "GPU_CHECK_ARGS=--device cpu --cluster local"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -121,6 +121,17 @@ def test_paper_run_is_two_epochs_of_the_paper_parameters(cpu_report):
         assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["test_accuracy"] <= 1
         assert finite_positive(row["mean_distance"]) and finite_positive(row["seconds"])
     assert [row["gradients_kept"] for row in run["history"]] == [True, False]
+
+
+def test_paper_run_on_a_dask_cluster_trains_once_per_worker(cpu_report):
+    """--cluster local: the paper run twice at once on two CPU worker processes (on CUDA: once per GPU)."""
+    report = cpu_report[0]
+    dask_run = report["paper_run_dask"]
+    assert dask_run["cluster"] == "local" and dask_run["workers"] == 2 and dask_run["trainings"] == 2
+    assert [r["device"] for r in dask_run["per_training"]] == ["cpu", "cpu"]
+    single = report["paper_run"]["history"][-1]["test_accuracy"]
+    assert [r["final_test_accuracy"] for r in dask_run["per_training"]] == [single, single]  # the same training
+    assert finite_positive(dask_run["wall_seconds"])
 
 
 def test_time_estimate_follows_from_the_measured_figures(cpu_report):

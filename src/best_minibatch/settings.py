@@ -6,6 +6,7 @@ from kedro.config import OmegaConfigLoader
 
 from best_minibatch.hooks import RunChecks
 from best_minibatch.run_hooks import RunRecord
+from best_minibatch.runner import DaskConfig
 from best_minibatch.tracking import RunTracking
 
 # Every parameter and input of a run is checked before its first node (docs/reliability.md).
@@ -14,8 +15,9 @@ from best_minibatch.tracking import RunTracking
 # docs/data_flow.md, "Which versions a run reads". RunTracking records the run in MLflow
 # (docs/tracking.md); the last hook registered of those marked trylast is the last called, so
 # the MLflow run starts once the run holds the lock.
+# DaskConfig hands conf/<env>/dask.yml to `--runner=best_minibatch.runner.DaskRunner` (docs/scaling.md).
 _RUN_RECORD = RunRecord()
-HOOKS = (RunChecks(), _RUN_RECORD, _RUN_RECORD.lock_hook, RunTracking())
+HOOKS = (RunChecks(), _RUN_RECORD, _RUN_RECORD.lock_hook, RunTracking(), DaskConfig())
 
 # kedro-viz writes a .viz/ folder on every run through its hooks; runs don't need it.
 # kedro-mlflow's own hook is driven by RunTracking (which never lets tracking fail a run).
@@ -32,5 +34,7 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     # Environments such as conf/paper override single keys, not whole top-level blocks.
-    "merge_strategy": {"parameters": "soft", "catalog": "soft", "mlflow": "soft"},
+    "merge_strategy": {"parameters": "soft", "catalog": "soft", "mlflow": "soft", "dask": "soft"},
+    # conf/<env>/dask.yml: the cluster of the Dask runner.
+    "config_patterns": {"dask": ["dask*", "dask*/**"]},
 }

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from best_minibatch import parallel
 from best_minibatch.data.images import augment, batch_generator, to_model_input
 from best_minibatch.selection.config import (
     CONTROL,
@@ -114,6 +115,14 @@ class ImageData:
     validation_ids: np.ndarray
     test_inputs: torch.Tensor
     test_labels: torch.Tensor
+
+    def to(self, device: torch.device | str) -> ImageData:
+        """The same data with its tensors on ``device`` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.inputs.device == device or (device.index is None and self.inputs.device.type == device.type):
+            return self
+        return dataclasses.replace(self, inputs=self.inputs.to(device), labels=self.labels.to(device),
+                                   test_inputs=self.test_inputs.to(device), test_labels=self.test_labels.to(device))
 
     def rows(self, image_ids: np.ndarray) -> torch.Tensor:
         ids = np.asarray(image_ids, dtype=np.int64)
@@ -320,26 +329,53 @@ def run_experiment(
 
     For a seed every policy starts from the same initial weights
     (``torch.manual_seed(seed)`` before ``model_factory()``), so results pair by seed.
+    Each run is a pure function of its :class:`SelectionRun`; under the Dask runner
+    every run is a task of its own (``best_minibatch.parallel``), elsewhere they run
+    here one after another. The tables are assembled in run order either way.
+    ``data`` may live on the CPU: each run moves it to the recipe's device.
     """
-    device = data.inputs.device
-    curves, results = [], []
-    runs = [(seed, name) for seed in config.seeds for name in config.policies]
     recipe = config.recipe
+    device = recipe.resolved_device()
     quiet = dataclasses.replace(recipe, progress_bar=False)  # one bar over runs, not per epoch
-    with training_environment(recipe), progress_bar(recipe.progress_bar, "batch_selection runs", len(runs)) as advance:
-        for i, (seed, name) in enumerate(runs, start=1):
-            torch.manual_seed(seed)
-            model = model_factory().to(device)
-            policy = build_policy(name, config, seed, data.train_ids, pools)
-            curve, result = train_with_policy(policy, model, data, quiet, seed, config.oracle_memory_cap_gb * GIB)
-            curves.append(curve)
-            results.append(result)
+    if not parallel.is_handing_out():
+        data = data.to(device)  # once here; a task on another worker moves its own copy
+    runs = [SelectionRun(config, quiet, data, pools, model_factory, seed, name)
+            for seed in config.seeds for name in config.policies]
+    with progress_bar(recipe.progress_bar, "batch_selection runs", len(runs)) as advance:
+        def done(index: int, outcome: tuple[pd.DataFrame, dict[str, Any]]) -> None:
+            result = outcome[1]
             logger.info(
                 "batch_selection run %d/%d: seed %d, %s: %d steps (+%d probe passes) in %.1f s (probing %.1f s) | "
                 "final val acc %.3f | test acc %.3f",
-                i, len(runs), seed, name, result["steps"], result["probe_passes"], result["seconds"],
-                result["probe_seconds"], result["final_val_accuracy"], result["test_accuracy"],
+                index + 1, len(runs), result["seed"], result["policy"], result["steps"], result["probe_passes"],
+                result["seconds"], result["probe_seconds"], result["final_val_accuracy"], result["test_accuracy"],
             )
             advance()
-    return ExperimentResults(pd.concat(curves, ignore_index=True),
-                             pd.DataFrame(results, columns=RESULT_COLUMNS))
+
+        outcomes = parallel.map_tasks(train_one_run, runs, label="batch_selection", on_result=done)
+    return ExperimentResults(pd.concat([curve for curve, _ in outcomes], ignore_index=True),
+                             pd.DataFrame([result for _, result in outcomes], columns=RESULT_COLUMNS))
+
+
+@dataclass
+class SelectionRun:
+    """One (seed, policy) run of the experiment: everything it needs, so it can run in another process."""
+
+    config: SelectionConfig
+    recipe: TrainingRecipe  # the experiment's recipe without the per-epoch progress bar
+    data: ImageData
+    pools: pd.DataFrame
+    model_factory: Callable[[], nn.Module]
+    seed: int
+    policy: str
+
+
+def train_one_run(run: SelectionRun) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Train one (seed, policy) run from its seed's initial weights; its curve and results."""
+    with training_environment(run.recipe):
+        device = run.recipe.resolved_device()
+        data = run.data.to(device)
+        torch.manual_seed(run.seed)
+        model = run.model_factory().to(device)
+        policy = build_policy(run.policy, run.config, run.seed, data.train_ids, run.pools)
+        return train_with_policy(policy, model, data, run.recipe, run.seed, run.config.oracle_memory_cap_gb * GIB)

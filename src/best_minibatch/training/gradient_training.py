@@ -18,6 +18,7 @@ them). See ``docs/gradient_training.md``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -737,6 +738,24 @@ class GradientProbeRun:
         return self.gradients_dir / f"epoch={epoch:03d}" / f"batch={batch:04d}.pt"
 
     # ------------------------------------------------------------------ main loop
+
+    def run_writing_gradients(self) -> ProbeResults:
+        """Train to the end as :meth:`run` does, writing each kept gradient itself; return the results.
+
+        The unit of work a scheduler hands to another process (``best_minibatch.parallel``):
+        each gradient goes to :meth:`gradient_path`, the file the Kedro node's partitioned
+        dataset writes for it (``gradients_dir`` and that dataset's path are the same
+        folder), in the same format, so the files are identical whichever wrote them. One
+        task at a time trains in a run folder (:func:`best_minibatch.parallel.exclusive`).
+        """
+        from best_minibatch.data.tensor_io import save_tensors_atomically
+        from best_minibatch.parallel import exclusive
+
+        with exclusive(self.store.folder) if self.store is not None else contextlib.nullcontext():
+            for spilled in self.run():
+                save_tensors_atomically(spilled.gradient, self.gradient_path(spilled.epoch, spilled.batch))
+        assert self.results is not None
+        return self.results
 
     def run(self) -> Iterator[SpilledGradient]:
         """Train every remaining epoch; yield kept gradients as they are computed; set :attr:`results`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -52,9 +53,49 @@ def cpu_threads(count: int | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def training_environment(recipe: TrainingRecipe) -> Iterator[None]:
-    """The one device and thread setup every experiment trains under (the recipe's determinism and threads)."""
-    with deterministic_algorithms(recipe.deterministic, recipe.resolved_device()), cpu_threads(recipe.cpu_threads):
+    """The one device and thread setup every experiment trains under (the recipe's determinism and threads).
+
+    On a CUDA device the training also gets a GPU of its own (:func:`gpu_slot`).
+    """
+    device = recipe.resolved_device()
+    with gpu_slot(device), deterministic_algorithms(recipe.deterministic, device), cpu_threads(recipe.cpu_threads):
         yield
+
+
+_FREE_GPUS: list[int] | None = None
+_GPU_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def gpu_slot(device: torch.device) -> Iterator[None]:
+    """Pin this thread to a GPU no other training of this process uses while the block runs.
+
+    A process that sees one GPU (a dask-cuda worker, a plain run) always gets it. A
+    Dask worker that sees several (a Slurm job of ``gpus_per_job`` GPUs, one worker
+    with a thread per GPU) runs a training per thread: each takes a free device
+    (``torch.cuda.set_device`` is per thread, and ``cuda`` means the current device).
+    The worker's ``GPU`` resource keeps the trainings per worker at most its GPUs.
+    """
+    global _FREE_GPUS
+    if device.type != "cuda" or device.index is not None or torch.cuda.device_count() < 2:
+        yield
+        return
+    with _GPU_GUARD:
+        if _FREE_GPUS is None:
+            _FREE_GPUS = list(range(torch.cuda.device_count()))
+        if not _FREE_GPUS:
+            raise RuntimeError("More trainings run at once in this process than it sees GPUs; give the Dask "
+                               "workers a GPU resource no larger than their GPUs (docs/scaling.md).")
+        index = _FREE_GPUS.pop(0)
+    previous = torch.cuda.current_device()
+    torch.cuda.set_device(index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_device(previous)
+        with _GPU_GUARD:
+            _FREE_GPUS.append(index)
+            _FREE_GPUS.sort()
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from best_minibatch import selection
+from best_minibatch import parallel, selection
 from best_minibatch.pipelines.orderings import by_ordering
 from best_minibatch.selection import statistics as selection_stats
 
@@ -78,6 +78,7 @@ def prepare_policies(
     return split, table, notes
 
 
+@parallel.hands_out_work
 def run_selection_experiment(
     image_index: pd.DataFrame,
     train_images: torch.Tensor,
@@ -88,10 +89,11 @@ def run_selection_experiment(
     training: dict[str, Any],
     sort_batch_size: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train every seed x policy; return the learning curves and the per-run results."""
+    """Train every seed x policy (each a task of its own under the Dask runner); the learning curves and the
+    per-run results."""
     config = selection.SelectionConfig.from_params(params, training, sort_batch_size)
-    device = config.recipe.resolved_device()
-    data = selection.ImageData.from_tables(image_index, validation_split, train_images, test_images, device)
+    # Built on the CPU: each run moves it to its device (its own GPU when the runs are handed out).
+    data = selection.ImageData.from_tables(image_index, validation_split, train_images, test_images)
     model_factory = config.recipe.model_factory(num_classes=int(image_index["label"].nunique()))
     results = selection.run_experiment(config, data, batch_pools, model_factory)
     return results.curves, results.results

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Pipeline, node, pipeline
 
+from best_minibatch.parallel import GPU_TAG
 from best_minibatch.pipelines.orderings import per_ordering_inputs
 
 from .nodes import prepare_policies, run_selection_experiment, summarise_selection
@@ -39,6 +40,7 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
                         **recipe},
                 outputs=["learning_curves", "run_results"],
                 name="run_selection_experiment",
+                tags=[GPU_TAG],  # each (policy, seed) run needs a GPU of its own (docs/scaling.md)
             ),
             node(
                 summarise_selection,

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from best_minibatch import parallel
 from best_minibatch.training.gradient_training import (
     GradientProbeRun,
     OrderingResults,
@@ -61,18 +62,19 @@ def train_seed(run: GradientProbeRun) -> Iterator[tuple[dict[str, torch.Tensor],
     it is computed, then ``({}, ProbeResults)`` once. The unit of work a scheduler can
     hand out: it needs nothing but the run.
     """
-    config = run.config
-    logger.info(
-        "%s, seed %d: run '%s', %s (%s parameters), %d epochs of %d batches of %d on %s; gradients of epochs %s "
-        "kept in %s", run.ordering, run.seed, run.run_name, config.model, f"{run.num_params:,}", config.num_epochs,
-        run.data.num_batches, run.data.batch_size, run.device, _epoch_list(run.kept_epochs) or "none",
-        run.gradients_dir,
-    )
+    _log_start(run)
     for spilled in run.run():
         yield {run.partition_id(spilled.epoch, spilled.batch): spilled.gradient}, PENDING
     yield {}, run.results
 
 
+def _train_seed_writing_gradients(run: GradientProbeRun) -> ProbeResults:
+    """One (ordering, seed) run as a task of the cluster: :func:`train_seed`'s log line, then the training."""
+    _log_start(run)
+    return run.run_writing_gradients()
+
+
+@parallel.hands_out_work
 def train_with_gradient_probe(
     batch_assignments: pd.DataFrame,
     image_index: pd.DataFrame,
@@ -91,6 +93,12 @@ def train_with_gradient_probe(
     before the first yield.
     """
     runs = prepare_seed_runs(batch_assignments, image_index, train_images, test_images, training, params, ordering)
+    if parallel.is_handing_out():
+        # Under the Dask runner every seed is a task of its own (on its own GPU); each writes its kept
+        # gradients to the files this node's partitioned dataset would write (GradientProbeRun.run_writing_gradients).
+        finished = parallel.map_tasks(_train_seed_writing_gradients, runs, label=f"gradient_training-{ordering}")
+        yield {}, OrderingResults.from_runs(ordering, finished)
+        return
     finished: list[ProbeResults] = []
     for run in runs:
         for chunk, result in train_seed(run):
@@ -111,6 +119,16 @@ def publish_probe_results(
         raise RuntimeError("train_with_gradient_probe ended without results; see the error it raised above.")
     return (probe_results.distances, probe_results.distance_matrix, probe_results.history,
             flat_model_states(probe_results.model_states), probe_results.null_distances)
+
+
+def _log_start(run: GradientProbeRun) -> None:
+    config = run.config
+    logger.info(
+        "%s, seed %d: run '%s', %s (%s parameters), %d epochs of %d batches of %d on %s; gradients of epochs %s "
+        "kept in %s", run.ordering, run.seed, run.run_name, config.model, f"{run.num_params:,}", config.num_epochs,
+        run.data.num_batches, run.data.batch_size, run.device, _epoch_list(run.kept_epochs) or "none",
+        run.gradients_dir,
+    )
 
 
 def _epoch_list(epochs: set[int]) -> str:

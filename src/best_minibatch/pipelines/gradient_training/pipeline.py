@@ -4,6 +4,7 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Pipeline, node
 
+from best_minibatch.parallel import GPU_TAG
 from best_minibatch.pipelines.orderings import per_ordering
 
 from .nodes import publish_probe_results, train_with_gradient_probe
@@ -20,6 +21,7 @@ def _ordering_template(ordering: str) -> Pipeline:
                         "params:training", "params:gradient_training"],
                 outputs=["batch_gradients", "probe_results"],
                 name="train_with_gradient_probe",
+                tags=[GPU_TAG],  # each seed's training needs a GPU of its own (docs/scaling.md)
             ),
             node(
                 publish_probe_results,
