@@ -27,7 +27,7 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
-from best_minibatch.run_manifest import COMPLETED, Manifest  # noqa: E402
+from best_minibatch.run_manifest import Manifest, ManifestStore  # noqa: E402
 
 PAGE = PROJECT_ROOT / "docs" / "results" / "full_cifar10.md"
 FIGURES = PAGE.with_suffix("")  # docs/results/full_cifar10/
@@ -37,19 +37,16 @@ BEGIN, END = "<!-- conclusion: written by hand, kept on regeneration -->", "<!--
 
 
 def completed_full_run(run_id: str | None) -> Manifest:
-    """The named run's manifest, or the newest completed run of the `full` environment."""
-    manifests = []
-    for path in sorted(MANIFESTS.glob("*/run_manifest.json")):
-        manifest = Manifest.from_json(json.loads(path.read_text()))
-        if run_id is None and (manifest.status != COMPLETED or manifest.env != "full"):
-            continue
-        if run_id is not None and manifest.run_id != run_id:
-            continue
-        manifests.append(manifest)
-    if not manifests:
+    """The named run's manifest, or the last completed run of the `full` environment."""
+    store = ManifestStore(MANIFESTS)
+    if run_id is not None:
+        manifest = store.read(run_id)
+    else:
+        manifest = store.last_completed({i: m for i, m in store.all().items() if m.env == "full"})
+    if manifest is None:
         raise SystemExit(f"No {'run ' + run_id if run_id else 'completed run of --env full'} under {MANIFESTS}. "
                          "Run `kedro run --env full` first (it resumes where it stopped).")
-    return manifests[-1]
+    return manifest
 
 
 def dataset_file(manifest: Manifest, name: str) -> Path:

@@ -605,12 +605,12 @@ def check_expected_time(config: TrainingConfig, num_batches: int, batch_size: in
     """
     seeds = len(config.seeds)
     hours, per_step, steps, images = estimate_hours(config, num_batches, batch_size, orderings * seeds)
+    device = config.resolved_device()
     logger.info("gradient_training: %d orderings x %d seeds x %d epochs x %d batches of %d at %.3g s per probed step of %s "
                 "on %s: about %.2f hours of training (expected_hours: %g)", orderings, seeds, config.num_epochs,
-                num_batches, batch_size, per_step, config.model, config.resolved_device().type, hours,
+                num_batches, batch_size, per_step, config.model, device.type, hours,
                 config.expected_hours)
     if hours > config.expected_hours:
-        device = config.resolved_device()
         measured = (f"measured on {steps} step{'s' if steps > 1 else ''} of {images} images"
                     + (" and scaled" if images < batch_size else ""))
         raise _config_error(
