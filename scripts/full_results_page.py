@@ -36,16 +36,23 @@ ORDERINGS = ("intensity", "color", "edges", "perceptual", "random")
 BEGIN, END = "<!-- conclusion: written by hand, kept on regeneration -->", "<!-- end of conclusion -->"
 
 
-def completed_full_run(run_id: str | None) -> Manifest:
-    """The named run's manifest, or the last completed run of the `full` environment."""
+def batch_order(manifest: Manifest) -> str:
+    """The run's ``gradient_training.batch_order`` (runs from before the parameter trained in the fixed order)."""
+    return str(manifest.parameters.get("gradient_training", {}).get("batch_order", "fixed"))
+
+
+def completed_full_run(run_id: str | None, order: str = "fixed") -> Manifest:
+    """The named run's manifest, or the last completed run of the `full` environment with that batch order."""
     store = ManifestStore(MANIFESTS)
     if run_id is not None:
         manifest = store.read(run_id)
     else:
-        manifest = store.last_completed({i: m for i, m in store.all().items() if m.env == "full"})
+        manifest = store.last_completed({i: m for i, m in store.all().items()
+                                         if m.env == "full" and batch_order(m) == order})
     if manifest is None:
-        raise SystemExit(f"No {'run ' + run_id if run_id else 'completed run of --env full'} under {MANIFESTS}. "
-                         "Run `kedro run --env full` first (it resumes where it stopped).")
+        command = "kedro run --env full" + ("" if order == "fixed" else f" --params gradient_training.batch_order={order}")
+        raise SystemExit(f"No {'run ' + run_id if run_id else f'completed run of --env full in the {order} order'} "
+                         f"under {MANIFESTS}. Run `{command}` first (it resumes where it stopped).")
     return manifest
 
 

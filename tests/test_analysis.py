@@ -736,3 +736,44 @@ def test_parameters_default_and_are_checked():
         analysis.check_parameters({"n_permutations": 10})
     with pytest.raises(analysis.AnalysisInputError, match="Unknown distance_analysis parameters \\['alfa'\\]"):
         analysis.check_parameters({"alfa": 0.05})
+
+
+# --------------------------------------------------------------------------- place in the epoch
+
+
+def _recency_run(order: str, epochs: int = 4, k: int = 30, seeds: int = 2) -> pd.DataFrame:
+    """Noise units of one ordering whose distance falls with the place in the previous epoch (recency) only."""
+    rows = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        positions = {e: (np.arange(k) if order == "fixed" else rng.permutation(k)) for e in range(1, epochs + 1)}
+        for epoch in range(1, epochs + 1):
+            recency = positions[epoch - 1] if epoch > 1 else np.zeros(k)
+            distance = 10.0 - recency + rng.normal(0, 0.5, k)
+            rows.append(pd.DataFrame({"ordering": "random", "seed": seed, "epoch": epoch, "phase": 1 + (epoch > 2),
+                                      "batch": np.arange(k), "position": positions[epoch], "distance": distance}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_position_effects_separate_rank_from_place_only_in_a_shuffled_order():
+    shuffled = analysis.position_effects(_recency_run("shuffled"))
+    assert shuffled["batch_order"].tolist() == ["shuffled", "shuffled"]
+    # Epoch 1 has no previous epoch: phase 1 holds epoch 2 of each seed, phase 2 epochs 3 and 4.
+    assert shuffled["n_units"].tolist() == [2, 4] and (shuffled["n_batches"] == 30).all()
+    assert (shuffled["previous_position_spearman"] < -0.9).all()
+    assert (shuffled["previous_position_negative"] == shuffled["n_units"]).all()
+    assert (shuffled["rank_given_position_spearman"].abs() < 0.3).all()
+    assert (shuffled["rank_spearman"].abs() < 0.4).all()
+    fixed = analysis.position_effects(_recency_run("fixed"))
+    assert fixed["batch_order"].tolist() == ["fixed", "fixed"]
+    # Rank and place are one number: the recency shows as a metric-rank effect, and the partial is undefined.
+    assert (fixed["rank_spearman"] < -0.9).all()
+    np.testing.assert_array_equal(fixed["rank_spearman"], fixed["previous_position_spearman"])
+    assert fixed["rank_given_position_spearman"].isna().all() and (fixed["rank_given_position_negative"] == 0).all()
+
+
+def test_position_effects_read_tables_without_position_as_the_fixed_order():
+    run = _recency_run("fixed")
+    pd.testing.assert_frame_equal(analysis.position_effects(run.drop(columns=["position"])),
+                                  analysis.position_effects(run))
+    assert analysis.position_effects(run[run["epoch"] == 1]).empty

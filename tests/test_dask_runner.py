@@ -386,6 +386,23 @@ def test_dask_yml_mistakes_are_refused_naming_the_key(params, expected):
     assert str(refused.value).startswith(expected)
 
 
+def test_workers_keep_glibcs_malloc_defaults():
+    """Dask's default MALLOC_TRIM_THRESHOLD_ in a worker doubled a torch training step's time (docs/scaling.md)."""
+    assert cl.WORKER_ENVIRON_UNSET == {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    with cl.Cluster(cl.ClusterConfig.from_params({"local": {"n_workers": 1}})) as cluster:
+        found = cluster.client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+    assert list(found.values()) == [None]
+
+
+def test_a_bad_dask_yml_is_refused_with_the_run_checks_before_anything_is_written(tmp_path):
+    project = copy_project(tmp_path / "project")
+    (project / "conf" / "local" / "dask.yml").write_text("clustr: local\n")
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    with pytest.raises(cl.ClusterConfigError, match="Parameter dask.clustr: unknown parameter"):
+        run_with(project, DaskRunner())
+    assert sorted(p.relative_to(project) for p in project.rglob("*")) == before, "the refused run wrote files"
+
+
 def test_slurm_jobs_ask_for_their_gpus_and_offer_them_as_a_resource():
     config = cl.ClusterConfig.from_params({"cluster": "slurm", "slurm": {
         "partition": "gpu", "jobs": 4, "gpus_per_job": 2, "cores_per_job": 16, "walltime": "12:00:00",

@@ -36,6 +36,7 @@ def _report(with_trace=False, skipped=("perceptual",), figures=None, reason=SKIP
                                                      "training_curves": {"training_curves": PNG}},
         parameters={"distance_analysis": {"alpha": 0.05}, "unrelated": {"x": 1}}, null_ordering="random",
         alpha=0.05, title="A report", batch_selection_section=batch_selection_section,
+        position_effects=analysis.position_effects(noise_units),
     )
     return page, result, setup
 
@@ -160,3 +161,10 @@ def test_report_shows_each_seeds_effect_and_the_agreement_rule():
     assert "<th>seeds</th>" in orderings
     intensity = next(r for r in orderings.split("<tr>") if r.startswith("<td>intensity</td>"))
     assert '<td class="num">3</td>' in intensity and '<td class="num">0.580</td>' in intensity
+
+
+def test_report_says_a_fixed_order_cannot_tell_rank_from_place(page_and_result):
+    page = page_and_result[0]
+    section = page.split("<h2>Place in the epoch</h2>")[1].split("<h2>")[0]
+    assert "batch_order=shuffled" in section and "cannot be told apart" in section
+    assert section.count("<td>fixed</td>") == len(page_and_result[1]["noise_units"].groupby(["ordering", "phase"]))

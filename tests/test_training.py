@@ -27,8 +27,10 @@ from best_minibatch.training.gradient_training import (
     TrainingConfigError,
     TrainingData,
     TrainingDataError,
+    epoch_order,
 )
 from best_minibatch.training.probing import GradientVarianceTrace, batch_gradient
+from best_minibatch.training.resume import Progress
 
 NUM_TRAIN, BATCH, NUM_TEST = 240, 20, 60
 
@@ -296,6 +298,7 @@ def test_seeds_must_be_a_list_of_distinct_seeds(tmp_path, params, named):
         ({"learning_rate": 0.1}, "learning_rate.*unknown parameter"),
         ({"gradient_buffer": {"size": 1}}, "gradient_buffer"),
         ({"disk_cap_gb": -1}, "disk_cap_gb"),
+        ({"batch_order": "random"}, "gradient_training.batch_order.*fixed.*shuffled"),
     ],
 )
 def test_bad_parameters_name_the_parameter(tmp_path, params, named):
@@ -461,3 +464,79 @@ def test_same_parameter_null_matches_the_sampling_theory_of_a_linear_model(tmp_p
     standard_error = squared.std(ddof=1) / np.sqrt(len(squared))
     assert len(squared) == epochs * 16
     assert abs(squared.mean() - expected) < 3 * standard_error, (squared.mean(), expected, standard_error)
+
+
+# --------------------------------------------------------------------------- batch order
+
+
+def test_fixed_order_is_the_default_and_keeps_run_names(tmp_path, tiny_data):
+    def name(**extra):
+        return GradientProbeRun(make_config(tmp_path, **extra), tiny_data, tiny_model, "intensity").run_name
+
+    assert name() == name(batch_order="fixed") != name(batch_order="shuffled")
+    assert epoch_order("fixed", 0, 3, 5).tolist() == [0, 1, 2, 3, 4]
+    first, again = epoch_order("shuffled", 0, 2, 12), epoch_order("shuffled", 0, 2, 12)
+    assert sorted(first.tolist()) == list(range(12)) and first.tolist() == again.tolist()
+    assert first.tolist() != epoch_order("shuffled", 0, 3, 12).tolist() != epoch_order("shuffled", 1, 2, 12).tolist()
+
+
+def test_shuffled_order_trains_the_same_batches_in_the_recorded_order(tmp_path, tiny_data):
+    config = make_config(tmp_path, batch_order="shuffled", keep_checkpoints=10)
+    done = run_to_end(config, tiny_data)
+    run, table, k_count = done.run, done.run.results.distances, tiny_data.num_batches
+    for epoch in (1, 2, 3):
+        rows = table[table["epoch"] == epoch]
+        assert rows["batch"].tolist() == list(range(k_count))  # rows stay keyed by batch
+        order = run.epoch_order(epoch)
+        assert order.tolist() != list(range(k_count))
+        assert rows["position"].to_numpy()[order].tolist() == list(range(k_count))  # batch order[k] at step k
+    # Training really took that order: epoch 1 replayed by hand from the seed's initial weights.
+    torch.manual_seed(config.seeds[0])
+    model = tiny_model()
+    optimizer = config.recipe.optimizer(model)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.05
+    model.train()
+    for batch in run.epoch_order(1):
+        rows = tiny_data.batches[int(batch)]
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(to_model_input(tiny_data.train_images[rows], dtype=torch.float64)),
+                                    tiny_data.train_labels[rows]).backward()
+        optimizer.step()
+    saved = load_tensors(run.store.checkpoint_path(1))["model"]
+    assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
+    # Each spilled file is its batch's gradient at the epoch-start parameters, and the distances are exact.
+    start = tiny_model()
+    start.load_state_dict(saved)
+    for k in (0, 5, k_count - 1):
+        rows = tiny_data.batches[k]
+        expected = batch_gradient(start.train(), to_model_input(tiny_data.train_images[rows], dtype=torch.float64),
+                                  tiny_data.train_labels[rows])
+        torch.testing.assert_close(done.spilled[(2, k)], expected, rtol=1e-12, atol=1e-14)
+    spilled = np.stack([done.spilled[(2, k)].numpy() for k in range(k_count)])
+    full = spilled.mean(axis=0)
+    np.testing.assert_allclose(table[table["epoch"] == 2]["distance"].to_numpy(),
+                               np.linalg.norm(spilled - full, axis=1), rtol=1e-9)
+    fixed = run_to_end(make_config(tmp_path / "fixed"), tiny_data).run.results
+    assert (fixed.distances["position"] == fixed.distances["batch"]).all()
+    assert fixed.history["train_loss"].tolist() != done.run.results.history["train_loss"].tolist()
+
+
+def test_shuffled_run_resumes_bit_for_bit(tmp_path, tiny_data):
+    config = make_config(tmp_path, batch_order="shuffled", keep_checkpoints=10, keep_gradients=[3])
+    first = run_to_end(config, tiny_data)
+    for epoch in (2, 3):  # as if the run had stopped after epoch 1
+        first.run.store.checkpoint_path(epoch).unlink()
+    shutil.rmtree(first.run.gradients_dir)
+    resumed = run_to_end(config, tiny_data)
+    pd.testing.assert_frame_equal(resumed.run.results.distances, first.run.results.distances, check_exact=True)
+    assert all(torch.equal(resumed.spilled[key], first.spilled[key]) for key in first.spilled)
+
+
+def test_checkpoints_from_before_batch_order_read_as_the_fixed_order():
+    progress = Progress()
+    progress.distances = {c: [] for c in progress.distances}
+    progress.distances.update(epoch=[1, 1], batch=[0, 1], position=[0, 1])
+    state = progress.to_state()
+    del state["distances"]["position"]
+    assert Progress.from_state(state).distances["position"] == [0, 1]

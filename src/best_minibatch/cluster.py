@@ -42,6 +42,11 @@ SECTION = "dask"
 WHERE = "conf/base/dask.yml"
 #: Each GPU worker offers this resource; the gpu tag asks for one of it.
 GPU_RESOURCE = "GPU"
+#: Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory back to the system).
+#: Setting it at all turns off glibc's dynamic mmap threshold, so every large tensor torch allocates is mapped
+#: and unmapped afresh: a small-CNN training step on one CPU thread took 2.1x as long in such a worker
+#: (6.45 s against 3.05 s for 150 steps; docs/scaling.md). Workers this module starts keep glibc's defaults.
+WORKER_ENVIRON_UNSET = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
 class ClusterConfigError(ConfigError):
@@ -240,6 +245,24 @@ def cuda_options(config: ClusterConfig) -> dict[str, Any]:
     return options
 
 
+def _start_cluster(config: ClusterConfig) -> Any:
+    """The cluster of a ``local``, ``cuda`` or ``slurm`` configuration, its workers with glibc's malloc defaults
+    (:data:`WORKER_ENVIRON_UNSET`; a Slurm job's nanny reads the Dask configuration of the machine it runs on)."""
+    import dask
+
+    with dask.config.set(WORKER_ENVIRON_UNSET):  # read when each nanny is made
+        if config.kind == "local":
+            from distributed import LocalCluster
+
+            return LocalCluster(**local_options(config))
+        if config.kind == "cuda":
+            return _import_extra("dask_cuda", "gpu", "cuda").LocalCUDACluster(**cuda_options(config))
+        jobqueue = _import_extra("dask_jobqueue", "slurm", "slurm")
+        cluster = jobqueue.SLURMCluster(**slurm_options(config))
+        cluster.scale(jobs=config.jobs)
+        return cluster
+
+
 class Cluster:
     """A connected client and, unless the scheduler is the user's, the cluster this process started."""
 
@@ -251,16 +274,7 @@ class Cluster:
         if config.kind == "address":
             self.client = Client(config.address)
         else:
-            if config.kind == "local":
-                from distributed import LocalCluster
-
-                self.cluster = LocalCluster(**local_options(config))
-            elif config.kind == "cuda":
-                self.cluster = _import_extra("dask_cuda", "gpu", "cuda").LocalCUDACluster(**cuda_options(config))
-            else:
-                jobqueue = _import_extra("dask_jobqueue", "slurm", "slurm")
-                self.cluster = jobqueue.SLURMCluster(**slurm_options(config))
-                self.cluster.scale(jobs=config.jobs)
+            self.cluster = _start_cluster(config)
             try:
                 self.client = Client(self.cluster)
             except BaseException:

@@ -37,6 +37,7 @@ import inspect
 import logging
 import pickle
 import traceback
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,8 @@ CONFIG_KEY = "dask"
 FORWARDED_LOGGERS = ("best_minibatch", "kedro")
 
 _CONFIG_LOADER: Any = None  # the session's config loader, captured by DaskConfig.after_context_created
+# Runners by the name Kedro gives the run (run_params["runner"]: the instance's str), so the hook can check theirs.
+_RUNNERS: weakref.WeakValueDictionary[str, DaskRunner] = weakref.WeakValueDictionary()
 
 
 class InMemoryDatasetError(ValueError):
@@ -71,12 +74,20 @@ class RemoteNodeError(RuntimeError):
 
 
 class DaskConfig:
-    """Kedro hook (settings.py): hands the session's config loader to the runner, which reads ``dask.yml``."""
+    """Kedro hook (settings.py): hands the session's config loader to the runner, which reads ``dask.yml``,
+    and checks a Dask run's ``dask.yml`` and task plan with the other run checks, before the run's lock is taken
+    or anything is written."""
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
         global _CONFIG_LOADER
         _CONFIG_LOADER = context.config_loader
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any) -> None:
+        runner = _RUNNERS.get(str(run_params.get("runner")))
+        if runner is not None:
+            runner.check(pipeline, catalog)
 
 
 def configured_cluster(kind: str | None = None) -> ClusterConfig:
@@ -269,18 +280,22 @@ class DaskRunner(AbstractRunner):
         self._kind = cluster
         self._config = config
         self.client: Any = None
+        _RUNNERS[str(self)] = self
 
     def cluster_config(self) -> ClusterConfig:
         if self._config is not None:
             return ClusterConfig.from_params(self._config, self._kind)
         return configured_cluster(self._kind)
 
+    def check(self, pipeline: Pipeline, catalog: Any) -> tuple[list[NodeGroup], ClusterConfig]:
+        """The run's tasks and its cluster's configuration; raises what would stop the run, before any work."""
+        return plan_groups(pipeline, catalog), self.cluster_config()
+
     def _get_executor(self, max_workers: int) -> None:  # the cluster is the executor
         return None
 
     def _run(self, pipeline: Pipeline, catalog: Any, hook_manager: Any = None, run_id: str | None = None) -> None:
-        groups = plan_groups(pipeline, catalog)  # refuses before any work
-        config = self.cluster_config()
+        groups, config = self.check(pipeline, catalog)  # refuses before any work (also run by DaskConfig's hook)
         if not groups:
             return
         with Cluster(config) as cluster:

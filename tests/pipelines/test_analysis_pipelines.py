@@ -21,7 +21,7 @@ from tests.test_analysis import SKIP_REASON, planted_effects, synthetic_run
 CONF = Path(__file__).resolve().parents[2] / "conf" / "base"
 ANALYSIS_TABLES = ("ordering_status", "distance_noise_units", "batch_phase_stats", "batch_phase_stats_by_seed",
                    "batch_group_comparisons", "batch_group_comparisons_by_seed", "claim_verdicts",
-                   "confound_correlations", "best_worst_batches", "gradient_noise_trace_check")
+                   "confound_correlations", "position_effects", "best_worst_batches", "gradient_noise_trace_check")
 KINDS = ("gradient_distances", "training_history", "batch_summary", "metric_status", "batch_assignments",
          "null_distances")
 

@@ -148,6 +148,7 @@ def render_report(
     alpha: float,
     title: str = "What's the best mini-batch? Run report",
     batch_selection_section: str | None = None,
+    position_effects: pd.DataFrame | None = None,
 ) -> str:
     """The whole report as one HTML document (no external references).
 
@@ -160,6 +161,8 @@ def render_report(
     parts.append(_claims_section(claims, alpha, null_ordering))
     parts.append(_comparisons_section(comparisons))
     parts.append(_confounds_section(confounds))
+    if position_effects is not None:
+        parts.append(_position_section(position_effects))
     parts.append(_trace_section(trace_check, null_ordering))
     parts.append(_best_worst_section(best_worst))
     parts.append(_skipped_section(ordering_status))
@@ -350,6 +353,32 @@ def _confounds_section(confounds: pd.DataFrame) -> str:
             "class mix.</p>"
             + html_table(table, {"ordering": "ordering", "phase": "phase", "description": "correlation",
                                  "spearman": "ρ", "interval": "interval", "n_batches": "batches"}, colors))
+
+
+def _position_section(effects: pd.DataFrame) -> str:
+    heading = "<h2>Place in the epoch</h2>"
+    if effects.empty:
+        return heading + "<p>No ordering has two consecutive epochs of distances.</p>"
+    fixed = bool((effects["batch_order"] == "fixed").all())
+    table = effects.assign(**{
+        f"{name}_text": ["–" if pd.isna(m) else f"{_format(m, 2)} ± {_format(se, 2)} ({n} of {u} negative)"
+                         for m, se, n, u in
+                         zip(effects[f"{name}_spearman"], effects[f"{name}_se"], effects[f"{name}_negative"],
+                             effects["n_units"])]
+        for name in ("rank", "previous_position", "rank_given_position")})
+    note = ("All runs trained their batches in the paper's fixed order, so a batch's rank is also its place in the "
+            "epoch and the two cannot be told apart; rerun gradient_training with "
+            "<code>--params gradient_training.batch_order=shuffled</code> to separate them." if fixed else
+            "With a shuffled order the rank and the place in the previous epoch vary independently; the partial "
+            "correlation is the rank's association with distance that the place does not carry.")
+    return (heading + "<p>Per ordering and phase, within each epoch (after the first) and seed: Spearman correlation "
+            "of a batch's distance with its rank in the sorted order and with its place in the previous epoch (the "
+            "epoch whose steps made the parameters it is probed at; larger = trained more recently), and the rank's "
+            "partial correlation given that place; mean ± standard error over seed-epochs. " + note + "</p>"
+            + html_table(table, {"ordering": "ordering", "phase": "phase", "batch_order": "order",
+                                 "rank_text": "ρ(rank)", "previous_position_text": "ρ(place in previous epoch)",
+                                 "rank_given_position_text": "ρ(rank | place)", "n_units": "seed-epochs",
+                                 "n_batches": "batches"}))
 
 
 def _trace_section(trace_check: pd.DataFrame, null_ordering: str) -> str:

@@ -786,6 +786,70 @@ def confound_correlations(
     return pd.DataFrame(rows)
 
 
+# --------------------------------------------------------------------------- place in the epoch
+
+
+def position_effects(noise_units: pd.DataFrame) -> pd.DataFrame:
+    """Per ordering and phase: a batch's distance against its rank in the sorted order and its place in training.
+
+    The probe measures every batch at the epoch-start parameters θ_e, which the
+    previous epoch's steps produced, the last of them most recently. So for each
+    (ordering, seed, epoch e > first) three within-epoch Spearman correlations over
+    the batches: distance with the batch's rank (its number: its place in the sorted
+    order), with its ``position`` in epoch e-1 (0 = trained first, so largest = most
+    recently trained before θ_e), and with the rank given that position (partial).
+    In the paper's fixed order the rank *is* the position, the first two coincide and
+    the partial is undefined (NaN); with ``gradient_training.batch_order: shuffled``
+    they separate. Distances are compared within an epoch only, so raw distance and
+    noise units give the same ranks.
+
+    One row per ordering and phase: ``batch_order`` (fixed / shuffled / mixed),
+    ``n_units`` (seed-epochs) and, for each correlation, the mean over units, its
+    standard error (NaN for one unit) and the number of units with a negative
+    correlation. Tables from before ``position`` existed are fixed-order runs.
+    """
+    columns = ["ordering", "phase", "batch_order", "n_units", "n_batches",
+               *(f"{name}_{part}" for name in ("rank", "previous_position", "rank_given_position")
+                 for part in ("spearman", "se", "negative"))]
+    table = with_seed(noise_units)
+    positions = table["position"] if "position" in table else pd.Series(np.nan, index=table.index)
+    table = table.assign(position=positions.fillna(table["batch"]))
+    units = []
+    for (ordering, seed), run in table.groupby(["ordering", "seed"], sort=True):
+        epochs = {int(e): part.sort_values("batch") for e, part in run.groupby("epoch", sort=True)}
+        for epoch, current in epochs.items():
+            previous = epochs.get(epoch - 1)
+            if previous is None or not np.array_equal(previous["batch"].to_numpy(), current["batch"].to_numpy()):
+                continue
+            rank = current["batch"].to_numpy(float)
+            distance = current["distance"].to_numpy(float)
+            place = previous["position"].to_numpy(float)
+            units.append({
+                "ordering": ordering, "phase": int(current["phase"].iat[0]), "n_batches": len(current),
+                "shuffled": not np.array_equal(place, rank),
+                "rank": float(_spearman_rows(rank[None], distance[None])[0]),
+                "previous_position": float(_spearman_rows(place[None], distance[None])[0]),
+                "rank_given_position": (float(_spearman_rows(rank[None], distance[None], place[None])[0])
+                                        if not np.array_equal(place, rank) else math.nan),
+            })
+    if not units:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for (ordering, phase), part in pd.DataFrame(units).groupby(["ordering", "phase"], sort=True):
+        row = {"ordering": ordering, "phase": int(phase),
+               "batch_order": ("shuffled" if part["shuffled"].all() else "fixed" if not part["shuffled"].any()
+                               else "mixed"),
+               "n_units": len(part), "n_batches": int(part["n_batches"].max())}
+        for name in ("rank", "previous_position", "rank_given_position"):
+            values = part[name].to_numpy(float)
+            values = values[np.isfinite(values)]
+            row[f"{name}_spearman"] = float(values.mean()) if len(values) else math.nan
+            row[f"{name}_se"] = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+            row[f"{name}_negative"] = int((values < 0).sum())
+        rows.append(row)
+    return pd.DataFrame(rows)[columns]
+
+
 # --------------------------------------------------------------------------- best and worst batches
 
 

@@ -69,7 +69,7 @@ SPILL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 GIB = 2**30
 
 DISTANCE_COLUMNS = ["ordering", "seed", "epoch", "phase", "learning_rate", "batch", "distance", "cosine_similarity",
-                    "relative_distance", "grad_norm", "full_grad_norm"]
+                    "relative_distance", "grad_norm", "full_grad_norm", "position"]
 #: The same-parameter null: random batches probed at the same epoch-start parameters, against the same ∇_e.
 NULL_COLUMNS = ["ordering", "seed", "epoch", "phase", "learning_rate", "draw", "distance", "cosine_similarity",
                 "relative_distance", "grad_norm", "full_grad_norm"]
@@ -78,7 +78,11 @@ HISTORY_COLUMNS = ["ordering", "seed", "epoch", "phase", "learning_rate", "train
                    "gradient_variance_trace", "n_train", "batch_size"]
 _HISTORY_NUMERIC = HISTORY_NUMERIC
 RUN_KEYS = ("training", "seeds", "run_name", "checkpoint_dir", "gradients_dir", "keep_checkpoints", "keep_gradients",
-            "spill_dtype", "disk_cap_gb", "gradient_buffer", "trace_check", "expected_hours", "null_batches")
+            "spill_dtype", "disk_cap_gb", "gradient_buffer", "trace_check", "expected_hours", "null_batches",
+            "batch_order")
+#: ``fixed``: the paper's order, batch 0 to K-1 every epoch. ``shuffled``: the same fixed batches in a fresh seeded
+#: order every epoch, the control that separates a batch's place in the sorted order from its place in the epoch.
+BATCH_ORDERS = ("fixed", "shuffled")
 
 
 class TrainingConfigError(ConfigError):
@@ -120,6 +124,7 @@ class TrainingConfig:
     trace_check: Any = False
     expected_hours: float = 1.0
     null_batches: int = 0
+    batch_order: str = "fixed"
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], training: Mapping[str, Any] | None = None) -> TrainingConfig:
@@ -160,6 +165,7 @@ class TrainingConfig:
                                          "same-parameter null off)."),
             expected_hours=section.number("expected_hours", cls.expected_hours, "Use e.g. 1 (base) or 400 (paper).",
                                           low=0, low_open=True),
+            batch_order=section.choice("batch_order", cls.batch_order, BATCH_ORDERS),
         )
         config.kept_epochs  # checks keep_gradients against the schedule
         return config
@@ -414,7 +420,7 @@ def seed_model_states(flat: Mapping[str, torch.Tensor]) -> dict[int, dict[str, t
 
 def empty_distance_table() -> pd.DataFrame:
     return _distance_frame("", 0, {c: [] for c in ("epoch", "phase", "learning_rate", "batch", *GRADIENT_MEASURES,
-                                                   "full_grad_norm")})
+                                                   "full_grad_norm", "position")})
 
 
 def empty_history_table() -> pd.DataFrame:
@@ -430,6 +436,7 @@ def _distance_frame(ordering: str, seed: int, rows: Mapping[str, Any]) -> pd.Dat
         "learning_rate": np.asarray(rows["learning_rate"], dtype=np.float64),
         "batch": np.asarray(rows["batch"], dtype=np.int64),
         **{c: np.asarray(rows[c], dtype=np.float64) for c in (*GRADIENT_MEASURES, "full_grad_norm")},
+        "position": np.asarray(rows["position"], dtype=np.int64),
     })
     return frame[DISTANCE_COLUMNS]
 
@@ -492,7 +499,22 @@ def run_identity(config: TrainingConfig, ordering: str, num_params: int, param_d
         identity["trace_check"] = True  # only when on, so that runs without it keep their names
     if probe and config.null_batches:
         identity["null_batches"] = config.null_batches  # likewise
+    if config.batch_order != "fixed":
+        identity["batch_order"] = config.batch_order  # likewise
     return identity
+
+
+def epoch_order(batch_order: str, seed: int, epoch: int, num_batches: int) -> np.ndarray:
+    """The batches of ``epoch`` in the order they are trained: ``order[k]`` is step ``k``'s batch.
+
+    ``fixed``: 0 .. K-1 every epoch (the paper). ``shuffled``: a permutation drawn from
+    (seed, epoch, K) alone, so a resumed run and every ordering of the same seed train
+    their batches in the same places.
+    """
+    if batch_order == "fixed":
+        return np.arange(num_batches)
+    rng = np.random.default_rng([seed, zlib.crc32(b"batch_order"), epoch, num_batches])
+    return rng.permutation(num_batches)
 
 
 def check_run_folder(config: TrainingConfig, ordering: str, num_params: int, param_dtype: torch.dtype) -> None:
@@ -654,23 +676,38 @@ class _SpillingProbe(GradientProbe):
         self.run = run
         self.spill_dtype = SPILL_DTYPES[config.spill_dtype]
         self.variance: GradientVarianceTrace | None = None
-        self.checksums: list[int] = []
+        self.order = np.arange(run.data.num_batches)
+        self.checksums: list[int] = []  # by batch, not by step
 
     def start_epoch(self, plan: EpochPlan, model: nn.Module) -> None:
         super().start_epoch(plan, model)
         # Per-example gradients at the epoch-start parameters, BatchNorm on the epoch-start running statistics.
         self.variance = GradientVarianceTrace(self.net_compare) if self.run.trace else None
-        self.checksums = []
+        self.order = self.run.epoch_order(plan.epoch)
+        self.checksums = [0] * len(self.order)
 
     def after_step(self, plan: EpochPlan, k: int, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
         gradient = self.gradient(inputs, targets)
         if self.variance is not None:
             self.variance.add(inputs, targets)
         if plan.epoch in self.run.kept_epochs:
+            batch = int(self.order[k])
             spilled = gradient.to("cpu", self.spill_dtype, copy=True)
-            self.checksums.append(tensor_checksum(spilled))
-            return SpilledGradient(plan.epoch, k, spilled)
+            self.checksums[batch] = tensor_checksum(spilled)
+            return SpilledGradient(plan.epoch, batch, spilled)
         return None
+
+    def measures(self) -> dict[str, Any]:
+        """The epoch's measures by batch (the buffer holds them by step) and each batch's ``position`` (its step)."""
+        measures = super().measures()
+        position = np.empty_like(self.order)
+        position[self.order] = np.arange(len(self.order))
+        for c in GRADIENT_MEASURES:
+            by_batch = np.empty_like(measures[c])
+            by_batch[self.order] = measures[c]
+            measures[c] = by_batch
+        measures["position"] = position
+        return measures
 
 
 class GradientProbeRun:
@@ -730,6 +767,10 @@ class GradientProbeRun:
             self.store.check_compatible(identity, self.digest)
         self.results: ProbeResults | None = None
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """``order[k]``: the batch trained at step ``k`` of ``epoch`` (:func:`epoch_order`)."""
+        return epoch_order(self.config.batch_order, self.seed, epoch, self.data.num_batches)
+
     def partition_id(self, epoch: int, batch: int) -> str:
         """The spilled gradient's id under the gradients root: ``<run_name>/<ordering>/epoch=EEE/batch=KKKK``."""
         return f"{self.run_name}/{self.ordering}/epoch={epoch:03d}/batch={batch:04d}"
@@ -772,7 +813,7 @@ class GradientProbeRun:
             started: dict[int, float] = {}
 
             def batches_of(plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-                return (self._batch_inputs(plan.epoch, k) for k in range(self.data.num_batches))
+                return (self._batch_inputs(plan.epoch, int(batch)) for batch in self.epoch_order(plan.epoch))
 
             def before_epoch(plan: EpochPlan) -> None:
                 started[plan.epoch] = time.perf_counter()
@@ -920,7 +961,8 @@ class GradientProbeRun:
             rows[c] += null[c].tolist()
         rows["full_grad_norm"] += [measures["full_grad_norm"]] * count
 
-    def _divergence_message(self, plan: EpochPlan, batch: int | None, what: str) -> str:
+    def _divergence_message(self, plan: EpochPlan, step: int | None, what: str) -> str:
+        batch = None if step is None else int(self.epoch_order(plan.epoch)[step])
         where = f"epoch {plan.epoch}" + (f", batch {batch}" if batch is not None else "")
         kept = (f"the last good checkpoint (epoch {plan.epoch - 1}) is kept in '{self.store.folder}'"
                 if self.store is not None and plan.epoch > 1 else "no checkpoint of this epoch was written")
@@ -968,6 +1010,7 @@ class GradientProbeRun:
             for c in GRADIENT_MEASURES:
                 rows[c] += measures[c].tolist()
             rows["full_grad_norm"] += [measures["full_grad_norm"]] * k_count
+            rows["position"] += measures["position"].tolist()
             mean_distance = float(np.mean(measures["distance"]))
             full_norm = measures["full_grad_norm"]
         history = progress.history

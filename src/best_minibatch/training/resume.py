@@ -24,7 +24,8 @@ from best_minibatch.data.tensor_io import format_bytes, load_tensors
 from best_minibatch.training.checkpoints import tensor_checksum
 from best_minibatch.training.probing import GRADIENT_MEASURES
 
-DISTANCE_ROW_KEYS = ("epoch", "phase", "learning_rate", "batch", *GRADIENT_MEASURES, "full_grad_norm")
+#: ``position``: the step of its epoch at which the batch was trained (its batch number in a fixed order).
+DISTANCE_ROW_KEYS = ("epoch", "phase", "learning_rate", "batch", *GRADIENT_MEASURES, "full_grad_norm", "position")
 NULL_ROW_KEYS = ("epoch", "phase", "learning_rate", "draw", *GRADIENT_MEASURES, "full_grad_norm")
 HISTORY_NUMERIC = ["epoch", "phase", "learning_rate", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                    "mean_distance", "seconds", "full_grad_norm", "gradients_kept", "gradient_variance_trace",
@@ -60,7 +61,9 @@ class Progress:
     def from_state(cls, state: Mapping[str, Any]) -> Progress:
         progress = cls()
         for c in progress.distances:
-            progress.distances[c] = state["distances"][c].tolist()
+            progress.distances[c] = state["distances"][c].tolist() if c in state["distances"] else None
+        if progress.distances["position"] is None:  # checkpoints from before batch_order: always the fixed order
+            progress.distances["position"] = list(progress.distances["batch"])
         epochs = len(state["history"]["epoch"])
         for c in progress.history:  # columns added later read as NaN in older checkpoints
             progress.history[c] = state["history"][c].tolist() if c in state["history"] else [math.nan] * epochs

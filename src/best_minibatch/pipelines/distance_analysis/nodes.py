@@ -78,6 +78,11 @@ def correlate_confounds(batch_stats: pd.DataFrame, params: dict[str, Any]) -> pd
     )
 
 
+def relate_distance_to_position(noise_units: pd.DataFrame) -> pd.DataFrame:
+    """Within-epoch Spearman of distance with the batch's rank and with its place in the previous epoch."""
+    return analysis.position_effects(noise_units)
+
+
 def select_best_and_worst_batches(batch_stats: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
     """The best and worst batches per ordering and phase by mean noise-unit distance."""
     params = analysis.check_parameters(params)

@@ -13,6 +13,7 @@ from .nodes import (
     correlate_confounds,
     evaluate_paper_claims,
     express_in_noise_units,
+    relate_distance_to_position,
     select_best_and_worst_batches,
     summarise_batches_per_phase,
     tabulate_orderings,
@@ -59,6 +60,12 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
                 inputs=["batch_phase_stats", params],
                 outputs="confound_correlations",
                 name="correlate_confounds",
+            ),
+            node(
+                relate_distance_to_position,
+                inputs="distance_noise_units",
+                outputs="position_effects",
+                name="relate_distance_to_position",
             ),
             node(
                 select_best_and_worst_batches,

@@ -92,6 +92,7 @@ def write_report(
     image_index: pd.DataFrame,
     parameters: dict[str, Any],
     batch_selection_section: str | None = None,
+    position_effects: pd.DataFrame | None = None,
     **tables: Any,
 ) -> str:
     """The self-contained HTML report of the run (with batch_selection's answer once it has run)."""
@@ -104,5 +105,5 @@ def write_report(
         confounds=confounds, best_worst=best_worst, trace_check=trace_check, histories=histories,
         figures=pngs, parameters=parameters, null_ordering=analysis_params["null_ordering"],
         alpha=analysis_params["alpha"], title=parameters.get("visualize", {}).get("report_title", "Run report"),
-        batch_selection_section=batch_selection_section,
+        batch_selection_section=batch_selection_section, position_effects=position_effects,
     )

@@ -75,6 +75,7 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
                     "claims": "claim_verdicts",
                     "comparisons": "batch_group_comparisons",
                     "confounds": "confound_correlations",
+                    "position_effects": "position_effects",
                     "best_worst": "best_worst_batches",
                     "trace_check": "gradient_noise_trace_check",
                     "image_index": "image_index",
