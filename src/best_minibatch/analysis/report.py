@@ -168,7 +168,7 @@ def render_report(
     parts.append(_skipped_section(ordering_status))
     parts.append(batch_selection_section or (
         "<h2>Do the best batches train faster?</h2><p>Not run yet: <code>kedro run "
-        "--pipeline=batch_selection</code> (about 20 minutes on a CPU), then <code>kedro run "
+        "--pipeline=batch_selection</code> (about 7 minutes on a 2-core CPU), then <code>kedro run "
         "--pipeline=visualize</code> to include its answer here.</p>"))
     parts.append("<h2>Figures</h2>")
     for section, pngs in figures.items():
