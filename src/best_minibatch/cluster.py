@@ -245,6 +245,19 @@ def cuda_options(config: ClusterConfig) -> dict[str, Any]:
     return options
 
 
+def _pop_worker_environ() -> dict[str, str]:
+    """Remove the variables of :data:`WORKER_ENVIRON_UNSET` from this process's environment; return them.
+
+    A nanny copies its variables into the environment of the process that starts it, and
+    its worker processes (started, and restarted after a crash, at any time while the
+    cluster lives) inherit that environment: a plain Dask cluster started here earlier
+    would pass the variable on to every later worker. :class:`Cluster` restores them when
+    it closes.
+    """
+    names = [key.rsplit(".", 1)[1] for key in WORKER_ENVIRON_UNSET]
+    return {name: os.environ.pop(name) for name in names if name in os.environ}
+
+
 def _start_cluster(config: ClusterConfig) -> Any:
     """The cluster of a ``local``, ``cuda`` or ``slurm`` configuration, its workers with glibc's malloc defaults
     (:data:`WORKER_ENVIRON_UNSET`; a Slurm job's nanny reads the Dask configuration of the machine it runs on)."""
@@ -271,14 +284,16 @@ class Cluster:
 
         self.config = config
         self.cluster: Any = None
+        self._saved_environ: dict[str, str] = {}
         if config.kind == "address":
             self.client = Client(config.address)
         else:
-            self.cluster = _start_cluster(config)
+            self._saved_environ = _pop_worker_environ()
             try:
+                self.cluster = _start_cluster(config)
                 self.client = Client(self.cluster)
             except BaseException:
-                self.cluster.close()
+                self.close()
                 raise
         logger.info("Dask cluster: %s; %s", config.kind, self.describe())
 
@@ -315,10 +330,14 @@ class Cluster:
 
     def close(self) -> None:
         try:
-            self.client.close()
+            if getattr(self, "client", None) is not None:
+                self.client.close()
         finally:
-            if self.cluster is not None:
-                self.cluster.close()
+            try:
+                if self.cluster is not None:
+                    self.cluster.close()
+            finally:
+                os.environ.update(self._saved_environ)
 
     def __enter__(self) -> Cluster:
         return self
