@@ -44,8 +44,9 @@ WHERE = "conf/base/dask.yml"
 GPU_RESOURCE = "GPU"
 #: Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory back to the system).
 #: Setting it at all turns off glibc's dynamic mmap threshold, so every large tensor torch allocates is mapped
-#: and unmapped afresh: a small-CNN training step on one CPU thread took 2.1x as long in such a worker
-#: (6.45 s against 3.05 s for 150 steps; docs/scaling.md). Workers this module starts keep glibc's defaults.
+#: and unmapped afresh: 150 small-CNN training steps on one CPU thread took 2.27x as long in such a worker as in
+#: a plain process (benchmarks/benchmark_worker_malloc.py; docs/scaling.md). Workers this module starts keep
+#: glibc's defaults.
 WORKER_ENVIRON_UNSET = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 

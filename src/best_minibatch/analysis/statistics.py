@@ -824,13 +824,14 @@ def position_effects(noise_units: pd.DataFrame) -> pd.DataFrame:
             rank = current["batch"].to_numpy(float)
             distance = current["distance"].to_numpy(float)
             place = previous["position"].to_numpy(float)
+            shuffled = not np.array_equal(place, rank)  # else the partial correlation is undefined
             units.append({
                 "ordering": ordering, "phase": int(current["phase"].iat[0]), "n_batches": len(current),
-                "shuffled": not np.array_equal(place, rank),
+                "shuffled": shuffled,
                 "rank": float(_spearman_rows(rank[None], distance[None])[0]),
                 "previous_position": float(_spearman_rows(place[None], distance[None])[0]),
                 "rank_given_position": (float(_spearman_rows(rank[None], distance[None], place[None])[0])
-                                        if not np.array_equal(place, rank) else math.nan),
+                                        if shuffled else math.nan),
             })
     if not units:
         return pd.DataFrame(columns=columns)

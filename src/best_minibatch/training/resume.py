@@ -60,9 +60,11 @@ class Progress:
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Progress:
         progress = cls()
+        distances = state["distances"]
         for c in progress.distances:
-            progress.distances[c] = state["distances"][c].tolist() if c in state["distances"] else None
-        if progress.distances["position"] is None:  # checkpoints from before batch_order: always the fixed order
+            if c in distances:
+                progress.distances[c] = distances[c].tolist()
+        if "position" not in distances:  # checkpoints from before batch_order: always the fixed order
             progress.distances["position"] = list(progress.distances["batch"])
         epochs = len(state["history"]["epoch"])
         for c in progress.history:  # columns added later read as NaN in older checkpoints
