@@ -45,8 +45,19 @@ def synthetic_run(
     with_trace=False,
     seeds=None,
     seed_effects=None,
+    batch_order="shuffled",
+    class_effect=0.0,
+    class_trend=False,
 ):
     """All inputs of ``distance_analysis`` and ``visualize`` for a fake run.
+
+    ``batch_order``: ``shuffled`` (the default: a fresh order of the batches every epoch,
+    recorded in ``position``) or ``fixed`` (batch k at step k, the paper's order).
+    ``class_effect``: noise units added per image of the first class above the batch size's
+    share (a pure class-composition effect, whatever the metric); ``class_trend``: a metric
+    ordering's batches hold more images of the first class the higher their rank (as bright
+    images are often planes), so the class effect looks like a metric effect. An ordering named
+    ``<metric>_stratified`` gets batches with the same number of images of each class.
 
     ``effects[(ordering, phase)]`` is an array of per-batch offsets in noise units
     (standard deviations of the random batches of the epoch) added to that
@@ -115,7 +126,15 @@ def synthetic_run(
         )
         tables["batch_assignments"] = assignments
         batch_labels = labels[image_ids].reshape(n_batches, batch_size)
+        if ordering.endswith("_stratified"):  # one image of each class per batch (batch_size 4, 4 classes)
+            batch_labels = np.tile(np.arange(len(CLASS_NAMES)), (n_batches, batch_size // len(CLASS_NAMES)))
+        elif class_trend and not ordering.startswith("random"):
+            rising = np.argsort((batch_labels == 0).sum(axis=1), kind="stable")
+            batch_labels = batch_labels[rising]
+            image_ids = image_ids.reshape(n_batches, batch_size)[rising].ravel()
+            assignments["image_id"] = image_ids.astype(np.int64)
         counts = np.stack([(batch_labels == c).sum(axis=1) for c in range(len(CLASS_NAMES))], axis=1)
+        class_offset = class_effect * (counts[:, 0] - batch_size / len(CLASS_NAMES))
         shares = counts / batch_size
         with np.errstate(divide="ignore", invalid="ignore"):
             entropy = -np.nansum(np.where(shares > 0, shares * np.log(shares), 0.0), axis=1)
@@ -138,7 +157,8 @@ def synthetic_run(
                                               for e in zip(epochs, epoch_rates, epoch_phases)):
             offset = effects.get((ordering, phase), np.zeros(n_batches))
             offset = seed_effects.get((ordering, phase, run_seed), offset)
-            z = offset + noise * rng.normal(size=n_batches)
+            z = offset + class_offset + noise * rng.normal(size=n_batches)
+            position = rng.permutation(n_batches) if batch_order == "shuffled" else np.arange(n_batches)
             distance = scale[epoch] * (1.0 + 0.05 * z)
             full = scale[epoch] * 0.5
             rows.append(
@@ -155,6 +175,7 @@ def synthetic_run(
                         "relative_distance": distance / full,
                         "grad_norm": distance + full,
                         "full_grad_norm": full,
+                        "position": position,
                     }
                 )
             )
@@ -195,7 +216,7 @@ def synthetic_run(
 _DISTANCE_DTYPES = {
     "ordering": "str", "epoch": "int64", "phase": "int64", "learning_rate": "float64", "batch": "int64",
     "distance": "float64", "cosine_similarity": "float64", "relative_distance": "float64",
-    "grad_norm": "float64", "full_grad_norm": "float64",
+    "grad_norm": "float64", "full_grad_norm": "float64", "position": "int64",
 }
 _HISTORY_DTYPES = {
     "ordering": "str", "epoch": "int64", "phase": "int64", "learning_rate": "float64",
@@ -408,22 +429,75 @@ def test_claims_after_the_first_phase_are_not_tested_in_a_one_phase_run():
     assert set(later["verdict"]) == {"not tested (the run has only one phase)"}
 
 
-def test_an_effect_made_by_class_balance_vanishes_after_adjustment():
-    """Phase 1 of intensity: the upper quartile is closer only because its batches are class-balanced."""
-    run = synthetic_run(phase_lengths=(4,), learning_rates=(0.1,), skipped=(), seed=5, noise=0.3)
-    summary = run["orderings"]["intensity"]["batch_summary"]
-    position = _positions(40)
-    entropy = np.where(position > 0.75, 1.35, 0.9) + np.random.default_rng(0).normal(0, 0.05, 40)
-    summary["class_entropy"] = entropy
-    # distance falls with class entropy, whatever the metric
-    run["orderings"]["intensity"]["gradient_distances"]["distance"] *= np.tile(
-        1.0 - 0.1 * (entropy - entropy.mean()), 4
-    )
+CLASS_DESIGN = ("intensity", "random", "intensity_stratified", "random_stratified")
+
+
+def test_a_pure_class_effect_is_attributed_to_class_not_to_the_metric():
+    """Planted: the distance grows with the batch's count of one class, and intensity's top batches hold more of
+    that class; the metric itself does nothing. The plain ordering shows an effect, the stratified ordering
+    (class held fixed) shows none, and Freedman-Lane's adjustment gives no verdict: attributed to class."""
+    run = synthetic_run(orderings=CLASS_DESIGN, phase_lengths=(3,), learning_rates=(0.1,), skipped=(), seed=5,
+                        seeds=(0, 1), class_effect=1.5, class_trend=True, noise=0.5)
     claims = run_analysis(run)["claims"].set_index(["claim_id", "ordering"])
-    row = claims.loc[("first_phase_upper_quartile_closest", "intensity")]
-    assert row["verdict"] == "supported"
-    assert row["adjusted_verdict"] == "undecided"
-    assert abs(row["adjusted_difference"]) < 0.2 * abs(row["difference"])
+    plain = claims.loc[("first_phase_upper_quartile_closest", "intensity")]
+    stratified = claims.loc[("first_phase_upper_quartile_closest", "intensity_stratified")]
+    assert plain["verdict"] == "contradicted"  # the upper quartile (more of the class) is farther
+    assert stratified["verdict"] == "undecided"
+    assert plain["adjusted_verdict"] not in ("supported", "contradicted")
+    assert stratified["adjusted_verdict"] == analysis.CLASS_FIXED
+    assert plain["attribution"] == stratified["attribution"] == analysis.ATTRIBUTIONS["class"]
+    assert plain["composition_r2"] > 0.3  # the group is partly predicted by the class mix
+
+
+def test_a_metric_effect_with_class_fixed_is_detected_and_not_removed_by_the_adjustment():
+    """Planted: intensity's upper quartile is closer in both orderings, and the class mix varies at random in
+    the plain one. The stratified ordering detects it, Freedman-Lane keeps it, it is attributed to the metric."""
+    effect = _upper_quartile(-2.0)
+    run = synthetic_run(orderings=CLASS_DESIGN, phase_lengths=(3,), learning_rates=(0.1,), skipped=(), seed=6,
+                        seeds=(0, 1), class_effect=1.0, noise=0.5,
+                        effects={("intensity", 1): effect, ("intensity_stratified", 1): effect})
+    claims = run_analysis(run)["claims"].set_index(["claim_id", "ordering"])
+    plain = claims.loc[("first_phase_upper_quartile_closest", "intensity")]
+    stratified = claims.loc[("first_phase_upper_quartile_closest", "intensity_stratified")]
+    assert stratified["verdict"] == "supported"
+    assert plain["adjusted_verdict"] == "supported"
+    assert plain["adjusted_test"] == "freedman-lane" and plain["composition_r2"] < 0.5
+    assert plain["attribution"] == analysis.ATTRIBUTIONS["metric"]
+
+
+def test_a_control_with_a_verdict_invalidates_the_claims_it_gates():
+    """The same planted metric effect, once with the control clean and once with the control showing the same
+    effect (as a place-in-the-epoch bias would): the second reads 'invalid: control fails'."""
+    effect = _upper_quartile(-3.0)
+    clean = synthetic_run(phase_lengths=(3,), learning_rates=(0.1,), skipped=(), seed=3,
+                          effects={("intensity", 1): effect})
+    row = run_analysis(clean)["claims"].set_index(["claim_id", "ordering"]).loc[
+        ("first_phase_upper_quartile_closest", "intensity")]
+    assert (row["verdict"], row["control"], row["control_verdict"]) == ("supported", "random", "undecided")
+    biased = synthetic_run(phase_lengths=(3,), learning_rates=(0.1,), skipped=(), seed=3,
+                           effects={("intensity", 1): effect, ("random", 1): effect})
+    row = run_analysis(biased)["claims"].set_index(["claim_id", "ordering"]).loc[
+        ("first_phase_upper_quartile_closest", "intensity")]
+    assert row["test_verdict"] == "supported" and row["control_verdict"] == "supported"
+    assert row["verdict"] == analysis.CONTROL_FAILS
+
+
+def test_every_verdict_of_a_fixed_order_run_is_labelled_as_confounded():
+    run = synthetic_run(effects=planted_effects(), seed=3, batch_order="fixed")
+    claims = run_analysis(run)["claims"]
+    tested = claims[~claims["verdict"].str.startswith("not tested")]
+    assert (tested["batch_order"] == "fixed").all()
+    assert set(tested["verdict"]) == {analysis.FIXED_ORDER}
+    assert "supported" in set(tested["test_verdict"])  # the test result is kept beside the label
+
+
+def test_one_holm_family_covers_the_primary_and_the_adjusted_p_values():
+    claims = run_analysis(synthetic_run(effects=planted_effects(), seed=3, skipped=()))["claims"]
+    raw = np.concatenate([claims["p_value"].to_numpy(float), claims["adjusted_p_value"].to_numpy(float)])
+    family = analysis.holm_adjust(raw)
+    np.testing.assert_allclose(claims["p_holm"], family[: len(claims)])
+    np.testing.assert_allclose(claims["adjusted_p_holm"], family[len(claims):])
+    assert np.isfinite(claims["adjusted_p_value"]).sum() > 0
 
 
 def test_permutation_test_is_exact_when_all_relabellings_fit():
@@ -526,7 +600,7 @@ def test_a_claim_is_supported_only_when_every_seed_agrees_in_sign():
     assert row["pooled_verdict"] == "supported"
     assert (row["n_seeds"], row["seeds_agreeing"]) == (3, 2)
     assert row["verdict"] == "undecided"
-    effects = result["seed_comparisons"].set_index(["ordering", "phase", "comparison", "seed"])["difference"]
+    effects = result["seed_comparisons"].set_index(["ordering", "phase", "comparison", "seed"])["rank_biserial"]
     key = ("intensity", 1, analysis.UPPER_QUARTILE)
     assert effects[(*key, 0)] < 0 and effects[(*key, 1)] < 0 and effects[(*key, 2)] > 0
     assert row["seed_differences"] == "; ".join(f"seed {s}: {effects[(*key, s)]:+.3f}" for s in (0, 1, 2))

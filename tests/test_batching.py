@@ -156,7 +156,7 @@ def test_skipped_metric_gives_empty_tables_with_all_columns(caplog):
     assert assignments.dtypes[["batch", "position", "image_id"]].tolist() == [np.dtype("int64")] * 3
     assert len(summary) == 0
     assert summary.columns.tolist() == [
-        "metric", "batch", "metric_min", "metric_mean", "metric_max", "class_entropy",
+        "metric", "ordering", "batching", "batch", "metric_min", "metric_mean", "metric_max", "class_entropy",
         "class_count_cat", "class_count_dog", "class_count_ship", "tied_images",
     ]
     assert "perceptual" in caplog.text and "skipped" in caplog.text

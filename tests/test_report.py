@@ -17,9 +17,9 @@ PNG = b"\x89PNG\r\n\x1a\nfake"
 
 
 def _report(with_trace=False, skipped=("perceptual",), figures=None, reason=SKIP_REASON, batch_selection_section=None,
-            seeds=None, seed_effects=None):
+            seeds=None, seed_effects=None, batch_order="shuffled"):
     run = synthetic_run(effects=planted_effects(20), n_batches=20, phase_lengths=(2, 2, 2), skipped=skipped,
-                        with_trace=with_trace, seeds=seeds, seed_effects=seed_effects)
+                        with_trace=with_trace, seeds=seeds, seed_effects=seed_effects, batch_order=batch_order)
     if skipped:
         run["orderings"][skipped[0]]["metric_status"]["reason"] = reason
     result = run_analysis(run, n_permutations=1000)
@@ -80,7 +80,7 @@ def test_report_holds_every_claim_with_its_verdict_and_numbers(page_and_result):
             f"{counts.get('contradicted', 0)} contradicted, {counts.get('undecided', 0)} undecided.") in claims_section
 
 
-def test_report_states_each_finding_and_flags_one_that_class_balance_explains():
+def test_report_states_each_finding_with_its_control_and_class_readings():
     page, _, _ = _report()
     findings = page.split("<h2>The paper's claims, tested</h2>")[1].split("</ul>")[0]
     assert findings.count("<li>") == 12  # 9 tested rows; perceptual skipped: phase 1, and phases 2 and 3
@@ -90,16 +90,19 @@ def test_report_states_each_finding_and_flags_one_that_class_balance_explains():
     for phase in (2, 3):  # like the tested metrics' rows of the claim about later phases
         assert f"<b>perceptual, phase {phase}</b>: not tested: metric skipped" in findings
     assert "Tested: 9;" in page and "Not tested: 3.</b>" in page
-    run = synthetic_run(phase_lengths=(3,), learning_rates=(0.1,), skipped=(), n_batches=20, noise=0.3, seed=5)
-    summary = run["orderings"]["intensity"]["batch_summary"]
-    entropy = np.where((np.arange(20) + 0.5) / 20 > 0.75, 1.35, 0.9)
-    summary["class_entropy"] = entropy
-    run["orderings"]["intensity"]["gradient_distances"]["distance"] *= np.tile(1.0 - 0.1 * (entropy - 0.9), 3)
-    result = run_analysis(run, n_permutations=2000)
-    row = result["claims"].set_index(["claim_id", "ordering"]).loc[("first_phase_upper_quartile_closest", "intensity")]
-    row = pd.concat([row, pd.Series({"ordering": "intensity"})])
-    sentence = report._finding(row)
-    assert "<b>supported</b>" in sentence and "the effect vanishes once class balance is accounted for" in sentence
+    assert "class composition held fixed by regression (Freedman-Lane)" in findings
+    # a control with the same effect gates the claim, and the sentence says why
+    effect = np.where((np.arange(40) + 0.5) / 40 > 0.75, -3.0, 0.0)
+    run = synthetic_run(phase_lengths=(3,), learning_rates=(0.1,), skipped=(), seed=3,
+                        effects={("intensity", 1): effect, ("random", 1): effect})
+    row = run_analysis(run, n_permutations=2000)["claims"].set_index(["claim_id", "ordering"]).loc[
+        ("first_phase_upper_quartile_closest", "intensity")]
+    sentence = report._finding(pd.concat([row, pd.Series({"ordering": "intensity"})]))
+    assert "<b>invalid: control fails</b>" in sentence and "the control random itself gets <b>supported</b>" in sentence
+    # a fixed-order run: every reading is the confound label, the test's own result beside it
+    page, _, _ = _report(batch_order="fixed", figures={})
+    assert "This run trained its batches in the paper's fixed order" in page
+    assert "<b>confounded: fixed order</b>" in page
 
 
 def test_report_is_self_contained_with_embedded_figures(page_and_result):
@@ -143,8 +146,8 @@ def test_report_shows_each_seeds_effect_and_the_agreement_rule():
     page, result, setup = _report(seeds=(0, 1, 2), seed_effects={("intensity", 1, 2): upper}, figures={})
     assert setup["seeds"] == [0, 1, 2]
     assert "3 seeds (0, 1, 2): every ordering trains once per seed" in page
-    assert ("The rule: a claim is supported only when the pooled test passes and every seed's effect has the "
-            "pooled effect's sign") in page
+    assert ("A claim is <b>supported</b> when its Holm-adjusted p-value is below α = 0.05, the effect has the "
+            "claimed sign <b>and every seed agrees</b>") in page
     row = result["claims"].set_index(["claim_id", "ordering", "phase"]).loc[
         ("first_phase_upper_quartile_closest", "intensity", 1)]
     assert (row["pooled_verdict"], row["verdict"], row["seeds_agreeing"]) == ("supported", "undecided", 2)
@@ -153,7 +156,7 @@ def test_report_shows_each_seeds_effect_and_the_agreement_rule():
     assert "<b>undecided</b>" in sentence and "seeds agreeing in sign: 2 of 3, seed 0: " in sentence
     assert "the pooled test alone says <b>supported</b>, but not every seed's effect has its sign" in sentence
     table = page.split("<h2>The paper's claims, tested</h2>")[1].split("<h2>")[0]
-    assert "<th>difference per seed (z)</th>" in table and "<th>seeds agreeing in sign</th>" in table
+    assert "<th>rank-biserial per seed</th>" in table and "<th>seeds agreeing in sign</th>" in table
     assert f"<td>{row['seed_differences']}</td>" in table
     # The orderings table: the seed count, and final accuracies as the seeds' mean (the synthetic seeds' final
     # test accuracies are 0.60, 0.58 and 0.56).
@@ -163,8 +166,14 @@ def test_report_shows_each_seeds_effect_and_the_agreement_rule():
     assert '<td class="num">3</td>' in intensity and '<td class="num">0.580</td>' in intensity
 
 
-def test_report_says_a_fixed_order_cannot_tell_rank_from_place(page_and_result):
-    page = page_and_result[0]
+def test_report_says_a_fixed_order_cannot_tell_rank_from_place():
+    page, result, _ = _report(batch_order="fixed", figures={})
     section = page.split("<h2>Place in the epoch</h2>")[1].split("<h2>")[0]
     assert "batch_order=shuffled" in section and "cannot be told apart" in section
-    assert section.count("<td>fixed</td>") == len(page_and_result[1]["noise_units"].groupby(["ordering", "phase"]))
+    assert section.count("<td>fixed</td>") == len(result["noise_units"].groupby(["ordering", "phase"]))
+
+
+def test_report_says_a_shuffled_order_separates_rank_from_place(page_and_result):
+    section = page_and_result[0].split("<h2>Place in the epoch</h2>")[1].split("<h2>")[0]
+    assert "With a shuffled order the rank and the place in the previous epoch vary independently" in section
+    assert "with the batching as the unit" in section

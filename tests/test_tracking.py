@@ -178,6 +178,7 @@ def test_claims_are_a_table_artifact_and_metrics_equal_to_claim_verdicts(tracked
     metrics = run.data.metrics
     for row in tested.itertuples():
         where = f"{row.claim_id}.{row.ordering}.phase_{row.phase}"
+        assert metrics[f"claim_rank_biserial/{where}"] == row.rank_biserial
         assert metrics[f"claim_difference/{where}"] == row.difference
         assert metrics[f"claim_p_holm/{where}"] == row.p_holm
     for row in claims.loc[not_tested].itertuples():  # e.g. perceptual without its weights: no number to log

@@ -44,9 +44,9 @@ def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
         facts.n_train = _training_image_count(pipeline, catalog, parameters)
     counted = set(facts.trained_orderings)
     if "distance_analysis" in sections:  # the claims need enough batches in every ordering it reads
-        from best_minibatch.metrics.scoring import METRICS
+        from best_minibatch.batches.orderings import all_orderings
 
-        counted |= set(METRICS)
+        counted |= set(all_orderings())
     for ordering in sorted(counted):
         name = f"{ordering}.batch_assignments"
         if name not in pipeline.all_outputs() and _exists(catalog, name):

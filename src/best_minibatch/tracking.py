@@ -15,7 +15,7 @@ from inside the core library:
   ``<measure>/<ordering>.seed_<S>``, and their mean over the seeds as
   ``<measure>/<ordering>``, so that the orderings are curves of one chart group;
 * the claim verdicts as a table artifact, and per claim, ordering and phase its
-  ``claim_difference/<claim>.<ordering>.phase_<k>`` and ``claim_p_holm/...``;
+  ``claim_rank_biserial/<claim>.<ordering>.phase_<k>``, ``claim_difference/...`` and ``claim_p_holm/...``;
 * the report and the PNG figures (heat maps among them) as artifacts, and each
   training's model under its training run name;
 * ``batch_selection``: one nested run per (policy, seed) with its validation
@@ -445,12 +445,12 @@ def noise_unit_metrics(noise_units: pd.DataFrame) -> list[tuple[str, float, int]
 
 
 def claim_metrics(claims: pd.DataFrame) -> list[tuple[str, float, int]]:
-    """Per tested claim, ordering and phase: its difference and Holm-adjusted p-value."""
+    """Per tested claim, ordering and phase: its primary effect (rank-biserial), mean difference and Holm p."""
     metrics = []
     for _, row in claims.iterrows():
         # one "/" only: the MLflow UI makes one chart section per prefix before the last "/"
         where = f"{row['claim_id']}.{row['ordering']}.phase_{int(row['phase'])}"
-        for column in ("difference", "p_holm"):
+        for column in ("rank_biserial", "difference", "p_holm"):
             if _finite(row.get(column)):
                 metrics.append((f"claim_{column}/{where}", float(row[column]), 0))
     return metrics

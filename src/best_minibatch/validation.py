@@ -142,11 +142,16 @@ def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any
 
 
 def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.batches.batching import batch_size_from_params, tie_seed_from_params
+    from best_minibatch.batches.batching import SortBatchesConfig
 
-    Section(params, "sort_batches", ("batch_size", "tie_seed"))
-    tie_seed_from_params(params)
-    batch_size = batch_size_from_params(params)
+    config = SortBatchesConfig.from_params(params)
+    batch_size = config.batch_size
+    seeds = (parameters.get("gradient_training") or {}).get("seeds")
+    if config.control_batchings > 1 and isinstance(seeds, list) and config.control_batchings < len(seeds):
+        raise ValueError(
+            f"Parameter sort_batches.control_batchings={config.control_batchings} is less than the "
+            f"{len(seeds)} gradient_training.seeds: each seed trains its own random batching. Set it to at least "
+            f"{len(seeds)}.")
     if facts.n_train is not None and batch_size > facts.n_train:
         raise ValueError(
             f"Parameter sort_batches.batch_size={batch_size} exceeds the {facts.n_train} training images, so not "
@@ -185,18 +190,19 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
 
     config = TrainingConfig.from_params(params, parameters.get("training"))
     if not isinstance(config.trace_check, bool):
-        from best_minibatch.metrics.scoring import METRICS
+        from best_minibatch.batches.orderings import all_orderings
 
-        if unknown := [o for o in config.trace_check if o not in METRICS]:
+        if unknown := [o for o in config.trace_check if o not in all_orderings()]:
             raise ValueError(f"Parameter gradient_training.trace_check: unknown orderings {unknown}. Use true, false "
-                             f"or a list of {', '.join(METRICS)}.")
+                             f"or a list of {', '.join(all_orderings())}.")
     _check_batch_size_rule(config.recipe.batch_size, "gradient_training.training.batch_size", parameters)
     model = named_model_factory(config)()
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_dtype = next(model.parameters()).dtype
     batch_size = (parameters.get("sort_batches") or {}).get("batch_size")
     problems = []
-    for ordering in facts.trained_orderings:
+    trained = _orderings_that_train(facts.trained_orderings, parameters)
+    for ordering in trained:
         num_batches = facts.num_batches.get(ordering)
         if num_batches is None and facts.n_train is not None and isinstance(batch_size, int) and batch_size > 0:
             num_batches = facts.n_train // batch_size  # the batches sort_batches will make in this run
@@ -209,15 +215,23 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
             if str(error) not in problems:
                 problems.append(str(error))
     counts = [n for n in (facts.num_batches.get(o) or (facts.n_train // batch_size if facts.n_train and isinstance(
-        batch_size, int) and batch_size > 0 else None) for o in facts.trained_orderings) if n]
+        batch_size, int) and batch_size > 0 else None) for o in trained) if n]
     if counts and not problems:
         try:
             images = batch_size if isinstance(batch_size, int) and batch_size > 0 else facts.n_train // max(counts)
-            check_expected_time(config, max(counts), images, len(facts.trained_orderings))
+            check_expected_time(config, max(counts), images, len(trained))
         except ValueError as error:
             problems.append(str(error))
     if problems:
         raise ValueError("\n  - ".join(problems))
+
+
+def _orderings_that_train(orderings: Iterable[str], parameters: Mapping[str, Any]) -> tuple[str, ...]:
+    """The orderings of this run that train: a stratified one is off with ``sort_batches.stratify: false``."""
+    from best_minibatch.batches.orderings import ordering_of
+
+    stratify = (parameters.get("sort_batches") or {}).get("stratify", True)
+    return tuple(o for o in orderings if stratify is not False or not ordering_of(o).stratified)
 
 
 def _check_distance_analysis(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:

@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from best_minibatch.analysis.statistics import epoch_phase_table, phase_spans, with_seed
+from best_minibatch.batches.orderings import ordering_of
 
 #: Light = short distance, as in the paper's heat maps.
 DISTANCE_CMAP = "rocket_r"
@@ -37,12 +38,20 @@ MEASURE_LABELS = {
 
 
 def ordering_colors(orderings: Sequence[str], null_ordering: str) -> dict[str, tuple | str]:
-    """One colour per ordering, the same in every figure; the null ordering is grey."""
-    metrics = [o for o in orderings if o != null_ordering]
-    palette = sns.color_palette("colorblind", max(len(metrics), 1))
-    colors: dict[str, tuple | str] = dict(zip(metrics, palette))
+    """One colour per metric, the same in every figure, shared by its plain and stratified orderings (line
+    styles tell them apart: :func:`ordering_line_style`); the null orderings are grey."""
+    null_metric = ordering_of(null_ordering).metric
+    metrics = list(dict.fromkeys(ordering_of(o).metric for o in orderings if ordering_of(o).metric != null_metric))
+    palette = dict(zip(metrics, sns.color_palette("colorblind", max(len(metrics), 1))))
+    colors: dict[str, tuple | str] = {
+        o: NULL_COLOR if ordering_of(o).metric == null_metric else palette[ordering_of(o).metric] for o in orderings}
     colors[null_ordering] = NULL_COLOR
     return colors
+
+
+def ordering_line_style(ordering: str) -> str:
+    """Solid for a plain ordering, dashed for a class-stratified one."""
+    return "--" if ordering_of(ordering).stratified else "-"
 
 
 def png_bytes(figure: Figure, dpi: int = 120) -> bytes:
@@ -58,9 +67,11 @@ def _phase_title(span: pd.Series) -> str:
 
 
 def _batch_axis_label(ordering: str, null_ordering: str) -> str:
-    if ordering == null_ordering:
-        return "batch index (random assignment)"
-    return f"batch index (ascending {ordering})"
+    spec = ordering_of(ordering)
+    kind = ", class-stratified" if spec.stratified else ""
+    if spec.metric == ordering_of(null_ordering).metric:
+        return f"batch index (random assignment{kind})"
+    return f"batch index (ascending {spec.metric}{kind})"
 
 
 # --------------------------------------------------------------------------- heat maps
@@ -230,7 +241,8 @@ def distance_by_rank(batch_stats: pd.DataFrame, orderings: Sequence[str], null_o
                     if series.empty:
                         continue
                     (line,) = axis.plot(series["batch"], series[value], color=colors[ordering],
-                                        linewidth=1.3, marker="." if n_batches <= 60 else None, zorder=2)
+                                        linestyle=ordering_line_style(ordering), linewidth=1.3,
+                                        marker="." if n_batches <= 60 else None, zorder=2)
                     handles[ordering] = line
                 if row == 1:
                     low, high = axis.get_ylim()
@@ -249,7 +261,7 @@ def distance_by_rank(batch_stats: pd.DataFrame, orderings: Sequence[str], null_o
         figure.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
                       ncol=min(len(handles), 4), frameon=False)
         figure.suptitle("Distance of each batch's gradient to the full gradient, by batch rank "
-                        "(tinted: outer 10% each side; dotted: upper-quartile boundary)")
+                        "(dashed: class-stratified; tinted: outer 10% each side; dotted: upper-quartile boundary)")
     return figure
 
 
@@ -337,7 +349,11 @@ def batch_image_grids(
     train_images: np.ndarray,
     image_index: pd.DataFrame,
 ) -> dict[str, Figure]:
-    """:func:`batch_image_grid` for every ordering that has best and worst batches."""
+    """:func:`batch_image_grid` for every ordering that has best and worst batches (a control's first batching:
+    its batch k is another batch in every seed)."""
+    assignments_by_ordering = {
+        ordering: (table[table["batching"] == 0] if "batching" in table else table)
+        for ordering, table in assignments_by_ordering.items()}
     return {
         f"batches_{ordering}": batch_image_grid(ordering, best_worst, assignments, train_images, image_index)
         for ordering, assignments in assignments_by_ordering.items()
@@ -359,7 +375,8 @@ def training_curves(histories: Mapping[str, pd.DataFrame], null_ordering: str) -
     n_seeds = max((with_seed(h)["seed"].nunique() for h in histories.values() if len(h)), default=1)
     if not present:
         raise ValueError("No ordering has a training history to plot.")
-    colors = ordering_colors(list(histories), null_ordering)
+    # Every ordering its own colour here: train and test already take the two line styles.
+    colors = dict(zip(present, sns.color_palette("tab20" if len(present) > 10 else "tab10", len(present))))
     reference = next(iter(present.values()))
     spans = phase_spans(epoch_phase_table(reference, "training_history"))
     with matplotlib.rc_context(STYLE):

@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from best_minibatch.analysis.statistics import epoch_phase_table, phase_spans, summarise_trace_check, with_seed
+from best_minibatch.analysis.statistics import (
+    CONTROL_FAILS,
+    FIXED_ORDER,
+    NOT_SEPARABLE,
+    epoch_phase_table,
+    phase_spans,
+    summarise_trace_check,
+    with_seed,
+)
 
 VERDICT_COLORS = {"supported": "#d9f2d9", "contradicted": "#f9d6d5", "undecided": "#eeeeee"}
 
@@ -240,101 +248,156 @@ def _short_verdict(verdict: str) -> str:
 
 def _finding(row: pd.Series) -> str:
     """One claim row as a sentence with its numbers."""
-    where = f"<b>{_escape(row['ordering'])}, phase {int(row['phase'])}</b>"
-    if row["verdict"] not in VERDICT_COLORS:
+    kind = " (class-stratified)" if row.get("stratified", False) else ""
+    where = f"<b>{_escape(row.get('metric', row['ordering']))}{kind}, phase {int(row['phase'])}</b>"
+    if row["verdict"] not in (*VERDICT_COLORS, CONTROL_FAILS, FIXED_ORDER):
         return f"<li>{where}: {_escape(_short_verdict(row['verdict']))}.</li>"
     direction = "closer to" if row["expected_sign"] < 0 else "farther from"
     text = (f"<li>{where}: claim “{_escape(row['group'])} {direction} the full gradient than the "
-            f"{_escape(row['rest'])}” — <b>{_escape(row['verdict'])}</b> (difference {row['difference']:+.2f} z, Cohen's d "
-            f"{_format(row['cohens_d'], 2)}, Holm p {_format(row['p_holm'])}")
+            f"{_escape(row['rest'])}” — <b>{_escape(row['verdict'])}</b> (rank-biserial "
+            f"{_format(row['rank_biserial'], 2)}, Holm p {_format(row['p_holm'])}; mean difference "
+            f"{row['difference']:+.2f} z, {_format(row.get('ratio_difference'), 3)} in noise ratio")
     n_seeds = row.get("n_seeds", 1)
     if pd.notna(n_seeds) and n_seeds > 1:
         text += (f"; seeds agreeing in sign: {int(row['seeds_agreeing'])} of {int(n_seeds)}, "
                  f"{_escape(row['seed_differences'])}")
     text += ")"
-    if row.get("pooled_verdict", row["verdict"]) != row["verdict"]:
+    if row["verdict"] == CONTROL_FAILS:
+        text += (f"; the test alone says <b>{_escape(row['test_verdict'])}</b>, but the control "
+                 f"{_escape(row['control'])} itself gets <b>{_escape(row['control_verdict'])}</b> for this comparison "
+                 "and phase, so the design, not the metric, can produce it")
+    elif row["verdict"] == FIXED_ORDER:
+        text += (f"; the test alone says <b>{_escape(row['test_verdict'])}</b>, but in the fixed order a batch's rank "
+                 "is its place in the epoch")
+    elif row.get("pooled_verdict", row["verdict"]) != row.get("test_verdict", row["verdict"]):
         text += (f"; the pooled test alone says <b>{_escape(row['pooled_verdict'])}</b>, but not every seed's "
                  "effect has its sign")
-    if row["adjusted_verdict"] != row["verdict"]:
-        change = ("the effect vanishes once class balance is accounted for" if row["verdict"] != "undecided"
-                  else "an effect appears once class balance is accounted for")
-        text += (f"; after class balance: <b>{_escape(row['adjusted_verdict'])}</b> (difference "
-                 f"{row['adjusted_difference']:+.2f} z, Holm p {_format(row['adjusted_p_holm'])}): {change}")
+    if row.get("adjusted_test") == "freedman-lane":
+        text += (f"; class composition held fixed by regression (Freedman-Lane): <b>"
+                 f"{_escape(row['adjusted_verdict'])}</b> (coefficient {row['adjusted_difference']:+.2f} z, Holm p "
+                 f"{_format(row['adjusted_p_holm'])}, R² of the group on the composition "
+                 f"{_format(row['composition_r2'], 2)})")
+    elif isinstance(row.get("adjusted_test"), str) and row["adjusted_test"].startswith(NOT_SEPARABLE):
+        text += (f"; the group is not separable from the class composition (R² {_format(row['composition_r2'], 2)}):"
+                 " no adjusted verdict")
     return text + ".</li>"
 
 
+def _answer_lines(claims: pd.DataFrame) -> list[str]:
+    """One line per claim and phase of the metric: plain and stratified readings and the attribution."""
+    if "attribution" not in claims or "stratified" not in claims or not claims["stratified"].any():
+        return []
+    rows = []
+    for (claim_id, metric, phase), part in claims.groupby(["claim_id", "metric", "phase"], sort=False):
+        plain = part[~part["stratified"]]
+        stratified = part[part["stratified"]]
+        if plain.empty or stratified.empty:
+            continue
+        rows.append({"claim": part["claim"].iat[0], "metric": metric, "phase": int(phase),
+                     "plain": _short_verdict(plain["verdict"].iat[0]),
+                     "adjusted": _short_verdict(plain["adjusted_verdict"].iat[0]),
+                     "stratified": _short_verdict(stratified["verdict"].iat[0]),
+                     "attribution": part["attribution"].iat[0]})
+    if not rows:
+        return []
+    table = pd.DataFrame(rows)
+    return ["<h3>Metric or class mix?</h3><p>Each claim in its plain ordering (the paper's batches), the same "
+            "with the class composition held fixed by regression, and in the class-stratified ordering (every "
+            "batch the same number of images of each class: class fixed by design). <b>Attribution</b>: "
+            "<i>metric</i> when the stratified ordering has a verdict; <i>class mix</i> when only the plain ordering "
+            "has one (no effect was detected with class held fixed: absence of evidence at this size, see the "
+            "calibration in docs/analysis.md, not proof that the metric does nothing); <i>none detected</i>; "
+            "<i>not assessed</i> when a reading is gated or confounded.</p>"
+            + html_table(table, {"claim": "claim", "metric": "metric", "phase": "phase", "plain": "plain ordering",
+                                 "adjusted": "plain, composition held fixed", "stratified": "stratified ordering",
+                                 "attribution": "attribution"})]
+
+
 def _claims_section(claims: pd.DataFrame, alpha: float, null_ordering: str) -> str:
-    tested = claims[claims["verdict"].isin(VERDICT_COLORS)]
+    tested = claims[claims["verdict"].isin([*VERDICT_COLORS, CONTROL_FAILS, FIXED_ORDER])]
     counts = tested["verdict"].value_counts().to_dict()
-    summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICT_COLORS)
+    summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in (*VERDICT_COLORS, CONTROL_FAILS, FIXED_ORDER)
+                        if counts.get(v, 0) or v in VERDICT_COLORS)
+    orders = set(claims.get("batch_order", pd.Series(dtype=str)).dropna())
     lines = [
         "<h2>The paper's claims, tested</h2>",
         f"<p><b>Tested: {len(tested)}; {summary}. Not tested: {len(claims) - len(tested)}.</b> Each count is of "
-        "rows: one claim, for one metric, in one phase (a metric that could not be tested has a row for each "
-        "phase its claim covers, like a tested one).</p>",
-        "<ul>" + "".join(_finding(row) for _, row in claims.iterrows()) + "</ul>",
-        f"<p class='note'>Section 5 of the paper reads these conclusions off heat maps. Here each is a permutation "
-        f"test (batches are the units; each batch contributes its mean distance over the phase's epochs and the seeds, in noise "
-        f"units: the z-score against random batches of the same epoch probed by <i>the same network at the same "
-        f"parameters</i>, the ordering's own same-parameter null (<code>gradient_training.null_batches</code>); "
-        f"an ordering trained without it falls back on the {_escape(null_ordering)} ordering's batches, the "
-        f"cross-network null of the caveat below; column <code>null_source</code> of distance_noise_units says "
-        f"which). "
-        f"<i>difference</i> = mean(group) − mean(rest); negative = the group's gradients are closer to the full "
-        f"gradient. A claim is <b>supported</b> when its Holm-adjusted p-value is below α = {alpha:g} and the "
-        f"difference has the claimed sign <b>and every seed agrees</b>, <b>contradicted</b> when significant with "
-        f"the opposite sign and every seed agrees, and <b>undecided</b> otherwise. Holm's correction runs over the "
-        f"{len(tested)} tested rows of this table (one family). The <i>after class balance</i> columns repeat the "
-        "test on distances residualised on the batch's class entropy (least squares within the ordering and "
-        "phase): a claim that holds before but not after is explained by the batches' class mix.</p>",
-        "<p class='note'><b>Seeds.</b> Every ordering trains once per seed of <code>gradient_training.seeds</code> "
-        "(other initial weights, the same batches). The test pools the seeds: each batch contributes its mean over "
-        "the phase's epochs <i>and the seeds</i>, and the batch stays the unit that is permuted. Each seed's own "
-        "effect is the same difference on that seed's runs alone (column <i>difference per seed</i>; table "
-        "<code>batch_group_comparisons_by_seed</code>). <b>The rule: a claim is supported only when the pooled "
-        "test passes and every seed's effect has the pooled effect's sign</b> (likewise for contradicted); a "
-        "significant pooled effect that some seed does not share is undecided (column <i>pooled verdict</i> "
-        "keeps the pooled test's own verdict). With one seed the rule is the pooled test.</p>",
-        f"<p class='note'><b>Caveat on the cross-network null</b> (secondary columns <code>noise_z_cross</code>, "
-        f"and the primary noise units of an ordering trained without null batches). Each ordering trains its own "
-        f"network; the {_escape(null_ordering)} batches of epoch e are probed at the {_escape(null_ordering)} run's "
-        "parameters, not at this ordering's. A whole ordering lying above or below 0 then mixes batch composition "
-        "with differences between the trained networks. The same-parameter null removes that offset; the claims "
-        "compare groups of batches within one ordering and phase, which the offset does not affect either way.</p>",
+        "rows: one claim, for one ordering (a metric's plain or class-stratified batches), in one phase.</p>",
     ]
-    shown = claims.assign(verdict=claims["verdict"].map(_short_verdict),
-                          adjusted_verdict=claims["adjusted_verdict"].map(_short_verdict))
-    if "pooled_verdict" in shown:
-        shown["pooled_verdict"] = shown["pooled_verdict"].map(_short_verdict)
+    if "fixed" in orders:
+        lines.append("<p><b>This run trained its batches in the paper's fixed order</b>: a batch's rank in the sorted "
+                     "metric is also its place in the epoch, and the batches trained last shaped the parameters "
+                     "every batch is probed at. Every verdict is therefore labelled <i>confounded: fixed order</i> "
+                     "(the test's own result is in column <i>test verdict</i>); "
+                     "<code>gradient_training.batch_order: shuffled</code> (the default) removes the confound.</p>")
+    lines += [
+        "<ul>" + "".join(_finding(row) for _, row in claims.iterrows()) + "</ul>",
+        *_answer_lines(claims),
+        f"<p class='note'><b>How a verdict is reached.</b> Units are batches; each contributes its mean distance "
+        f"over the phase's epochs and the seeds in noise units (the z-score against random batches probed by "
+        f"<i>the same network at the same parameters</i>, <code>gradient_training.null_batches</code>, with one "
+        f"noise scale pooled over the phase's epochs and seeds). The primary statistic is the "
+        f"<b>rank-biserial correlation</b> of group vs rest (negative = the group is closer to the full gradient), "
+        f"tested by permuting the group labels (the Mann-Whitney test): a few far-out batches (single-class ones "
+        f"sit 2-4 z out) cannot hide a shift of the bulk, as they can a mean difference (shown beside it, with the "
+        f"difference in noise ratio, which does not depend on the null's scale). A claim is <b>supported</b> when "
+        f"its Holm-adjusted p-value is below α = {alpha:g}, the effect has the claimed sign <b>and every seed "
+        f"agrees</b>; <b>contradicted</b> likewise with the opposite sign; <b>undecided</b> otherwise. "
+        f"<b>One Holm family</b> holds every p-value the verdicts read: the primary and the class-adjusted test of "
+        f"every tested row. <b>The gate:</b> each ordering's control (the {_escape(null_ordering)} ordering of the "
+        f"same kind: plain or stratified, trained with its own random batching per seed) gets the same test at the "
+        f"unadjusted α; when the control itself gets a verdict, the claim reads <i>{CONTROL_FAILS}</i>. "
+        f"<b>Class composition:</b> for plain orderings, Freedman-Lane's permutation test of the group's "
+        f"coefficient in distance ~ group + class counts; a group that the composition predicts with R² above 0.9 "
+        f"is <i>not separable</i>. An effect that is undecided after adjustment is <i>not</i> thereby explained by "
+        f"class (the adjustment removes power along with the confound); the stratified ordering is the designed "
+        f"comparison.</p>",
+        "<p class='note'><b>Seeds.</b> Every ordering trains once per seed of <code>gradient_training.seeds</code>. "
+        "A metric's batches are the same in every seed; a control draws its own batching per seed, so its "
+        "agreement across seeds is a replication of the batching. Each seed's own effect is in column <i>per "
+        "seed</i> (table <code>batch_group_comparisons_by_seed</code>); <i>pooled verdict</i> keeps the pooled "
+        "test's verdict without the seed rule.</p>",
+    ]
+    shown = claims.assign(**{column: claims[column].map(_short_verdict)
+                             for column in ("verdict", "adjusted_verdict", "test_verdict", "pooled_verdict",
+                                            "control_verdict") if column in claims})
     colors = [VERDICT_COLORS.get(v, "#fff7d6") for v in claims["verdict"]]
     lines.append(html_table(shown, {
-        "claim": "claim (paper, section 5)", "ordering": "metric", "phase": "phase", "expected": "expected",
-        "n_group": "n group", "n_rest": "n rest", "difference": "difference (z)", "cohens_d": "Cohen's d",
-        "rank_biserial": "rank-biserial", "p_value": "p", "p_holm": "p (Holm)",
+        "claim": "claim (paper, section 5)", "ordering": "ordering", "phase": "phase", "expected": "expected",
+        "batch_order": "order", "n_group": "n group", "n_rest": "n rest", "rank_biserial": "rank-biserial",
+        "p_value": "p", "p_holm": "p (Holm)", "difference": "mean difference (z)",
+        "ratio_difference": "difference (noise ratio)", "distance_difference": "difference (raw distance)",
         **{column: title for column, title in (("n_seeds", "seeds"), ("seeds_agreeing", "seeds agreeing in sign"),
-                                               ("seed_differences", "difference per seed (z)"),
-                                               ("pooled_verdict", "pooled verdict")) if column in shown},
+                                               ("seed_differences", "rank-biserial per seed"),
+                                               ("pooled_verdict", "pooled verdict"),
+                                               ("test_verdict", "test verdict"),
+                                               ("control", "control"), ("control_verdict", "control's verdict"))
+           if column in shown},
         "verdict": "verdict",
-        "adjusted_difference": "difference after class balance", "adjusted_p_holm": "p (Holm) after class balance",
-        **({"adjusted_seeds_agreeing": "seeds agreeing after class balance"}
+        "adjusted_difference": "group coefficient, composition fixed (z)", "composition_r2": "R² group ~ composition",
+        "adjusted_p_holm": "p (Holm), composition fixed",
+        **({"adjusted_seeds_agreeing": "seeds agreeing, composition fixed"}
            if "adjusted_seeds_agreeing" in shown else {}),
-        "adjusted_verdict": "verdict after class balance",
+        "adjusted_verdict": "verdict, composition fixed",
+        **({"attribution": "attribution"} if "attribution" in shown else {}),
     }, colors))
     return "\n".join(lines)
 
 
 def _comparisons_section(comparisons: pd.DataFrame) -> str:
-    return ("<details><summary>Every ordering × phase × comparison (including the null ordering, which should "
-            "show nothing); Holm over this whole table</summary>"
+    return ("<details><summary>Every ordering × phase × comparison (including the controls, which should "
+            "show nothing); Holm over this whole table (a screening view: the verdicts' family is the claims "
+            "table)</summary>"
             + html_table(comparisons, {
                 "ordering": "ordering", "phase": "phase", "comparison": "comparison", "n_group": "n group",
-                "n_rest": "n rest", "mean_group": "mean group (z)", "mean_rest": "mean rest (z)",
-                "difference": "difference", "cohens_d": "Cohen's d", "rank_biserial": "rank-biserial",
-                "p_value": "p", "p_holm": "p (Holm)",
+                "n_rest": "n rest", "rank_biserial": "rank-biserial", "p_value": "p", "p_holm": "p (Holm)",
+                "mean_group": "mean group (z)", "mean_rest": "mean rest (z)", "difference": "mean difference",
+                "mean_p_value": "p (mean difference)", "cohens_d": "Cohen's d",
                 **{c: t for c, t in (("seeds_agreeing", "seeds agreeing in sign"), ("n_seeds", "seeds"),
-                                     ("seed_differences", "difference per seed")) if c in comparisons},
-                "adjusted_difference": "difference after class balance",
-                "adjusted_p_holm": "p (Holm) after class balance", "test": "test"})
+                                     ("seed_differences", "rank-biserial per seed")) if c in comparisons},
+                "adjusted_test": "composition held fixed", "adjusted_difference": "group coefficient (z)",
+                "composition_r2": "R² group ~ composition", "adjusted_p_holm": "p (Holm), composition fixed",
+                "test": "test"})
             + "</details>")
 
 
@@ -374,10 +437,13 @@ def _position_section(effects: pd.DataFrame) -> str:
     return (heading + "<p>Per ordering and phase, within each epoch (after the first) and seed: Spearman correlation "
             "of a batch's distance with its rank in the sorted order and with its place in the previous epoch (the "
             "epoch whose steps made the parameters it is probed at; larger = trained more recently), and the rank's "
-            "partial correlation given that place; mean ± standard error over seed-epochs. " + note + "</p>"
+            "partial correlation given that place; the mean over seed-epochs ± its standard error with the batching "
+            "as the unit (seed-epochs of one batching share its batches; a metric has one batching, so no standard "
+            "error; a control has one per seed). " + note + "</p>"
             + html_table(table, {"ordering": "ordering", "phase": "phase", "batch_order": "order",
                                  "rank_text": "ρ(rank)", "previous_position_text": "ρ(place in previous epoch)",
                                  "rank_given_position_text": "ρ(rank | place)", "n_units": "seed-epochs",
+                                 **({"n_batchings": "batchings"} if "n_batchings" in effects else {}),
                                  "n_batches": "batches"}))
 
 

@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from best_minibatch.analysis import inference
+from best_minibatch.batches.orderings import control_for, ordering_name, ordering_of
 from best_minibatch.config import closest
 
 #: The three measures of ``gradient_distances`` summarised per phase.
@@ -120,6 +122,41 @@ def _require_columns(table: pd.DataFrame, columns: Iterable[str], name: str) -> 
         )
 
 
+def pooled_null_scale(null_rows: pd.DataFrame) -> pd.DataFrame:
+    """Per ordering, seed and epoch: the null mean and a noise scale pooled over the phase's epochs and seeds.
+
+    A per-epoch standard deviation from ``R`` null batches is itself noisy (with
+    ``R = 10`` about 24 % relative error and ``E[sigma / s] = 1.09``), and it would put
+    every epoch on its own, noisy scale. Random batches' distances scale with the
+    gradient's size, so the coefficient of variation ``sd / mean`` is what stays put
+    within a phase: it is pooled over every null draw of the phase (every epoch and
+    seed of the ordering, each epoch centred on its own mean, ``sum (d / mean_e - 1)^2 /
+    sum (R_e - 1)``) and turned back into a scale per epoch, ``null_std = null_mean x
+    null_cv``. Columns: ``ordering``, ``seed``, ``epoch``, ``null_mean``, ``null_std``,
+    ``null_std_epoch`` (the epoch's own sample sd, for reference), ``null_cv`` (pooled)
+    and ``null_draws`` (the draws it pools).
+    """
+    rows = with_seed(null_rows)
+    keys = ["ordering", "seed", "epoch"]
+    per_epoch = rows.groupby(keys)["distance"].agg(null_mean="mean", null_std_epoch="std", n="size").reset_index()
+    if "phase" not in rows:
+        rows = rows.assign(phase=1)
+    phases = rows.groupby(keys)["phase"].first().reset_index()
+    per_epoch = per_epoch.merge(phases, on=keys, how="left")
+    deviations = rows.merge(per_epoch[[*keys, "null_mean"]], on=keys, how="left")
+    deviations["squared"] = (deviations["distance"] / deviations["null_mean"] - 1.0) ** 2
+    pooled = deviations.groupby(["ordering", "phase"])["squared"].sum().rename("ss").reset_index()
+    freedom = (per_epoch.assign(df=per_epoch["n"] - 1).groupby(["ordering", "phase"])
+               .agg(df=("df", "sum"), null_draws=("n", "sum")).reset_index())
+    pooled = pooled.merge(freedom, on=["ordering", "phase"])
+    pooled["null_cv"] = np.sqrt(pooled["ss"] / pooled["df"].where(pooled["df"] > 0))
+    per_epoch = per_epoch.merge(pooled[["ordering", "phase", "null_cv", "null_draws"]], on=["ordering", "phase"],
+                                how="left")
+    per_epoch["null_std"] = per_epoch["null_mean"] * per_epoch["null_cv"]
+    per_epoch["null_draws"] = per_epoch["null_draws"].astype(np.float64)
+    return per_epoch[[*keys, "null_mean", "null_std", "null_std_epoch", "null_cv", "null_draws"]]
+
+
 def noise_unit_distances(
     distances_by_ordering: Mapping[str, pd.DataFrame], null_ordering: str,
     null_by_ordering: Mapping[str, pd.DataFrame] | None = None,
@@ -137,8 +174,9 @@ def noise_unit_distances(
       primary one only for an ordering trained without null batches
       (``null_source == "cross_network"``).
 
-    Added columns: ``null_mean`` and ``null_std`` (mean and sample standard deviation
-    of the null distances of the same epoch), ``noise_z = (distance - null_mean) /
+    Added columns: ``null_mean`` (mean of the null distances of the same epoch) and
+    ``null_std`` (that mean times the coefficient of variation pooled over the phase's
+    epochs and seeds: :func:`pooled_null_scale`), ``noise_z = (distance - null_mean) /
     null_std`` and ``noise_ratio = distance / null_mean``, the same three for the
     cross-network null (``null_mean_cross``, ``noise_z_cross``, ``noise_ratio_cross``)
     and ``null_source``. Orderings with zero rows (skipped metrics) contribute nothing.
@@ -170,6 +208,9 @@ def noise_unit_distances(
             "rows, so distances cannot be put in noise units. Run gradient_training for it."
         )
     combined = pd.concat(frames, ignore_index=True)
+    if "batching" not in combined:
+        combined["batching"] = 0
+    combined["batching"] = combined["batching"].fillna(0).astype(np.int64)
     null_rows = combined[combined["ordering"] == null_ordering]
     cross = null_rows.groupby(["seed", "epoch"])["distance"].agg(null_mean_cross="mean",
                                                                   null_std_cross="std").reset_index()
@@ -179,22 +220,22 @@ def noise_unit_distances(
     same = [with_seed(table).assign(ordering=ordering) for ordering, table in (null_by_ordering or {}).items()
             if len(table)]
     if same:
-        own = pd.concat(same, ignore_index=True).groupby(["ordering", "seed", "epoch"])["distance"].agg(
-            null_mean="mean", null_std="std").reset_index()
+        own = pooled_null_scale(pd.concat(same, ignore_index=True))
         combined = combined.merge(own, on=["ordering", "seed", "epoch"], how="left")
     else:
-        combined["null_mean"] = np.nan
-        combined["null_std"] = np.nan
+        for column in ("null_mean", "null_std", "null_std_epoch", "null_cv", "null_draws"):
+            combined[column] = np.nan
     has_own = combined.groupby("ordering")["null_mean"].transform(lambda s: s.notna().any())
     combined["null_source"] = np.where(has_own, "same_network", "cross_network")
     combined.loc[~has_own, "null_mean"] = combined.loc[~has_own, "null_mean_cross"]
     combined.loc[~has_own, "null_std"] = combined.loc[~has_own, "null_std_cross"]
+    combined.loc[~has_own, "null_std_epoch"] = combined.loc[~has_own, "null_std_cross"]
     combined["noise_z"] = (combined["distance"] - combined["null_mean"]) / combined["null_std"]
     combined["noise_ratio"] = combined["distance"] / combined["null_mean"]
     columns = [
-        "ordering", "seed", "epoch", "phase", "learning_rate", "batch", *DISTANCE_MEASURES,
-        "null_mean", "null_std", *NOISE_MEASURES, "null_source", "null_mean_cross", "null_std_cross",
-        "noise_z_cross", "noise_ratio_cross",
+        "ordering", "seed", "batching", "epoch", "phase", "learning_rate", "batch", *DISTANCE_MEASURES,
+        "null_mean", "null_std", *NOISE_MEASURES, "null_source", "null_std_epoch", "null_cv", "null_draws",
+        "null_mean_cross", "null_std_cross", "noise_z_cross", "noise_ratio_cross",
     ]
     extra = [c for c in combined.columns if c not in columns]
     combined["seed"] = combined["seed"].astype(np.int64)
@@ -214,24 +255,64 @@ def _phase_statistics(noise_units: pd.DataFrame, keys: list[str]) -> pd.DataFram
     return pd.concat([spans, rates, stats_table], axis=1).reset_index()
 
 
-def _with_batch_facts(table: pd.DataFrame, batch_summaries: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """Add the batch's quantile position and its ``metric_mean`` and ``class_entropy`` from ``batch_summary``."""
-    n_batches = table.groupby(["ordering", "phase"])["batch"].transform("nunique")
-    table["batch_position"] = (table["batch"] + 0.5) / n_batches
+def batch_facts(batch_summaries: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every ordering's batches: ``ordering``, ``batching``, ``batch``, ``metric_mean``, ``class_entropy`` and the
+    ``class_count_*`` columns (the class composition), from the ``batch_summary`` tables."""
     summaries = []
     for ordering, summary in batch_summaries.items():
         if len(summary) == 0:
             continue
         _require_columns(summary, SUMMARY_COLUMNS, f"{ordering}.batch_summary")
-        part = summary[list(SUMMARY_COLUMNS)].copy()
+        counts = [c for c in summary.columns if c.startswith("class_count_")]
+        part = summary[[*SUMMARY_COLUMNS, *counts]].copy()
+        part["batching"] = summary["batching"].astype(np.int64) if "batching" in summary else 0
         part["ordering"] = ordering
         summaries.append(part)
-    if summaries:
-        table = table.merge(pd.concat(summaries, ignore_index=True), on=["ordering", "batch"], how="left")
-    else:
+    if not summaries:
+        return pd.DataFrame(columns=["ordering", "batching", *SUMMARY_COLUMNS])
+    return pd.concat(summaries, ignore_index=True)
+
+
+def class_count_columns(table: pd.DataFrame) -> list[str]:
+    """The ``class_count_*`` columns of ``table`` (the batch's class composition)."""
+    return [c for c in table.columns if c.startswith("class_count_")]
+
+
+def _with_batch_facts(table: pd.DataFrame, facts: pd.DataFrame, batchings: pd.DataFrame) -> pd.DataFrame:
+    """Add the batch's quantile position and its facts (metric mean, class entropy, class counts).
+
+    ``batchings`` (``ordering``, ``seed``, ``batching``) says which batching each seed trained;
+    a table with a ``seed`` column gets that seed's batching's facts, a pooled table the mean
+    over its seeds' batchings (a control's batch ``k`` is another batch in every seed).
+    """
+    n_batches = table.groupby(["ordering", "phase"])["batch"].transform("nunique")
+    table["batch_position"] = (table["batch"] + 0.5) / n_batches
+    if facts.empty:
         table["metric_mean"] = np.nan
         table["class_entropy"] = np.nan
-    return table
+        return table
+    per_seed = batchings.merge(facts, on=["ordering", "batching"], how="inner")
+    if "seed" in table:
+        return table.merge(per_seed.drop(columns=["batching"]), on=["ordering", "seed", "batch"], how="left")
+    columns = ["metric_mean", "class_entropy", *class_count_columns(facts)]
+    pooled = per_seed.groupby(["ordering", "batch"], sort=False)[columns].mean().reset_index()
+    return table.merge(pooled, on=["ordering", "batch"], how="left")
+
+
+def seed_batchings(noise_units: pd.DataFrame) -> pd.DataFrame:
+    """``ordering``, ``seed``, ``batching``: the batching each seed's run trained (0 for tables without one)."""
+    table = with_seed(noise_units)
+    batching = table["batching"] if "batching" in table else pd.Series(0, index=table.index)
+    return (table.assign(batching=batching.fillna(0).astype(np.int64))
+            .groupby(["ordering", "seed"])["batching"].first().reset_index())
+
+
+def batch_orders(noise_units: pd.DataFrame) -> pd.DataFrame:
+    """``ordering`` and ``batch_order``: ``fixed`` when every epoch trained batch k at step k (the paper's
+    order; tables without ``position`` come from such runs), else ``shuffled``."""
+    position = noise_units["position"] if "position" in noise_units else noise_units["batch"]
+    fixed = (position.fillna(noise_units["batch"]) == noise_units["batch"]).groupby(noise_units["ordering"]).all()
+    return pd.DataFrame({"ordering": fixed.index, "batch_order": np.where(fixed.to_numpy(), "fixed", "shuffled")})
 
 
 def batch_phase_statistics(
@@ -245,18 +326,20 @@ def batch_phase_statistics(
     ``n_epochs x n_seeds`` values; NaN for a one-epoch phase of one seed) for the
     three distance measures and the two noise units, ``batch_position`` (the
     batch's quantile position ``(batch + 0.5) / K`` in ascending metric order), the
-    batch's ``metric_mean`` and ``class_entropy`` from its ``batch_summary``,
-    ``n_seeds`` and ``noise_z_seed_sd`` (the sample standard deviation over seeds of
-    each seed's phase-mean ``noise_z``; NaN with one seed). Every seed runs the same
-    epochs, so the pooled mean is also the mean of the seeds' phase means. With one
-    seed the table is the single run's.
+    batch's ``metric_mean``, ``class_entropy`` and ``class_count_*`` from its
+    ``batch_summary`` (for a control, whose seeds train batchings of their own, the
+    mean over the seeds' batchings), ``batch_order``, ``n_seeds`` and
+    ``noise_z_seed_sd`` (the sample standard deviation over seeds of each seed's
+    phase-mean ``noise_z``; NaN with one seed). Every seed runs the same epochs, so
+    the pooled mean is also the mean of the seeds' phase means.
     """
     noise_units = with_seed(noise_units)
     table = _phase_statistics(noise_units, ["ordering", "phase", "batch"])
     per_seed = noise_units.groupby(["ordering", "phase", "batch", "seed"], sort=True)["noise_z"].mean()
     spread = per_seed.groupby(level=["ordering", "phase", "batch"]).agg(n_seeds="size", noise_z_seed_sd="std")
     table = table.merge(spread.reset_index(), on=["ordering", "phase", "batch"], how="left")
-    table = _with_batch_facts(table, batch_summaries)
+    table = _with_batch_facts(table, batch_facts(batch_summaries), seed_batchings(noise_units))
+    table = table.merge(batch_orders(noise_units), on="ordering", how="left")
     first = ["ordering", "phase", "batch"]
     last = ["n_seeds", "noise_z_seed_sd"]
     return table[first + [c for c in table.columns if c not in first + last] + last]
@@ -265,9 +348,12 @@ def batch_phase_statistics(
 def batch_phase_statistics_by_seed(
     noise_units: pd.DataFrame, batch_summaries: Mapping[str, pd.DataFrame]
 ) -> pd.DataFrame:
-    """:func:`batch_phase_statistics` of each seed's run on its own: one row per ordering, seed, phase and batch."""
-    table = _phase_statistics(with_seed(noise_units), ["ordering", "seed", "phase", "batch"])
-    return _with_batch_facts(table, batch_summaries)
+    """:func:`batch_phase_statistics` of each seed's run on its own: one row per ordering, seed, phase and batch
+    (with the facts of the batching that seed trained)."""
+    noise_units = with_seed(noise_units)
+    table = _phase_statistics(noise_units, ["ordering", "seed", "phase", "batch"])
+    table = _with_batch_facts(table, batch_facts(batch_summaries), seed_batchings(noise_units))
+    return table.merge(batch_orders(noise_units), on="ordering", how="left")
 
 
 # --------------------------------------------------------------------------- group comparisons
@@ -392,33 +478,46 @@ def _stable_seed(seed: int, *names: object) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32("/".join(map(str, names)).encode())])
 
 
+def _composition(part: pd.DataFrame) -> np.ndarray:
+    """The batches' class counts (rows in ``part``'s order); an empty matrix when unknown."""
+    columns = class_count_columns(part)
+    if not columns:
+        return np.zeros((len(part), 0))
+    counts = part[columns].to_numpy(dtype=np.float64)
+    return counts if np.isfinite(counts).all() else np.zeros((len(part), 0))
+
+
 def seed_group_differences(batch_stats_by_seed: pd.DataFrame, measure: str = "noise_z_mean") -> pd.DataFrame:
     """For every ordering, seed, phase and comparison: that seed's own group difference (no test).
 
-    The same groups and statistic as :func:`compare_batch_groups`, on one seed's
+    The same groups and statistics as :func:`compare_batch_groups`, on one seed's
     per-batch phase means (:func:`batch_phase_statistics_by_seed`): ``mean_group``,
-    ``mean_rest``, ``difference`` and ``cohens_d``, and ``adjusted_difference`` on the
-    values residualised on ``class_entropy`` within the seed. A seed whose values are
-    not all finite gets NaN.
+    ``mean_rest``, ``difference``, ``cohens_d``, ``rank_biserial`` (the primary
+    statistic) and ``adjusted_difference`` (the group's coefficient with the seed's
+    batches' class composition held fixed; NaN when the composition does not vary or
+    explains the group). A seed whose values are not all finite gets NaN.
     """
     rows = []
     for (ordering, phase, seed), part in batch_stats_by_seed.groupby(["ordering", "phase", "seed"], sort=True):
         part = part.sort_values("batch")
         values = part[measure].to_numpy(dtype=np.float64)
         finite = bool(np.all(np.isfinite(values)))
-        adjusted = residualise(values, part["class_entropy"].to_numpy(dtype=np.float64)) if finite else values
+        composition = _composition(part)
         for comparison in COMPARISONS:
             in_group = group_mask(part["batch_position"].to_numpy(), comparison)
             row = {"ordering": ordering, "phase": int(phase), "comparison": comparison, "seed": int(seed),
                    "measure": measure, "n_group": int(in_group.sum()), "n_rest": int((~in_group).sum())}
             if finite and 0 < in_group.sum() < len(in_group):
+                adjusted = (inference.group_coefficient(values, in_group, composition)[0]
+                            if inference.composition_varies(composition) else math.nan)
                 row.update(mean_group=float(values[in_group].mean()), mean_rest=float(values[~in_group].mean()),
                            difference=float(values[in_group].mean() - values[~in_group].mean()),
                            cohens_d=cohens_d(values[in_group], values[~in_group]),
-                           adjusted_difference=float(adjusted[in_group].mean() - adjusted[~in_group].mean()))
+                           rank_biserial=rank_biserial(values[in_group], values[~in_group]),
+                           adjusted_difference=adjusted)
             rows.append(row)
     columns = ["ordering", "phase", "comparison", "seed", "measure", "n_group", "n_rest", "mean_group", "mean_rest",
-               "difference", "cohens_d", "adjusted_difference"]
+               "difference", "cohens_d", "rank_biserial", "adjusted_difference"]
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
@@ -430,7 +529,8 @@ def seeds_agreeing(pooled: float, per_seed: Iterable[float]) -> int:
 
 
 def _seed_agreement(table: pd.DataFrame, by_seed: pd.DataFrame) -> pd.DataFrame:
-    """Add ``n_seeds``, ``seeds_agreeing``, ``adjusted_seeds_agreeing`` and ``seed_differences`` to comparisons."""
+    """Add ``n_seeds``, ``seeds_agreeing`` (on the primary statistic, the rank-biserial correlation),
+    ``adjusted_seeds_agreeing`` and ``seed_differences`` to comparisons."""
     keys = ["ordering", "phase", "comparison"]
     grouped = {key: part.sort_values("seed") for key, part in by_seed.groupby(keys, sort=False)}
     n_seeds, agreeing, adjusted_agreeing, texts = [], [], [], []
@@ -443,12 +543,24 @@ def _seed_agreement(table: pd.DataFrame, by_seed: pd.DataFrame) -> pd.DataFrame:
             texts.append("")
             continue
         n_seeds.append(len(part))
-        agreeing.append(seeds_agreeing(getattr(row, "difference", np.nan), part["difference"]))
+        agreeing.append(seeds_agreeing(getattr(row, "rank_biserial", np.nan), part["rank_biserial"]))
         adjusted_agreeing.append(seeds_agreeing(getattr(row, "adjusted_difference", np.nan),
                                                 part["adjusted_difference"]))
-        texts.append("; ".join(f"seed {int(s)}: {d:+.3f}" for s, d in zip(part["seed"], part["difference"])))
+        texts.append("; ".join(f"seed {int(s)}: {d:+.3f}" for s, d in zip(part["seed"], part["rank_biserial"])))
     return table.assign(n_seeds=np.asarray(n_seeds, dtype=np.int64), seeds_agreeing=np.asarray(agreeing, np.int64),
                         adjusted_seeds_agreeing=np.asarray(adjusted_agreeing, np.int64), seed_differences=texts)
+
+
+#: ``adjusted_test`` when the adjustment is not needed or cannot work.
+CLASS_FIXED = "not needed: class held fixed by design"
+NOT_SEPARABLE = "not separable from class composition"
+
+
+def _difference_in(part: pd.DataFrame, column: str, in_group: np.ndarray) -> float:
+    if column not in part:
+        return math.nan
+    values = part[column].to_numpy(dtype=np.float64)
+    return float(values[in_group].mean() - values[~in_group].mean())
 
 
 def compare_batch_groups(
@@ -461,73 +573,99 @@ def compare_batch_groups(
     """For every ordering, phase and comparison: the group difference, effect sizes and p-values.
 
     The units are batches; each batch contributes its mean of ``measure`` over the
-    phase's epochs (and the seeds: :func:`batch_phase_statistics` pools them). The
-    ``difference`` is ``mean(group) - mean(rest)``: negative means the group's
-    gradients are closer to the full gradient. The same test is repeated on values
-    residualised on ``class_entropy`` (``adjusted_*``), so an effect that comes from
-    the batches' class mix shows up as a shrinking ``adjusted_difference``.
-    ``p_holm`` / ``adjusted_p_holm`` are Holm-adjusted over all rows of the table.
+    phase's epochs and the seeds (:func:`batch_phase_statistics`).
 
-    With ``batch_stats_by_seed`` (:func:`batch_phase_statistics_by_seed`) each row also
-    gets ``n_seeds``, ``seeds_agreeing`` (how many seeds' own differences,
-    :func:`seed_group_differences`, have the pooled difference's sign; likewise
-    ``adjusted_seeds_agreeing``) and ``seed_differences`` (each seed's difference, as
-    text). Without it the table is taken as one seed that agrees with itself.
+    * **Primary** (``rank_biserial``, ``p_value``): the rank permutation test
+      (:func:`best_minibatch.analysis.inference.rank_test`); ``rank_biserial < 0``
+      means the group's gradients are closer to the full gradient.
+    * Beside it: ``difference = mean(group) - mean(rest)`` in noise units with its own
+      permutation p (``mean_p_value``), Cohen's d, and the same difference in raw
+      distance (``distance_difference``) and in noise ratio (``ratio_difference``),
+      which do not depend on the null's scale.
+    * **Class composition held fixed** (``adjusted_*``): Freedman-Lane's test of the
+      group's coefficient in ``measure ~ group + class counts``
+      (:func:`~best_minibatch.analysis.inference.freedman_lane`), with
+      ``composition_r2`` (how much of the group the composition predicts) and
+      ``adjusted_test`` saying what was done: ``freedman-lane``, :data:`CLASS_FIXED`
+      (the batches' class counts differ by at most one: a stratified ordering) or
+      :data:`NOT_SEPARABLE` (``composition_r2`` above
+      :data:`~best_minibatch.analysis.inference.SEPARABLE_R2`).
+
+    ``p_holm`` / ``adjusted_p_holm`` are Holm-adjusted over all rows of this table
+    (every ordering, the controls included: a screening table; the verdicts'
+    family is :func:`claim_verdicts`'). With ``batch_stats_by_seed`` each row also gets
+    ``n_seeds``, ``seeds_agreeing`` (seeds whose own rank-biserial has the pooled
+    sign; ``adjusted_seeds_agreeing`` likewise for the adjusted coefficient) and
+    ``seed_differences``; without it the table is one seed that agrees with itself.
+    ``batch_order`` is carried from ``batch_stats``.
     """
     rows = []
     for (ordering, phase), part in batch_stats.groupby(["ordering", "phase"], sort=True):
         part = part.sort_values("batch")
         values = part[measure].to_numpy(dtype=np.float64)
-        adjusted = residualise(values, part["class_entropy"].to_numpy(dtype=np.float64))
+        composition = _composition(part)
+        order = str(part["batch_order"].iat[0]) if "batch_order" in part else "fixed"
         for comparison in COMPARISONS:
             in_group = group_mask(part["batch_position"].to_numpy(), comparison)
             if not np.all(np.isfinite(values)):
-                # e.g. the null ordering's batches had no spread at some epoch: no noise units
+                # e.g. the null batches had no spread at some epoch: no noise units
                 rows.append({"ordering": ordering, "phase": int(phase), "comparison": comparison,
-                             "measure": measure, "n_group": int(in_group.sum()),
+                             "measure": measure, "n_group": int(in_group.sum()), "batch_order": order,
                              "n_rest": int((~in_group).sum()), "test": "not computable (non-finite values)"})
                 continue
-            rng = _stable_seed(seed, ordering, phase, comparison)
-            difference, p_value, method = permutation_test(values, in_group, n_permutations, rng)
-            adjusted_difference, adjusted_p, _ = permutation_test(
-                adjusted, in_group, n_permutations, _stable_seed(seed, ordering, phase, comparison, "adj")
-            )
-            group_batches = part["batch"].to_numpy()[in_group]
-            rows.append(
-                {
-                    "ordering": ordering,
-                    "phase": int(phase),
-                    "comparison": comparison,
-                    "group": COMPARISON_GROUPS[comparison][0],
-                    "rest": COMPARISON_GROUPS[comparison][1],
-                    "group_batches": " ".join(map(str, group_batches)),
-                    "n_group": int(in_group.sum()),
-                    "n_rest": int((~in_group).sum()),
-                    "measure": measure,
-                    "mean_group": float(values[in_group].mean()),
-                    "mean_rest": float(values[~in_group].mean()),
-                    "difference": difference,
-                    "cohens_d": cohens_d(values[in_group], values[~in_group]),
-                    "rank_biserial": rank_biserial(values[in_group], values[~in_group]),
-                    "p_value": p_value,
-                    "test": f"permutation ({method})",
-                    "adjusted_difference": adjusted_difference,
-                    "adjusted_cohens_d": cohens_d(adjusted[in_group], adjusted[~in_group]),
-                    "adjusted_p_value": adjusted_p,
-                }
-            )
+            ranked = inference.rank_test(values, in_group, n_permutations, _stable_seed(seed, ordering, phase,
+                                                                                        comparison, "rank"))
+            difference, mean_p, method = permutation_test(values, in_group, n_permutations,
+                                                          _stable_seed(seed, ordering, phase, comparison))
+            row = {
+                "ordering": ordering,
+                "phase": int(phase),
+                "comparison": comparison,
+                "batch_order": order,
+                "group": COMPARISON_GROUPS[comparison][0],
+                "rest": COMPARISON_GROUPS[comparison][1],
+                "group_batches": " ".join(map(str, part["batch"].to_numpy()[in_group])),
+                "n_group": int(in_group.sum()),
+                "n_rest": int((~in_group).sum()),
+                "measure": measure,
+                "rank_biserial": ranked.rank_biserial,
+                "p_value": ranked.p_value,
+                "test": f"rank permutation ({ranked.method})",
+                "mean_group": float(values[in_group].mean()),
+                "mean_rest": float(values[~in_group].mean()),
+                "difference": difference,
+                "mean_p_value": mean_p,
+                "cohens_d": cohens_d(values[in_group], values[~in_group]),
+                "distance_difference": _difference_in(part, "distance_mean", in_group),
+                "ratio_difference": _difference_in(part, "noise_ratio_mean", in_group),
+            }
+            if not inference.composition_varies(composition):
+                row.update(adjusted_test=CLASS_FIXED, adjusted_difference=math.nan, adjusted_t=math.nan,
+                           adjusted_p_value=math.nan, composition_r2=math.nan)
+            else:
+                fitted = inference.freedman_lane(values, in_group, composition, n_permutations,
+                                                 _stable_seed(seed, ordering, phase, comparison, "freedman-lane"))
+                separable = np.isfinite(fitted.composition_r2) and fitted.composition_r2 <= inference.SEPARABLE_R2
+                row.update(adjusted_test="freedman-lane" if separable and np.isfinite(fitted.p_value)
+                           else NOT_SEPARABLE if not separable else "not computable (too few batches)",
+                           adjusted_difference=fitted.coefficient, adjusted_t=fitted.t,
+                           adjusted_p_value=fitted.p_value if separable else math.nan,
+                           composition_r2=fitted.composition_r2)
+            rows.append(row)
     table = pd.DataFrame(rows)
+    for column in ("rank_biserial", "p_value", "difference", "adjusted_difference", "adjusted_p_value"):
+        if column not in table:
+            table[column] = np.nan
     if len(table):
         table["p_holm"] = holm_adjust(table["p_value"])
         table["adjusted_p_holm"] = holm_adjust(table["adjusted_p_value"])
     if batch_stats_by_seed is None:
         # One seed: it is the pooled run, so it agrees with itself whenever there is a non-zero difference.
-        one = [seeds_agreeing(d, [d]) for d in table.get("difference", pd.Series(dtype=float))]
-        adjusted = [seeds_agreeing(d, [d]) for d in table.get("adjusted_difference", pd.Series(dtype=float))]
-        differences = table.get("difference", pd.Series(dtype=float))
+        one = [seeds_agreeing(d, [d]) for d in table["rank_biserial"]]
+        adjusted = [seeds_agreeing(d, [d]) for d in table["adjusted_difference"]]
         return table.assign(n_seeds=np.ones(len(table), dtype=np.int64), seeds_agreeing=np.asarray(one, np.int64),
                             adjusted_seeds_agreeing=np.asarray(adjusted, np.int64),
-                            seed_differences=[f"{d:+.3f}" if np.isfinite(d) else "" for d in differences])
+                            seed_differences=[f"{d:+.3f}" if np.isfinite(d) else "" for d in table["rank_biserial"]])
     return _seed_agreement(table, seed_group_differences(batch_stats_by_seed, measure))
 
 
@@ -594,95 +732,187 @@ def verdict(difference: float, p_holm: float, expected_sign: int, alpha: float,
     return SUPPORTED if np.sign(difference) == expected_sign else CONTRADICTED
 
 
+#: Final readings that are not a test's result.
+CONTROL_FAILS = "invalid: control fails"
+FIXED_ORDER = "confounded: fixed order"
+#: ``attribution`` of a claim from its plain and stratified orderings' verdicts.
+ATTRIBUTIONS = {
+    "metric": "metric (class held fixed)",
+    "class": "class mix (no effect with class held fixed)",
+    "none": "none detected",
+    "not assessed": "not assessed",
+}
+
+
+def _not_tested_reason(ordering: str, status: pd.DataFrame, n_phases: Mapping[str, int], claim: Claim) -> str:
+    if ordering not in status.index:
+        return "not tested (ordering not in this run)"
+    if status.at[ordering, "status"] == "skipped":
+        return f"not tested (metric skipped: {status.at[ordering, 'reason']})"
+    if status.at[ordering, "status"] == "off":
+        return f"not tested (ordering off: {status.at[ordering, 'reason']})"
+    if ordering not in n_phases:
+        return f"not tested (no distances: {status.at[ordering, 'reason'] or 'empty table'})"
+    if claim.phases != "first" and n_phases[ordering] < 2:
+        return "not tested (the run has only one phase)"
+    return ""
+
+
+def _gated(test_result: str, batch_order: str, control_result: str) -> str:
+    """The final reading of a test's verdict: the fixed order's confound, then the control's gate."""
+    if batch_order == "fixed":
+        return FIXED_ORDER
+    if control_result in (SUPPORTED, CONTRADICTED):
+        return CONTROL_FAILS
+    return test_result
+
+
 def claim_verdicts(
     comparisons: pd.DataFrame,
     ordering_status: pd.DataFrame,
     alpha: float = 0.05,
     claims: Iterable[Claim] = PAPER_CLAIMS,
+    null_ordering: str = "random",
 ) -> pd.DataFrame:
-    """Each claim, per metric and phase, with the numbers behind it and a verdict.
+    """Each claim, per metric, ordering kind (plain, stratified) and phase, with the numbers and a verdict.
 
-    ``ordering_status`` has ``ordering``, ``status`` (``ok`` / ``skipped`` /
-    ``no data``) and ``reason``. Holm's correction runs over the tested rows of
-    this table (one family: the paper's claims), separately for the raw and the
-    class-balance-adjusted test. A verdict of ``supported`` or ``contradicted``
-    needs, besides the pooled test, every seed's own difference to have the pooled
-    sign (:func:`verdict`); ``pooled_verdict`` / ``adjusted_pooled_verdict`` are the
-    verdicts of the pooled test alone. Rows that could not be tested say why in
-    ``verdict`` (``not tested (...)``).
+    **Test** (``test_verdict``): the primary rank test (``rank_biserial``, ``p_value``)
+    with Holm's correction and the seed rule (:func:`verdict`); ``adjusted_test_verdict``
+    likewise for Freedman-Lane's test with the class composition held fixed (plain
+    orderings). **One family**: Holm runs once over every p-value the verdicts read,
+    the primary and the adjusted ones of every tested row together (``p_holm``,
+    ``adjusted_p_holm``). ``pooled_verdict``: the primary test without the seed rule.
+
+    **Gate** (``control``, ``control_verdict``): the ordering's control (the null
+    ordering of the same kind: ``random`` for plain, ``random_stratified`` for
+    stratified orderings) gets the same comparison, phase and claimed sign, tested at
+    the unadjusted ``alpha`` with the seed rule (the stricter gate). When the control
+    itself gets a verdict, the claim's reading is :data:`CONTROL_FAILS`.
+
+    **Final reading** (``verdict``, ``adjusted_verdict``): ``not tested (...)``, else
+    :data:`FIXED_ORDER` in a fixed-order run (a batch's rank is its place in the epoch),
+    else the gate, else the test's verdict. ``adjusted_verdict`` of a stratified
+    ordering reads :data:`CLASS_FIXED`; of an inseparable plain one, :data:`NOT_SEPARABLE`.
+
+    **Attribution** (``attribution``, the same on a claim's plain and stratified rows):
+    ``metric (class held fixed)`` when the stratified ordering's verdict is supported or
+    contradicted; ``class mix (no effect with class held fixed)`` when only the plain
+    ordering's is; ``none detected``; ``not assessed`` when either reading is not a test
+    result (not tested, gated, confounded).
     """
     status = ordering_status.set_index("ordering")
     n_phases = comparisons.groupby("ordering")["phase"].max().to_dict() if len(comparisons) else {}
-    # The run's phases (every ordering trains with the same schedule): a metric that could not be tested
-    # gets a row per phase its claim covers, labelled and counted like a tested metric's rows.
     run_phases = max(n_phases.values(), default=0)
     indexed = comparisons.set_index(["ordering", "phase", "comparison"]) if len(comparisons) else None
     number_columns = (
-        "group_batches", "n_group", "n_rest", "mean_group", "mean_rest", "difference", "cohens_d",
-        "rank_biserial", "p_value", "test", "adjusted_difference", "adjusted_cohens_d", "adjusted_p_value",
+        "batch_order", "group_batches", "n_group", "n_rest", "rank_biserial", "p_value", "test", "mean_group",
+        "mean_rest", "difference", "mean_p_value", "cohens_d", "distance_difference", "ratio_difference",
+        "adjusted_test", "adjusted_difference", "adjusted_t", "adjusted_p_value", "composition_r2",
         "n_seeds", "seeds_agreeing", "adjusted_seeds_agreeing", "seed_differences",
     )
+
+    def numbers_of(ordering: str, phase: int, comparison: str) -> dict | None:
+        if indexed is None or (ordering, phase, comparison) not in indexed.index:
+            return None
+        found = indexed.loc[(ordering, phase, comparison)]
+        return {key: found[key] for key in number_columns if key in found.index}
+
     rows = []
     for claim in claims:
         for metric in claim.metrics:
-            base = {
-                "claim_id": claim.claim_id,
-                "claim": claim.statement,
-                "ordering": metric,
-                "comparison": claim.comparison,
-                "group": COMPARISON_GROUPS[claim.comparison][0],
-                "rest": COMPARISON_GROUPS[claim.comparison][1],
-                "expected": "group closer" if claim.expected_sign < 0 else "group farther",
-                "expected_sign": claim.expected_sign,
-                "not_tested": "",
-            }
-            first_untested_phase = 1 if claim.phases == "first" else 2
-            if metric not in status.index:
-                reason = "not tested (metric not in this run)"
-            elif status.at[metric, "status"] == "skipped":
-                reason = f"not tested (metric skipped: {status.at[metric, 'reason']})"
-            elif metric not in n_phases:
-                reason = f"not tested (no distances: {status.at[metric, 'reason'] or 'empty table'})"
-            elif claim.phases != "first" and n_phases[metric] < 2:
-                reason = "not tested (the run has only one phase)"
-            else:
-                reason = ""
-            if reason:
-                phases = ([1] if claim.phases == "first" else list(range(2, run_phases + 1))) or [first_untested_phase]
-                rows.extend({**base, "phase": phase, "not_tested": reason} for phase in phases)
-                continue
-            phases = [1] if claim.phases == "first" else list(range(2, n_phases[metric] + 1))
-            for phase in phases:
-                numbers = indexed.loc[(metric, phase, claim.comparison)]
-                rows.append({**base, "phase": phase, **{key: numbers[key] for key in number_columns}})
+            for stratified in (False, True):
+                ordering = ordering_name(metric, stratified)
+                base = {
+                    "claim_id": claim.claim_id, "claim": claim.statement, "ordering": ordering, "metric": metric,
+                    "stratified": stratified, "comparison": claim.comparison,
+                    "group": COMPARISON_GROUPS[claim.comparison][0], "rest": COMPARISON_GROUPS[claim.comparison][1],
+                    "expected": "group closer" if claim.expected_sign < 0 else "group farther",
+                    "expected_sign": claim.expected_sign, "control": control_for(ordering, null_ordering),
+                }
+                reason = _not_tested_reason(ordering, status, n_phases, claim)
+                if reason:
+                    if stratified and (ordering not in status.index or status.at[ordering, "status"] == "off"):
+                        continue  # a run without stratified orderings: no rows for them
+                    phases = ([1] if claim.phases == "first" else list(range(2, run_phases + 1))) or [
+                        1 if claim.phases == "first" else 2]
+                    rows.extend({**base, "phase": phase, "not_tested": reason} for phase in phases)
+                    continue
+                phases = [1] if claim.phases == "first" else list(range(2, n_phases[ordering] + 1))
+                for phase in phases:
+                    rows.append({**base, "phase": phase, "not_tested": "",
+                                 **(numbers_of(ordering, phase, claim.comparison) or {})})
     table = pd.DataFrame(rows)
     for column in number_columns:
         if column not in table:
             table[column] = np.nan
     tested = (table["not_tested"] == "").to_numpy()
-    table["p_holm"] = np.nan
-    table["adjusted_p_holm"] = np.nan
-    table.loc[tested, "p_holm"] = holm_adjust(table.loc[tested, "p_value"].astype(float))
-    table.loc[tested, "adjusted_p_holm"] = holm_adjust(table.loc[tested, "adjusted_p_value"].astype(float))
-    columns = {"verdict": [], "adjusted_verdict": [], "pooled_verdict": [], "adjusted_pooled_verdict": []}
+    # One Holm family: every primary and adjusted p-value that a verdict reads.
+    primary = np.where(tested, table["p_value"].astype(float), np.nan)
+    adjusted = np.where(tested, table["adjusted_p_value"].astype(float), np.nan)
+    family = holm_adjust(np.concatenate([primary, adjusted]))
+    table["p_holm"] = family[: len(table)]
+    table["adjusted_p_holm"] = family[len(table):]
+    results: dict[str, list] = {name: [] for name in (
+        "test_verdict", "adjusted_test_verdict", "pooled_verdict", "control_verdict", "adjusted_control_verdict",
+        "verdict", "adjusted_verdict")}
     for row in table.itertuples():
         if row.not_tested:
-            for values in columns.values():
+            for values in results.values():
                 values.append(row.not_tested)
             continue
         n_seeds = int(row.n_seeds)
-        columns["verdict"].append(verdict(row.difference, row.p_holm, row.expected_sign, alpha,
-                                          int(row.seeds_agreeing), n_seeds))
-        columns["adjusted_verdict"].append(verdict(row.adjusted_difference, row.adjusted_p_holm, row.expected_sign,
-                                                   alpha, int(row.adjusted_seeds_agreeing), n_seeds))
-        columns["pooled_verdict"].append(verdict(row.difference, row.p_holm, row.expected_sign, alpha))
-        columns["adjusted_pooled_verdict"].append(verdict(row.adjusted_difference, row.adjusted_p_holm,
-                                                          row.expected_sign, alpha))
-    for name, values in columns.items():
+        test_result = verdict(row.rank_biserial, row.p_holm, row.expected_sign, alpha, int(row.seeds_agreeing),
+                              n_seeds)
+        adjusted_result = verdict(row.adjusted_difference, row.adjusted_p_holm, row.expected_sign, alpha,
+                                  int(row.adjusted_seeds_agreeing), n_seeds)
+        control = numbers_of(row.control, row.phase, row.comparison)
+        if control is None:
+            control_result = adjusted_control = "no control in this run"
+        else:
+            control_result = verdict(control["rank_biserial"], control["p_value"], row.expected_sign, alpha,
+                                     int(control["seeds_agreeing"]), int(control["n_seeds"]))
+            adjusted_control = verdict(control["adjusted_difference"], control["adjusted_p_value"],
+                                       row.expected_sign, alpha, int(control["adjusted_seeds_agreeing"]),
+                                       int(control["n_seeds"]))
+        results["test_verdict"].append(test_result)
+        results["adjusted_test_verdict"].append(adjusted_result)
+        results["pooled_verdict"].append(verdict(row.rank_biserial, row.p_holm, row.expected_sign, alpha))
+        results["control_verdict"].append(control_result)
+        results["adjusted_control_verdict"].append(adjusted_control)
+        results["verdict"].append(_gated(test_result, row.batch_order, control_result))
+        if row.adjusted_test == CLASS_FIXED:
+            results["adjusted_verdict"].append(CLASS_FIXED)
+        elif row.adjusted_test != "freedman-lane":
+            r2 = row.composition_r2
+            results["adjusted_verdict"].append(f"{row.adjusted_test} (R^2 = {r2:.2f})" if np.isfinite(r2)
+                                               else str(row.adjusted_test))
+        else:
+            results["adjusted_verdict"].append(_gated(adjusted_result, row.batch_order, adjusted_control))
+    for name, values in results.items():
         table[name] = values
+    table["attribution"] = _attributions(table)
     table["alpha"] = alpha
     table["phase"] = table["phase"].astype(np.int64)
     return table.drop(columns=["not_tested"])
+
+
+def _attributions(table: pd.DataFrame) -> list[str]:
+    """:data:`ATTRIBUTIONS` of every row from its claim's plain and stratified final readings."""
+    readings = {(r.claim_id, r.metric, r.phase, r.stratified): r.verdict for r in table.itertuples()}
+    decided = (SUPPORTED, CONTRADICTED)
+    out = []
+    for row in table.itertuples():
+        plain = readings.get((row.claim_id, row.metric, row.phase, False))
+        stratified = readings.get((row.claim_id, row.metric, row.phase, True))
+        if plain not in (*decided, UNDECIDED) or stratified not in (*decided, UNDECIDED):
+            out.append(ATTRIBUTIONS["not assessed"])
+        elif stratified in decided:
+            out.append(ATTRIBUTIONS["metric"])
+        elif plain in decided:
+            out.append(ATTRIBUTIONS["class"])
+        else:
+            out.append(ATTRIBUTIONS["none"])
+    return out
 
 
 # --------------------------------------------------------------------------- confounds
@@ -804,18 +1034,25 @@ def position_effects(noise_units: pd.DataFrame) -> pd.DataFrame:
     noise units give the same ranks.
 
     One row per ordering and phase: ``batch_order`` (fixed / shuffled / mixed),
-    ``n_units`` (seed-epochs) and, for each correlation, the mean over units, its
-    standard error (NaN for one unit) and the number of units with a negative
-    correlation. Tables from before ``position`` existed are fixed-order runs.
+    ``n_units`` (seed-epochs), ``n_batchings`` and, for each correlation, the mean over
+    units, its standard error and the number of units with a negative correlation.
+    The standard error takes the *batching* as the unit (the mean of each batching's
+    seed-epochs, then their spread over batchings): seed-epochs that share one batching
+    share its batches and are not independent. A metric ordering has one batching, so its
+    standard error is NaN (no replication of the batching to estimate it from); a
+    control has one per seed. Tables from before ``position`` existed are fixed-order runs.
     """
-    columns = ["ordering", "phase", "batch_order", "n_units", "n_batches",
+    columns = ["ordering", "phase", "batch_order", "n_units", "n_batchings", "n_batches",
                *(f"{name}_{part}" for name in ("rank", "previous_position", "rank_given_position")
                  for part in ("spearman", "se", "negative"))]
     table = with_seed(noise_units)
     positions = table["position"] if "position" in table else pd.Series(np.nan, index=table.index)
     table = table.assign(position=positions.fillna(table["batch"]))
+    if "batching" not in table:
+        table = table.assign(batching=0)
     units = []
     for (ordering, seed), run in table.groupby(["ordering", "seed"], sort=True):
+        batching = int(run["batching"].iat[0])
         epochs = {int(e): part.sort_values("batch") for e, part in run.groupby("epoch", sort=True)}
         for epoch, current in epochs.items():
             previous = epochs.get(epoch - 1)
@@ -827,6 +1064,7 @@ def position_effects(noise_units: pd.DataFrame) -> pd.DataFrame:
             shuffled = not np.array_equal(place, rank)  # else the partial correlation is undefined
             units.append({
                 "ordering": ordering, "phase": int(current["phase"].iat[0]), "n_batches": len(current),
+                "batching": batching,
                 "shuffled": shuffled,
                 "rank": float(_spearman_rows(rank[None], distance[None])[0]),
                 "previous_position": float(_spearman_rows(place[None], distance[None])[0]),
@@ -840,12 +1078,15 @@ def position_effects(noise_units: pd.DataFrame) -> pd.DataFrame:
         row = {"ordering": ordering, "phase": int(phase),
                "batch_order": ("shuffled" if part["shuffled"].all() else "fixed" if not part["shuffled"].any()
                                else "mixed"),
-               "n_units": len(part), "n_batches": int(part["n_batches"].max())}
+               "n_units": len(part), "n_batchings": int(part["batching"].nunique()),
+               "n_batches": int(part["n_batches"].max())}
         for name in ("rank", "previous_position", "rank_given_position"):
-            values = part[name].to_numpy(float)
-            values = values[np.isfinite(values)]
-            row[f"{name}_spearman"] = float(values.mean()) if len(values) else math.nan
-            row[f"{name}_se"] = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+            finite = part[np.isfinite(part[name].to_numpy(float))]
+            values = finite[name].to_numpy(float)
+            per_batching = finite.groupby("batching")[name].mean().to_numpy(float)
+            row[f"{name}_spearman"] = float(per_batching.mean()) if len(per_batching) else math.nan
+            row[f"{name}_se"] = (float(per_batching.std(ddof=1) / math.sqrt(len(per_batching)))
+                                 if len(per_batching) > 1 else math.nan)
             row[f"{name}_negative"] = int((values < 0).sum())
         rows.append(row)
     return pd.DataFrame(rows)[columns]
@@ -959,7 +1200,8 @@ def summarise_trace_check(trace_check: pd.DataFrame) -> pd.DataFrame:
 def ordering_status_table(
     statuses: Mapping[str, Mapping], distances_by_ordering: Mapping[str, pd.DataFrame]
 ) -> pd.DataFrame:
-    """One row per ordering: ``status`` (``ok`` / ``skipped`` / ``no data``), ``reason``, epochs, batches, phases,
+    """One row per ordering: ``status`` (``ok`` / ``skipped`` / ``off`` (a stratified ordering with
+    ``sort_batches.stratify: false``) / ``no data``), ``reason``, epochs, batches, phases,
     seeds (``n_seeds``: the runs of the ordering) and ``provenance``: what the metric's scores rest on, as its
     status records it (e.g. the perceptual metric's weights: source and sha256), ``""`` when it records nothing."""
     rows = []
@@ -969,7 +1211,10 @@ def ordering_status_table(
         reason = status.get("reason")
         provenance = status.get("provenance") or {}
         if state != "skipped" and len(distances) == 0:
-            state, reason = "no data", reason or "the gradient_distances table has no rows"
+            if ordering_of(ordering).stratified:
+                state, reason = "off", "sort_batches.stratify is false"
+            else:
+                state, reason = "no data", reason or "the gradient_distances table has no rows"
         if len(distances):
             phases = epoch_phase_table(distances, f"{ordering}.gradient_distances")
             n_epochs, n_phases, n_batches = len(phases), int(phases["phase"].max()), distances["batch"].nunique()

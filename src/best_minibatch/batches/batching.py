@@ -1,4 +1,4 @@
-"""Fixed-order mini-batches: sort the training set by a metric and cut it into equal batches.
+"""Fixed mini-batches: sort the training set by a metric and cut it into equal batches (plain or class-stratified).
 
 Knows nothing of Kedro. Images sort ascending by the metric's ``sort_columns``
 (registered in :mod:`best_minibatch.metrics.scoring`), ties broken by a seeded random
@@ -7,26 +7,73 @@ an image-folder source and would group tied images by class), and the sorted seq
 is cut into ``K = floor(N / m)`` batches of exactly ``m``
 images; the ``N - K m`` images with the largest sort keys are dropped (as in the
 paper: 50,000 / 256 gives 195 batches and drops 80).
+
+*Stratified* (``<metric>_stratified``, :func:`stratified_batches`): every batch holds
+``b = floor(m / C)`` images of each of the ``C`` classes, batch ``k`` taking the
+``k``-th slice of each class's own ascending order; the ``r = m - C b`` remaining
+slots of batch ``k`` go one each to classes ``(k r + j) mod C``, ``j < r`` (a rotation,
+so every class gets the same number of extra images up to one and no batch holds more
+than one extra image of a class). ``K`` is ``floor(N / m)`` unless a class runs out
+first; each class's dropped images are its largest-metric ones.
+
+A *control* metric (``random``) is cut into ``batchings`` independent batchings
+(column ``batching``): batching 0 from its scores, batching ``j > 0`` from fresh
+uniform keys seeded by ``(tie_seed, j)`` and the image ids. Training seed ``i`` of
+``gradient_training.seeds`` trains batching ``i``. A metric has one batching (0).
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from best_minibatch.batches.orderings import ordering_name
+from best_minibatch.config import ConfigError, Section
 from best_minibatch.metrics.scoring import METRICS
 
 logger = logging.getLogger(__name__)
 
-ASSIGNMENT_COLUMNS = ("metric", "batch", "position", "image_id", "metric_value")
+ASSIGNMENT_COLUMNS = ("metric", "ordering", "batching", "batch", "position", "image_id", "metric_value")
 
 
 class BatchingError(ValueError):
     """Scores or parameters that cannot be cut into batches; the message names the problem and the fix."""
+
+
+class BatchingConfigError(ConfigError, BatchingError):
+    """A ``sort_batches`` parameter that cannot work; names it and the fix."""
+
+
+#: Every key of the ``sort_batches`` section.
+SORT_BATCHES_KEYS = ("batch_size", "tie_seed", "stratify", "control_batchings")
+
+
+@dataclass(frozen=True)
+class SortBatchesConfig:
+    """The ``sort_batches`` section, every key checked (conf/<env>/parameters_sort_batches.yml)."""
+
+    batch_size: int
+    tie_seed: int = 0
+    stratify: bool = True
+    control_batchings: int = 1
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> SortBatchesConfig:
+        section = Section(params or {}, "sort_batches", SORT_BATCHES_KEYS, BatchingConfigError)
+        return cls(
+            batch_size=batch_size_from_params(params or {}),
+            tie_seed=tie_seed_from_params(params or {}),
+            stratify=section.boolean("stratify", cls.stratify),
+            control_batchings=section.integer(
+                "control_batchings", cls.control_batchings, 1,
+                "Use at least the number of gradient_training.seeds (each seed trains its own random batching)."),
+        )
 
 
 def tie_seed_from_params(params: Mapping[str, Any]) -> int:
@@ -117,15 +164,84 @@ def _check_scores(scores: pd.DataFrame, metric: str, sort_columns: tuple[str, ..
         raise BatchingError(f"The '{metric}' score table holds NaN or infinite scores; rerun score_metrics.")
 
 
-def assign_batches(scores: pd.DataFrame, metric: str, batch_size: int, tie_seed: int = 0) -> pd.DataFrame:
-    """Sort ``scores`` by ``metric``'s sort columns and cut them into ``floor(N / batch_size)`` full batches."""
+def stratified_batches(order: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Row positions of a class-stratified batching, ``K x batch_size`` (see the module docstring).
+
+    ``order``: row positions in ascending metric order; ``labels``: each row's class.
+    Within a batch the rows keep their ascending metric order.
+    """
+    classes = np.unique(labels)
+    n_classes = len(classes)
+    base, remainder = divmod(batch_size, n_classes)
+    by_class = [order[labels[order] == c] for c in classes]
+    available = np.array([len(rows) for rows in by_class])
+
+    def extra_slots(n_batches: int) -> np.ndarray:
+        """Class index of every remainder slot, one row per batch."""
+        return (np.arange(n_batches)[:, None] * remainder + np.arange(remainder)[None, :]) % n_classes
+
+    n_batches = len(order) // batch_size
+    while n_batches > 0:
+        needed = n_batches * base + np.bincount(extra_slots(n_batches).ravel(), minlength=n_classes)
+        if (needed <= available).all():
+            break
+        n_batches -= 1
+    if n_batches == 0:
+        raise BatchingError(
+            f"A class-stratified batch of {batch_size} needs {base} or {base + 1} images of each of the "
+            f"{n_classes} classes, and class {classes[int(np.argmin(available))]} has only {available.min()}; "
+            "lower sort_batches.batch_size or set sort_batches.stratify: false."
+        )
+    extras = extra_slots(n_batches)
+    taken = np.zeros(n_classes, dtype=np.int64)
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    batches = np.empty((n_batches, batch_size), dtype=np.int64)
+    for k in range(n_batches):
+        counts = np.full(n_classes, base, dtype=np.int64)
+        np.add.at(counts, extras[k], 1)
+        rows = np.concatenate([by_class[c][taken[c]: taken[c] + counts[c]] for c in range(n_classes)])
+        taken += counts
+        batches[k] = rows[np.argsort(rank[rows], kind="stable")]
+    return batches
+
+
+def control_scores(scores: pd.DataFrame, metric: str, batching: int, tie_seed: int) -> pd.DataFrame:
+    """Scores of a control metric's batching ``batching``: its own for 0, else fresh uniform keys.
+
+    The keys of batching ``j > 0`` depend on ``(tie_seed, j)`` and the image ids only (not on the row order).
+    """
+    if batching == 0:
+        return scores
+    rng = np.random.default_rng([int(tie_seed), int(batching), zlib.crc32(b"control_batching")])
+    ids = scores["image_id"].to_numpy(dtype=np.int64)
+    keys = rng.random(len(ids))[np.argsort(np.argsort(ids, kind="stable"), kind="stable")]
+    fresh = scores.copy()
+    for column in dict.fromkeys(("score", *METRICS[metric].sort_columns)):
+        fresh[column] = keys
+    return fresh
+
+
+def assign_batches(scores: pd.DataFrame, metric: str, batch_size: int, tie_seed: int = 0, *,
+                   labels: np.ndarray | None = None, ordering: str | None = None, batching: int = 0) -> pd.DataFrame:
+    """Sort ``scores`` by ``metric``'s sort columns and cut them into full batches.
+
+    Plain (``labels`` None): ``floor(N / batch_size)`` consecutive batches. Stratified
+    (``labels``: each score row's class): :func:`stratified_batches`.
+    """
     sort_columns = METRICS[metric].sort_columns
     order = sort_order(scores, sort_columns, tie_seed)
-    n_batches = len(scores) // batch_size
-    kept = order[: n_batches * batch_size]
+    if labels is None:
+        n_batches = len(scores) // batch_size
+        kept = order[: n_batches * batch_size]
+    else:
+        kept = stratified_batches(order, np.asarray(labels), batch_size).ravel()
+        n_batches = len(kept) // batch_size
     return pd.DataFrame(
         {
             "metric": pd.Series([metric] * len(kept), dtype="str"),
+            "ordering": pd.Series([ordering or metric] * len(kept), dtype="str"),
+            "batching": np.full(len(kept), batching, dtype=np.int64),
             "batch": np.repeat(np.arange(n_batches, dtype=np.int64), batch_size),
             "position": np.tile(np.arange(batch_size, dtype=np.int64), n_batches),
             "image_id": scores["image_id"].to_numpy(dtype=np.int64)[kept],
@@ -144,36 +260,47 @@ def class_entropy(counts: np.ndarray) -> np.ndarray:
 
 
 def summarize_batches(assignments: pd.DataFrame, image_index: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per batch: min / mean / max metric value, class entropy (nats) and one ``class_count_<name>`` per class."""
+    """Per batching and batch: min / mean / max metric value, class entropy (nats) and one ``class_count_<name>``
+    per class."""
     class_names = class_names_in_label_order(image_index)
-    labels = assignments["image_id"].map(training_classes(image_index)["label"]).to_numpy(dtype=np.int64)
-    batches = assignments["batch"].to_numpy(dtype=np.int64)
-    n_batches = int(batches.max()) + 1 if len(batches) else 0
-    counts = np.zeros((n_batches, len(class_names)), dtype=np.int64)
-    np.add.at(counts, (batches, labels), 1)
-    stats = assignments.groupby("batch", sort=True)["metric_value"].agg(["min", "mean", "max"])
-    summary = pd.DataFrame(
-        {
-            "metric": pd.Series([metric] * n_batches, dtype="str"),
-            "batch": np.arange(n_batches, dtype=np.int64),
-            "metric_min": stats["min"].to_numpy(dtype=np.float64),
-            "metric_mean": stats["mean"].to_numpy(dtype=np.float64),
-            "metric_max": stats["max"].to_numpy(dtype=np.float64),
-            "class_entropy": class_entropy(counts),
-        }
-    )
-    for label, name in enumerate(class_names):
-        summary[f"class_count_{name}"] = counts[:, label]
-    return summary
+    classes = training_classes(image_index)["label"]
+    parts = []
+    for batching, part in (assignments.groupby("batching", sort=True) if len(assignments) else [(0, assignments)]):
+        labels = part["image_id"].map(classes).to_numpy(dtype=np.int64)
+        batches = part["batch"].to_numpy(dtype=np.int64)
+        n_batches = int(batches.max()) + 1 if len(batches) else 0
+        counts = np.zeros((n_batches, len(class_names)), dtype=np.int64)
+        np.add.at(counts, (batches, labels), 1)
+        stats = part.groupby("batch", sort=True)["metric_value"].agg(["min", "mean", "max"])
+        ordering = str(part["ordering"].iat[0]) if len(part) else metric
+        summary = pd.DataFrame(
+            {
+                "metric": pd.Series([metric] * n_batches, dtype="str"),
+                "ordering": pd.Series([ordering] * n_batches, dtype="str"),
+                "batching": np.full(n_batches, int(batching), dtype=np.int64),
+                "batch": np.arange(n_batches, dtype=np.int64),
+                "metric_min": stats["min"].to_numpy(dtype=np.float64),
+                "metric_mean": stats["mean"].to_numpy(dtype=np.float64),
+                "metric_max": stats["max"].to_numpy(dtype=np.float64),
+                "class_entropy": class_entropy(counts),
+            }
+        )
+        for label, name in enumerate(class_names):
+            summary[f"class_count_{name}"] = counts[:, label]
+        parts.append(summary)
+    return pd.concat(parts, ignore_index=True)
 
 
 def sort_into_batches(
-    scores: pd.DataFrame, image_index: pd.DataFrame, metric: str, batch_size: int, tie_seed: int = 0
+    scores: pd.DataFrame, image_index: pd.DataFrame, metric: str, batch_size: int, tie_seed: int = 0, *,
+    stratified: bool = False, batchings: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Batch assignments and per-batch summary of ``metric``'s ordering (see the module docstring).
 
-    A zero-row score table (a skipped metric) gives zero-row outputs with the same
-    columns. Every check happens before anything is returned. The summary's
+    ``stratified``: the class-stratified ordering (``<metric>_stratified``). ``batchings``:
+    how many independent batchings a control metric gets (a metric that is not a control
+    always has one). A zero-row score table (a skipped metric) gives zero-row outputs with
+    the same columns. Every check happens before anything is returned. The summary's
     ``tied_images`` counts the metric's images that share their sort values with another.
     """
     if metric not in METRICS:
@@ -182,25 +309,41 @@ def sort_into_batches(
         raise BatchingError(f"sort_batches.batch_size must be a positive integer, got {batch_size!r}.")
     train_ids = pd.Index(image_index.loc[image_index["split"] == "train", "image_id"])
     _check_scores(scores, metric, METRICS[metric].sort_columns, train_ids)
+    ordering = ordering_name(metric, stratified)
     if len(scores) == 0:
         # INFO, not WARNING: score_metrics already gave the one loud warning with the fix.
         logger.info(
             "Metric '%s' has no scores (it was skipped in score_metrics; see its metric_status): "
-            "its batch tables are empty.", metric,
+            "the batch tables of '%s' are empty.", metric, ordering,
         )
     elif len(scores) < batch_size:
         raise BatchingError(
             f"sort_batches.batch_size={batch_size} exceeds the {len(scores)} images scored by '{metric}', "
             "so not one full batch fits; lower sort_batches.batch_size."
         )
-    assignments = assign_batches(scores, metric, int(batch_size), tie_seed)
+    labels = scores["image_id"].map(training_classes(image_index)["label"]).to_numpy(dtype=np.int64)
+    count = batchings if METRICS[metric].control and len(scores) else 1
+    assignments = pd.concat(
+        [assign_batches(control_scores(scores, metric, j, tie_seed), metric, int(batch_size), tie_seed,
+                        labels=labels if stratified and len(scores) else None, ordering=ordering, batching=j)
+         for j in range(count)],
+        ignore_index=True,
+    )
     summary = summarize_batches(assignments, image_index, metric)
     tied = tied_images(scores, METRICS[metric].sort_columns)
     summary["tied_images"] = np.int64(tied)
     if len(scores):
+        n_batches = int((summary["batching"] == 0).sum())
         logger.info(
-            "'%s': %d images -> %d batches of %d (%d dropped); %d images tied on the metric (order among them "
-            "random, seed %d)", metric, len(scores), len(summary), batch_size, len(scores) - len(assignments),
-            tied, tie_seed,
+            "'%s': %d images -> %d batches of %d (%d dropped)%s%s; %d images tied on the metric (order among them "
+            "random, seed %d)", ordering, len(scores), n_batches, batch_size, len(scores) - n_batches * batch_size,
+            ", the same number of each class in every batch" if stratified else "",
+            f", {count} independent batchings" if count > 1 else "", tied, tie_seed,
         )
     return assignments, summary
+
+
+def empty_batch_tables(image_index: pd.DataFrame, metric: str, ordering: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Zero-row assignments and summary with the usual columns (an ordering switched off)."""
+    assignments = assign_batches(METRICS[metric].empty_scores(), metric, 1, ordering=ordering)
+    return assignments, summarize_batches(assignments, image_index, metric).assign(tied_images=np.int64(0))

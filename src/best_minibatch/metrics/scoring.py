@@ -59,6 +59,9 @@ class Metric:
     # Given the images, says why this metric may carry no information of its own on them (e.g. colour on
     # grayscale images); quoted when the scores turn out constant or ordered like another metric's.
     explain_degenerate: DegenerateExplanation | None = None
+    # A null control: its scores carry no information about the images, so its orderings are the reference
+    # every claim is gated on, and each training seed trains a batching of its own (docs/analysis.md).
+    control: bool = False
 
     @property
     def score_columns(self) -> tuple[str, ...]:
@@ -90,6 +93,9 @@ class Metric:
 
 METRICS: dict[str, Metric] = {}
 
+#: ``<metric>_stratified`` is the class-stratified ordering of ``<metric>`` (best_minibatch.batches.orderings).
+STRATIFIED_SUFFIX = "_stratified"
+
 
 def register_metric(
     name: str,
@@ -100,6 +106,7 @@ def register_metric(
     unavailable_reason: UnavailableReason | None = None,
     provenance: Provenance | None = None,
     explain_degenerate: DegenerateExplanation | None = None,
+    control: bool = False,
 ) -> Callable[[ScoreFunction], ScoreFunction]:
     """Decorator: register the decorated function as metric ``name`` (appended to :data:`METRICS`).
 
@@ -112,6 +119,8 @@ def register_metric(
     instance pretrained weights and their sha256), kept in the metric's status.
     ``explain_degenerate``: optional, given the images returns why the metric may
     carry no information of its own on them; :func:`uninformative_reason` quotes it.
+    ``control``: the metric is a null control (random scores): its orderings gate the claims and
+    each training seed trains its own batching of them.
     """
 
     def decorator(function: ScoreFunction) -> ScoreFunction:
@@ -119,6 +128,9 @@ def register_metric(
             raise ValueError(f"Metric '{name}' is registered twice; metric names must be unique.")
         if not name.isidentifier():
             raise ValueError(f"Metric name '{name}' must be a Python identifier (it becomes a Kedro namespace).")
+        if name.endswith(STRATIFIED_SUFFIX):
+            raise ValueError(f"Metric name '{name}' must not end in '{STRATIFIED_SUFFIX}': that names the metric's "
+                             "class-stratified ordering.")
         METRICS[name] = Metric(
             name=name,
             score=function,
@@ -128,6 +140,7 @@ def register_metric(
             unavailable_reason=unavailable_reason,
             provenance=provenance,
             explain_degenerate=explain_degenerate,
+            control=control,
         )
         return function
 
@@ -272,6 +285,7 @@ register_metric(
     "random",
     description="Null control: a seeded uniform random score in [0, 1) per image.",
     defaults={"seed": 0},
+    control=True,
 )
 def random_score(images: np.ndarray, options: Mapping[str, Any]) -> pd.DataFrame:
     """Uniform [0, 1) scores from ``numpy.random.default_rng(seed)``, one per image in image order."""

@@ -68,7 +68,7 @@ SPILL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
                 "float64": torch.float64}
 GIB = 2**30
 
-DISTANCE_COLUMNS = ["ordering", "seed", "epoch", "phase", "learning_rate", "batch", "distance", "cosine_similarity",
+DISTANCE_COLUMNS = ["ordering", "seed", "batching", "epoch", "phase", "learning_rate", "batch", "distance", "cosine_similarity",
                     "relative_distance", "grad_norm", "full_grad_norm", "position"]
 #: The same-parameter null: random batches probed at the same epoch-start parameters, against the same ∇_e.
 NULL_COLUMNS = ["ordering", "seed", "epoch", "phase", "learning_rate", "draw", "distance", "cosine_similarity",
@@ -124,7 +124,7 @@ class TrainingConfig:
     trace_check: Any = False
     expected_hours: float = 1.0
     null_batches: int = 0
-    batch_order: str = "fixed"
+    batch_order: str = "shuffled"
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], training: Mapping[str, Any] | None = None) -> TrainingConfig:
@@ -427,10 +427,11 @@ def empty_history_table() -> pd.DataFrame:
     return _history_frame("", 0, "", {c: [] for c in _HISTORY_NUMERIC})
 
 
-def _distance_frame(ordering: str, seed: int, rows: Mapping[str, Any]) -> pd.DataFrame:
+def _distance_frame(ordering: str, seed: int, rows: Mapping[str, Any], batching: int = 0) -> pd.DataFrame:
     frame = pd.DataFrame({
         "ordering": pd.Series([ordering] * len(rows["epoch"]), dtype=object),
         "seed": np.full(len(rows["epoch"]), seed, dtype=np.int64),
+        "batching": np.full(len(rows["epoch"]), batching, dtype=np.int64),
         "epoch": np.asarray(rows["epoch"], dtype=np.int64),
         "phase": np.asarray(rows["phase"], dtype=np.int64),
         "learning_rate": np.asarray(rows["learning_rate"], dtype=np.float64),
@@ -723,14 +724,16 @@ class GradientProbeRun:
     compare pass does not disturb training. ``checkpoint_dir: null`` in the config
     runs without checkpoints. ``seed`` (default: the first of ``config.seeds``) sets
     the initial weights, the augmentation and the null batches' draws; the fixed
-    batches are the data's, the same for every seed.
+    batches are the data's: batching ``batching`` of the ordering (a metric's one
+    batching for every seed; a control's own batching per seed).
     """
 
     def __init__(self, config: TrainingConfig, data: TrainingData, model_factory: Callable[[], nn.Module],
-                 ordering: str, *, probe: bool = True, seed: int | None = None) -> None:
+                 ordering: str, *, probe: bool = True, seed: int | None = None, batching: int = 0) -> None:
         self.config = config
         self.data = data
         self.ordering = ordering
+        self.batching = int(batching)  # which of the ordering's batchings ``data`` holds (a control has one per seed)
         self.probe = probe
         self.seed = config.seeds[0] if seed is None else int(seed)
         # How the log names this run: the ordering, and the seed when several are configured.
@@ -1031,7 +1034,7 @@ class GradientProbeRun:
         )
 
     def _assemble(self, net_normal: nn.Module, progress: Progress) -> ProbeResults:
-        distances = _distance_frame(self.ordering, self.seed, progress.distances)
+        distances = _distance_frame(self.ordering, self.seed, progress.distances, self.batching)
         epochs = len(progress.history["epoch"])
         if self.probe and epochs:
             matrix = torch.tensor(progress.distances["distance"], dtype=torch.float64).view(epochs,

@@ -58,11 +58,12 @@ def evaluate_paper_claims(
         batch_stats, n_permutations=params["n_permutations"], seed=params["seed"],
         batch_stats_by_seed=batch_stats_by_seed,
     )
-    claims = analysis.claim_verdicts(comparisons, ordering_status, alpha=params["alpha"])
+    claims = analysis.claim_verdicts(comparisons, ordering_status, alpha=params["alpha"],
+                                     null_ordering=params["null_ordering"])
     for row in claims.itertuples():
-        logger.info("Claim %s, %s, phase %d: %s (difference %.3g, Holm p %.3g, seeds agreeing %s of %s)",
-                    row.claim_id, row.ordering, row.phase, row.verdict, row.difference, row.p_holm,
-                    _count(row.seeds_agreeing), _count(row.n_seeds))
+        logger.info("Claim %s, %s, phase %d: %s (rank-biserial %.3g, Holm p %.3g, seeds agreeing %s of %s; "
+                    "control %s: %s)", row.claim_id, row.ordering, row.phase, row.verdict, row.rank_biserial,
+                    row.p_holm, _count(row.seeds_agreeing), _count(row.n_seeds), row.control, row.control_verdict)
     return comparisons, claims, analysis.seed_group_differences(batch_stats_by_seed)
 
 

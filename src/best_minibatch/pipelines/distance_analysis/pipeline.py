@@ -21,11 +21,11 @@ from .nodes import (
 
 
 def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipeline:
-    """``orderings`` defaults to every metric in ``best_minibatch.metrics.METRICS``, in registry order."""
+    """``orderings`` defaults to every ordering (``best_minibatch.batches.orderings``), in registry order."""
     if orderings is None:
-        from best_minibatch.metrics.scoring import METRICS
+        from best_minibatch.batches.orderings import all_orderings
 
-        orderings = list(METRICS)
+        orderings = list(all_orderings())
     params = "params:distance_analysis"
     return Pipeline(
         [

@@ -38,21 +38,39 @@ def prepare_seed_runs(
 ) -> list[GradientProbeRun]:
     """One :class:`GradientProbeRun` per seed of ``gradient_training.seeds``, every check done, nothing written.
 
-    Empty for an ordering whose metric was skipped upstream (zero-row ``batch_assignments``).
+    Seed ``i`` of the list trains batching ``i`` of an ordering that has several (a control:
+    each seed replicates the batching, not only the weights); an ordering with one batching
+    trains it with every seed. Empty for an ordering whose metric was skipped upstream or that
+    is switched off (zero-row ``batch_assignments``).
     """
     config = TrainingConfig.from_params(params, training)
     if batch_assignments.empty:
-        # INFO, not WARNING: score_metrics already gave the one loud warning about the skip.
-        logger.info("%s: no batch assignments (the metric was skipped upstream); writing empty tables", ordering)
+        # INFO, not WARNING: score_metrics already gave the one loud warning about a skip.
+        logger.info("%s: no batch assignments (metric skipped upstream, or ordering switched off); writing empty "
+                    "tables", ordering)
         return []
-    if "metric" in batch_assignments and set(batch_assignments["metric"].unique()) != {ordering}:
+    column = "ordering" if "ordering" in batch_assignments else "metric"
+    if set(batch_assignments[column].unique()) != {ordering}:
         raise TrainingDataError(
-            f"batch_assignments of '{ordering}' holds metrics {sorted(batch_assignments['metric'].unique())}; "
+            f"batch_assignments of '{ordering}' holds orderings {sorted(batch_assignments[column].unique())}; "
             "rerun sort_batches."
         )
-    data = TrainingData.from_tables(batch_assignments, image_index, train_images, test_images)
+    batchings = (sorted(int(b) for b in batch_assignments["batching"].unique())
+                 if "batching" in batch_assignments else [0])
+    if len(batchings) > 1 and len(batchings) < len(config.seeds):
+        raise TrainingDataError(
+            f"'{ordering}' has {len(batchings)} batchings for {len(config.seeds)} seeds (each seed trains its own "
+            f"batching of a control); set sort_batches.control_batchings to at least {len(config.seeds)}."
+        )
     factory = named_model_factory(config)
-    return [GradientProbeRun(config, data, factory, ordering, seed=seed) for seed in config.seeds]
+    runs = []
+    for index, seed in enumerate(config.seeds):
+        batching = batchings[index] if len(batchings) > 1 else batchings[0]
+        rows = (batch_assignments[batch_assignments["batching"] == batching]
+                if "batching" in batch_assignments else batch_assignments)
+        data = TrainingData.from_tables(rows, image_index, train_images, test_images)
+        runs.append(GradientProbeRun(config, data, factory, ordering, seed=seed, batching=batching))
+    return runs
 
 
 def train_seed(run: GradientProbeRun) -> Iterator[tuple[dict[str, torch.Tensor], ProbeResults | str]]:

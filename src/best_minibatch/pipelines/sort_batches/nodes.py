@@ -6,12 +6,18 @@ from typing import Any
 
 import pandas as pd
 
-from best_minibatch.batches.batching import batch_size_from_params, sort_into_batches, tie_seed_from_params
+from best_minibatch.batches.batching import SortBatchesConfig, empty_batch_tables, sort_into_batches
+from best_minibatch.batches.orderings import ordering_of
 
 
 def sort_scores_into_batches(
-    metric: str, image_scores: pd.DataFrame, image_index: pd.DataFrame, params: dict[str, Any]
+    ordering: str, image_scores: pd.DataFrame, image_index: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Cut ``metric``'s ascending ordering (ties in seeded random order) into full batches; assignments, summary."""
-    return sort_into_batches(image_scores, image_index, metric, batch_size_from_params(params),
-                             tie_seed_from_params(params))
+    """Cut the ordering's metric (ascending, ties in seeded random order) into full batches, plain or
+    class-stratified; a stratified ordering with ``sort_batches.stratify: false`` gets empty tables."""
+    config = SortBatchesConfig.from_params(params)
+    spec = ordering_of(ordering)
+    if spec.stratified and not config.stratify:
+        return empty_batch_tables(image_index, spec.metric, ordering)
+    return sort_into_batches(image_scores, image_index, spec.metric, config.batch_size, config.tie_seed,
+                             stratified=spec.stratified, batchings=config.control_batchings)

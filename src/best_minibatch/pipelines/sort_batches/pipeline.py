@@ -11,13 +11,13 @@ from .nodes import sort_scores_into_batches
 SHARED_INPUTS = {"image_index"}
 
 
-def ordering_template(metric: str) -> Pipeline:
-    """The per-metric template: the metric's name is bound to the node function (keeping its name for
-    logs and kedro-viz); every other input is shared or namespaced."""
+def ordering_template(ordering: str) -> Pipeline:
+    """The per-ordering template: the ordering's name is bound to the node function (keeping its name for
+    logs and kedro-viz); the scores are the metric's, every other input is shared or namespaced."""
     return Pipeline(
         [
             node(
-                update_wrapper(partial(sort_scores_into_batches, metric), sort_scores_into_batches),
+                update_wrapper(partial(sort_scores_into_batches, ordering), sort_scores_into_batches),
                 inputs=["image_scores", "image_index", "params:sort_batches"],
                 outputs=["batch_assignments", "batch_summary"],
                 name="sort_into_batches",
