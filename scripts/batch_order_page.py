@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full_results_page import (  # noqa: E402
     BEGIN,
     END,
-    ORDERINGS,
     PROJECT_ROOT,
     completed_full_run,
     dataset_file,
@@ -42,6 +41,8 @@ from best_minibatch.analysis.statistics import position_effects  # noqa: E402
 from best_minibatch.run_manifest import Manifest  # noqa: E402
 
 PAGE = PROJECT_ROOT / "docs" / "results" / "full_cifar10_batch_order.md"
+#: The orderings of the two runs this page compares (before the class-stratified orderings existed).
+ORDERINGS = ("intensity", "color", "edges", "perceptual", "random")
 
 
 def effects(manifest: Manifest) -> pd.DataFrame:

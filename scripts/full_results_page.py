@@ -2,12 +2,14 @@
 
 Everything on the page is read from the run's own outputs, found through its run manifest
 (data/runs/): the setup, the figures the visualize pipeline drew (copied next to the page),
-the claim verdicts across seeds, the class-balance confound, the best and worst batches, the
-run's time (from the manifest and the training histories) and its disk use (every file the run
-wrote). The section between the `conclusion` markers is written by hand and kept as it is when
-the page is regenerated; everything else is replaced.
+the claim verdicts (plain and class-stratified orderings, the controls' gate, the attribution),
+the calibration figures, the best and worst batches, the run's time (from the manifest and the
+training histories) and its disk use (every file the run wrote). The section between the
+`conclusion` markers is written by hand and kept as it is when the page is regenerated;
+everything else is replaced. The paper's fixed-order procedure has its own page,
+docs/results/full_cifar10_fixed_order.md.
 
-Run:  .venv/bin/python scripts/full_results_page.py [--run-id ID] [--model-choice docs/results/full_cifar10_model_choice.json]
+Run:  .venv/bin/python scripts/full_results_page.py [--run-id ID] [--env full] [--page PATH]
 """
 
 from __future__ import annotations
@@ -32,23 +34,23 @@ from best_minibatch.run_manifest import Manifest, ManifestStore  # noqa: E402
 PAGE = PROJECT_ROOT / "docs" / "results" / "full_cifar10.md"
 FIGURES = PAGE.with_suffix("")  # docs/results/full_cifar10/
 MANIFESTS = PROJECT_ROOT / "data" / "runs" / "run_manifest.json"
-ORDERINGS = ("intensity", "color", "edges", "perceptual", "random")
 BEGIN, END = "<!-- conclusion: written by hand, kept on regeneration -->", "<!-- end of conclusion -->"
 
 
 def batch_order(manifest: Manifest) -> str:
-    """The run's ``gradient_training.batch_order`` (runs from before the parameter trained in the fixed order)."""
+    """The run's ``gradient_training.batch_order`` (runs from before the parameter trained in the fixed order;
+    runs from before it defaulted to shuffled record it)."""
     return str(manifest.parameters.get("gradient_training", {}).get("batch_order", "fixed"))
 
 
-def completed_full_run(run_id: str | None, order: str = "fixed") -> Manifest:
-    """The named run's manifest, or the last completed run of the `full` environment with that batch order."""
+def completed_full_run(run_id: str | None, order: str = "fixed", env: str = "full") -> Manifest:
+    """The named run's manifest, or the last completed run of environment ``env`` with that batch order."""
     store = ManifestStore(MANIFESTS)
     if run_id is not None:
         manifest = store.read(run_id)
     else:
         manifest = store.last_completed({i: m for i, m in store.all().items()
-                                         if m.env == "full" and batch_order(m) == order})
+                                         if m.env == env and batch_order(m) == order})
     if manifest is None:
         command = "kedro run --env full" + ("" if order == "fixed" else f" --params gradient_training.batch_order={order}")
         raise SystemExit(f"No {'run ' + run_id if run_id else f'completed run of --env full in the {order} order'} "
@@ -85,10 +87,10 @@ def markdown(frame: pd.DataFrame, columns: dict[str, str], digits: int = 3) -> s
     return "\n".join(lines)
 
 
-def copy_figures(manifest: Manifest, group: str) -> list[Path]:
-    """The PNG files of one figure group, copied under docs/results/full_cifar10/<group>/."""
+def copy_figures(manifest: Manifest, group: str, root: Path = FIGURES) -> list[Path]:
+    """The PNG files of one figure group, copied under ``root``/<group>/ (default docs/results/full_cifar10/)."""
     source = dataset_file(manifest, f"figures_{group}_png")  # a folder: <path>/<version>/png/
-    target = FIGURES / group
+    target = root / group
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     copied = []
@@ -100,8 +102,8 @@ def copy_figures(manifest: Manifest, group: str) -> list[Path]:
     return copied
 
 
-def image_links(paths: list[Path], alt: str) -> str:
-    return "\n\n".join(f"![{alt}: {p.stem}]({p.relative_to(PAGE.parent).as_posix()})" for p in paths)
+def image_links(paths: list[Path], alt: str, page: Path = PAGE) -> str:
+    return "\n\n".join(f"![{alt}: {p.stem}]({p.relative_to(page.parent).as_posix()})" for p in paths)
 
 
 def folder_bytes(path: Path) -> int:
@@ -136,37 +138,43 @@ def disk_use(manifest: Manifest, histories: dict[str, pd.DataFrame]) -> pd.DataF
     return frame
 
 
-CONFOUND_COLUMNS = {"metric_mean": "rho(metric, distance)", "class_entropy": "rho(class entropy, distance)",
-                    "metric_mean | class_entropy": "partial rho(metric, distance | class entropy)"}
-
-
-def confound_table(confounds: pd.DataFrame) -> pd.DataFrame:
-    """One row per ordering and phase: each correlation with its interval, bold where it excludes 0."""
+def answer_table(claims: pd.DataFrame) -> pd.DataFrame:
+    """One row per claim, metric and phase: the plain, composition-adjusted and stratified readings, attribution."""
     rows = []
-    for (ordering, phase), part in confounds.groupby(["ordering", "phase"], sort=True):
-        row = {"ordering": ordering, "phase": int(phase)}
-        for _, r in part.iterrows():
-            key = r["variable"] + (f" | {r['given']}" if isinstance(r["given"], str) and r["given"] else "")
-            text = f"{r['spearman']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
-            row[key] = f"**{text}**" if r["ci_excludes_zero"] else text
-        rows.append(row)
+    for (claim_id, metric, phase), part in claims.groupby(["claim_id", "metric", "phase"], sort=False):
+        plain, stratified = part[~part["stratified"]], part[part["stratified"]]
+        if plain.empty or stratified.empty:
+            continue
+        p, q = plain.iloc[0], stratified.iloc[0]
+        rows.append({"claim": claim_id, "metric": metric, "phase": int(phase),
+                     "plain": f"{p['verdict']} ({p['rank_biserial']:+.2f})" if pd.notna(p["rank_biserial"])
+                     else p["verdict"],
+                     "adjusted": p["adjusted_verdict"],
+                     "stratified": f"{q['verdict']} ({q['rank_biserial']:+.2f})" if pd.notna(q["rank_biserial"])
+                     else q["verdict"],
+                     "attribution": p["attribution"]})
     return pd.DataFrame(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-id", help="a run id under data/runs/ (default: the newest completed --env full run)")
+    parser.add_argument("--run-id", help="a run id under data/runs/ (default: the newest completed run of --env)")
+    parser.add_argument("--env", default="full", help="the environment whose newest completed run is read")
+    parser.add_argument("--page", type=Path, default=PAGE, help="where to write the page (figures beside it)")
     parser.add_argument("--model-choice", type=Path, default=PROJECT_ROOT / "docs/results/full_cifar10_model_choice.json")
+    parser.add_argument("--calibration", type=Path, default=PROJECT_ROOT / "docs/results/calibration.json")
     args = parser.parse_args()
     os.chdir(PROJECT_ROOT)
-    manifest = completed_full_run(args.run_id)
+    page, figures_root = args.page.resolve(), args.page.resolve().with_suffix("")
+    manifest = completed_full_run(args.run_id, order="shuffled", env=args.env)
     params = manifest.parameters
 
-    histories = {o: table(manifest, f"{o}.training_history") for o in ORDERINGS}
-    claims = table(manifest, "claim_verdicts")
-    confounds = table(manifest, "confound_correlations")
-    best_worst = table(manifest, "best_worst_batches")
     status = table(manifest, "ordering_status")
+    trained = [o for o, s in zip(status["ordering"], status["status"]) if s == "ok"]
+    histories = {o: table(manifest, f"{o}.training_history") for o in trained}
+    claims = table(manifest, "claim_verdicts")
+    position = table(manifest, "position_effects")
+    best_worst = table(manifest, "best_worst_batches")
     assignments = table(manifest, "intensity.batch_assignments")
     image_index = table(manifest, "image_index")
     n_train, n_test = int((image_index["split"] == "train").sum()), int((image_index["split"] == "test").sum())
@@ -185,56 +193,48 @@ def main() -> None:
     n_batches = int(assignments["batch"].nunique())
     batch_size = int(assignments.groupby("batch").size().max())
     final = training[training["epoch"] == training["epoch"].max()]
+    seeds = params["gradient_training"]["seeds"]
+    sort = params["sort_batches"]
+
+    def figures(group: str) -> list[Path]:
+        return copy_figures(manifest, group, figures_root)
 
     out = [
-        "# All of CIFAR-10 at the paper's batch geometry",
+        "# All of CIFAR-10 at the paper's batch geometry: the designed comparison",
         "",
-        f"Run `{manifest.run_id}` of `kedro run --env full` (the `full` environment, [conf/full](../../conf/full)): "
-        f"{manifest.command or 'kedro run --env full'}. This page is written by "
-        "`.venv/bin/python scripts/full_results_page.py` from that run's outputs; the last section is written by hand.",
+        f"Run `{manifest.run_id}` of `kedro run --env {args.env}` ([conf/{args.env}](../../conf/{args.env})): "
+        f"{manifest.command or 'kedro run --env ' + args.env}. This page is written by "
+        "`.venv/bin/python scripts/full_results_page.py` from that run's outputs; the last section is written by hand. "
+        "The paper's own procedure (fixed batch order, plain orderings only) is on "
+        "[full_cifar10_fixed_order.md](full_cifar10_fixed_order.md).",
         "",
         "## Setup",
         "",
         f"- **Data:** {n_train:,} training and {n_test:,} test images read from "
-        f"`{params['ingest_cifar']['source']['path']}`; each metric's order cut into **{n_batches} batches of "
-        f"{batch_size}** ({len(assignments):,} images used, the last {n_train - len(assignments)} of each order "
-        "dropped); the test images evaluated after every epoch.",
-        f"- **Orderings:** {', '.join(status['ordering'])} (status: "
-        f"{', '.join(f'{o} {s}' for o, s in zip(status['ordering'], status['status']))}).",
+        f"`{params['ingest_cifar']['source']['path']}`; each ordering cut into **{n_batches} batches of "
+        f"{batch_size}** ({len(assignments):,} images used per ordering); the test images evaluated after every epoch.",
+        f"- **Orderings** ({len(trained)}): every metric plain (the paper's batches) and class-stratified (every batch "
+        f"{batch_size // 10} or {batch_size // 10 + 1} images of each class), and the random control of each kind; "
+        f"status: {', '.join(f'{o} {s}' for o, s in zip(status['ordering'], status['status']))}.",
+        f"- **Batch order:** `{batch_order(manifest)}`: the same fixed batches in a fresh seeded order every epoch, so "
+        "a batch's rank is not its place in the epoch.",
         f"- **Model:** {recipe['model']['name']} {width} ({n_params:,} parameters), SGD momentum "
         f"{recipe['momentum']}, weight decay {recipe['weight_decay']}, augmentation "
         f"{'on' if recipe['augment'] else 'off'}, {recipe['cpu_threads']} CPU threads.",
         "- **Phases:** " + ", ".join(f"{p['epochs']} epochs at lr {p['lr']:g}" for p in recipe["phases"])
         + f" ({sum(p['epochs'] for p in recipe['phases'])} epochs; the paper: 3 x 50 with DPN92).",
-        f"- **Seeds:** {params['gradient_training']['seeds']} (each ordering trained once per seed: "
-        f"{len(ORDERINGS) * len(params['gradient_training']['seeds'])} trainings).",
+        f"- **Seeds:** {seeds}: each ordering trained once per seed ({len(trained) * len(seeds)} trainings); a "
+        f"metric's batches are the same in every seed, each control trains its own random batching per seed "
+        f"(`sort_batches.control_batchings: {sort.get('control_batchings', 1)}`).",
         f"- **Same-parameter null:** R = {params['gradient_training']['null_batches']} random batches of "
-        f"{batch_size} per epoch, probed at the same epoch-start parameters and measured against the same full "
-        "gradient; noise units (z) are z-scores against them.",
+        f"{batch_size} per epoch, probed at the same epoch-start parameters against the same full gradient; the noise "
+        "scale is pooled over each phase's epochs and seeds (docs/analysis.md).",
         "",
-    ]
-    if args.model_choice.exists():
-        choice = json.loads(args.model_choice.read_text())
-        out += [
-            "### Why this model: measured",
-            "",
-            "`.venv/bin/python scripts/full_model_choice.py --json docs/results/full_cifar10_model_choice.json` times "
-            f"real probed epochs at this geometry ({choice['batches']} batches of {choice['batch_size']}, "
-            f"{choice['null_batches']} null batches, test evaluation), the second of two, and multiplies by "
-            f"{choice['epochs']} epochs x {choice['runs']} runs. The budget is about two hours for the whole "
-            "environment on this 2-core machine; the widest model whose training fits with room for the stages "
-            "around it and for a machine shared with other work was chosen.",
-            "",
-            markdown(pd.DataFrame(choice["candidates"]), {
-                "width": "small_cnn width", "parameters": "parameters", "threads": "CPU threads",
-                "epoch_seconds": "s per probed epoch", "estimated_hours": "training, hours (estimate)"}, 2),
-            "",
-        ]
-    out += [
         "## Time and disk",
         "",
         f"- **Wall clock of the whole run:** {(finished - started).total_seconds() / 3600:.2f} h "
-        f"({started:%Y-%m-%d %H:%M} to {finished:%H:%M} UTC), every pipeline from ingestion to the report.",
+        f"({started:%Y-%m-%d %H:%M} to {finished:%Y-%m-%d %H:%M} UTC), every pipeline from ingestion to the report"
+        " (a run interrupted by the end of a session and resumed counts the time between, too).",
         "- **Training (sum of epoch times, per ordering and seed), seconds:**",
         "",
         markdown(seconds.reset_index().rename(columns=lambda c: f"seed {c}" if isinstance(c, (int,)) else c),
@@ -248,52 +248,78 @@ def main() -> None:
         "## Training curves",
         "",
         "Final epoch, mean over seeds: " + ", ".join(
-            f"{o} test accuracy {final[final['ordering'] == o]['test_accuracy'].mean():.3f}" for o in ORDERINGS) + ".",
+            f"{o} {final[final['ordering'] == o]['test_accuracy'].mean():.3f}" for o in trained) + " test accuracy.",
         "",
-        image_links(copy_figures(manifest, "training_curves"), "training curves"),
+        image_links(figures("training_curves"), "training curves", page),
         "",
+        "## The paper's claims: plain against class-stratified",
+        "",
+        "Each claim per metric and phase, in the plain ordering, with the class composition held fixed by regression "
+        "(Freedman-Lane, plain only) and in the class-stratified ordering. In brackets: the rank-biserial correlation "
+        "of group vs rest (negative: the group is closer to the full gradient). **Attribution**: *metric* when the "
+        "stratified ordering has a verdict; *class mix* when only the plain one does (no effect detected with class "
+        "held fixed, at the power below); *not assessed* when a reading is gated by its control. One Holm family "
+        "over every p-value the verdicts read; supported only when every seed agrees (docs/analysis.md).",
+        "",
+        markdown(answer_table(claims), {"claim": "claim", "metric": "metric", "phase": "phase",
+                                        "plain": "plain ordering", "adjusted": "plain, composition held fixed",
+                                        "stratified": "stratified ordering", "attribution": "attribution"}),
+        "",
+        "Every row with its numbers (the control's own verdict is the gate):",
+        "",
+        markdown(claims, {"claim_id": "claim", "ordering": "ordering", "phase": "phase",
+                          "rank_biserial": "rank-biserial", "p_holm": "p (Holm)", "difference": "mean difference (z)",
+                          "ratio_difference": "difference (noise ratio)", "seed_differences": "per seed",
+                          "seeds_agreeing": "seeds agreeing", "control_verdict": "control's verdict",
+                          "verdict": "verdict", "adjusted_difference": "coefficient, composition fixed (z)",
+                          "composition_r2": "R^2 group ~ composition", "adjusted_p_holm": "p (Holm), adjusted",
+                          "adjusted_verdict": "verdict, composition fixed"}),
+        "",
+    ]
+    if args.calibration.exists():
+        calibration = json.loads(args.calibration.read_text())
+        null = pd.DataFrame([r for r in calibration["results"] if r["kind"] == "null"])
+        power = pd.DataFrame([r for r in calibration["results"] if r["kind"].startswith("power")])
+        out += [
+            "### What these tests can see: calibration and power",
+            "",
+            f"`.venv/bin/python scripts/calibration.py --json docs/results/calibration.json` ({calibration['worlds']} "
+            "simulated worlds per cell; docs/analysis.md, \"Calibration and power\"): the claim family under a null "
+            "(every metric random) and a planted shift of intensity's upper quartile in phase 1.",
+            "",
+            markdown(null, {"geometry": "geometry", "batch_order": "order", "raw_rows": "rows with raw p < 0.05",
+                            "final_rows": "rows with a final verdict", "final_worlds": "families with any verdict"}),
+            "",
+            markdown(power, {"geometry": "geometry", "kind": "planted", "stratified": "stratified: supported",
+                             "plain": "plain: supported", "plain_adjusted": "plain, composition fixed: supported"}),
+            "",
+        ]
+    out += [
         "## Heat maps (paper style)",
         "",
         f"One per ordering, seed means: {n_batches} batches across (in ascending metric order), epochs down, one "
-        "panel per phase; top row distance to the full gradient, bottom row noise units.",
+        "panel per phase; top row distance to the full gradient, bottom row noise units. A control's batch k is "
+        "another random batch in every seed.",
         "",
-        image_links(copy_figures(manifest, "distance_heatmaps"), "heat map"),
-        "",
-        "Seed spread: each seed's phase-mean noise units per batch, their mean and +-1 sd across seeds.",
-        "",
-        image_links(copy_figures(manifest, "seed_spread"), "seed spread"),
+        image_links(figures("distance_heatmaps"), "heat map", page),
         "",
         "## Distance by rank, against the null band",
         "",
-        "Each metric's per-batch phase-mean distance against batch rank. The band is the 2.5-97.5 percentile range of "
-        "the random ordering's per-batch phase means (its mean: the line); in noise units the same-parameter null "
-        "has mean 0 and sd 1 per epoch by construction.",
+        "Each metric's per-batch phase-mean distance against batch rank (dashed: class-stratified). The band is the "
+        "2.5-97.5 percentile range of the plain random control's per-batch phase means.",
         "",
-        image_links(copy_figures(manifest, "distance_by_rank"), "distance by rank"),
+        image_links(figures("distance_by_rank"), "distance by rank", page),
         "",
-        "## The paper's claims, across seeds",
+        "## Place in the epoch",
         "",
-        "Each row: one claim for one metric in one phase; a permutation test over batches (each batch's mean "
-        "noise units over the phase's epochs and the seeds), Holm-adjusted over the table. **Supported** only when the "
-        "pooled test passes and every seed's effect has the pooled sign; the class-balance columns repeat the test on "
-        "distances residualised on each batch's class entropy (docs/analysis.md).",
+        "Within-epoch Spearman correlation of a batch's distance with its rank and with its place in the previous "
+        "epoch, and the rank given the place; the standard error takes the batching as the unit (a metric has one "
+        "batching: none).",
         "",
-        markdown(claims, {"claim": "claim", "ordering": "metric", "phase": "phase", "difference": "difference (z)",
-                          "p_holm": "p (Holm)", "seed_differences": "difference per seed (z)",
-                          "seeds_agreeing": "seeds agreeing", "pooled_verdict": "pooled verdict",
-                          "verdict": "verdict", "adjusted_difference": "after class balance (z)",
-                          "adjusted_p_holm": "p (Holm) after", "adjusted_verdict": "verdict after class balance"}),
-        "",
-        "## The class-balance confound",
-        "",
-        "Spearman correlation, per ordering and phase, of the batch's metric value and of its class entropy with its "
-        "mean noise-unit distance, and the metric's partial correlation given class entropy (95 % bootstrap "
-        "intervals over batches).",
-        "",
-        markdown(confound_table(confounds), {"ordering": "ordering", "phase": "phase", **CONFOUND_COLUMNS}),
-        "",
-        "Bold: the 95 % interval excludes 0. A metric correlation that disappears in the partial one is carried by "
-        "the class mix.",
+        markdown(position, {"ordering": "ordering", "phase": "phase", "rank_spearman": "rho(rank)",
+                            "previous_position_spearman": "rho(place in previous epoch)",
+                            "previous_position_se": "se", "rank_given_position_spearman": "rho(rank | place)",
+                            "n_units": "seed-epochs", "n_batchings": "batchings"}, 2),
         "",
         "## Best and worst batches",
         "",
@@ -301,20 +327,20 @@ def main() -> None:
         f"{int(best_worst['rank'].max())} per side: table `best_worst_batches`), and their images.",
         "",
         markdown(best_worst[best_worst["rank"] == 1], {"ordering": "ordering", "phase": "phase", "kind": "kind",
-                                                       "rank": "rank", "batch": "batch",
-                              "noise_z_mean": "mean z", "distance_mean": "mean distance", "metric_mean": "metric mean",
-                              "class_entropy": "class entropy"}),
+                                                       "batch": "batch", "noise_z_mean": "mean z",
+                                                       "distance_mean": "mean distance", "metric_mean": "metric mean",
+                                                       "class_entropy": "class entropy"}),
         "",
-        image_links(copy_figures(manifest, "batch_images"), "batch images"),
+        image_links(figures("batch_images"), "batch images", page),
         "",
     ]
     kept = ""
-    if PAGE.exists() and BEGIN in (text := PAGE.read_text()):
+    if page.exists() and BEGIN in (text := page.read_text()):
         kept = text[text.index(BEGIN): text.index(END) + len(END)]
     out += ["## The answer at this geometry", "",
             kept or f"{BEGIN}\n(to be written from the tables above)\n{END}", ""]
-    PAGE.write_text("\n".join(out))
-    print(f"wrote {PAGE} and {sum(1 for _ in FIGURES.rglob('*.png'))} figures under {FIGURES}")
+    page.write_text("\n".join(out))
+    print(f"wrote {page} and {sum(1 for _ in figures_root.rglob('*.png'))} figures under {figures_root}")
 
 
 if __name__ == "__main__":
