@@ -18,6 +18,7 @@ from best_minibatch.pipelines.batch_selection import create_pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_PER_CLASS, TEST_PER_CLASS = 40, 10
+HISTORY_SECONDS = 2.0
 
 PARAMS = {
     "seeds": [0, 1],
@@ -59,6 +60,10 @@ def inputs(sample_dataset):
             scores, status = score_images(name, train_images.numpy(), ids, {})
         datasets[f"{name}.image_scores"] = scores
         datasets[f"{name}.metric_status"] = status
+        # gradient_training's per-epoch seconds (empty for a skipped metric): learned's up-front cost
+        seconds = [] if name == "perceptual" else [HISTORY_SECONDS, HISTORY_SECONDS + 1.0]
+        datasets[f"{name}.training_history"] = pd.DataFrame({"ordering": name, "seed": range(len(seconds)),
+                                                             "seconds": seconds})
     # distance_analysis' batch table, as computed on 8 batches of all training images; planted so
     # that intensity's batches nearest the middle are closest in phase 1 and the lowest in phase 2.
     rows = []
@@ -115,6 +120,14 @@ def test_pipeline_runs_every_policy_and_reports(inputs, tmp_path):
     assert (results.loc[results["policy"] != "oracle", "probe_passes"] == 0).all()
     curves = load("learning_curves")
     assert len(curves) == 2 * len(S.POLICIES) * 3  # the start and one evaluation per epoch
+    # Equal compute: learned is charged the seconds of intensity's gradient_training run, nobody else anything
+    # up front; the oracle's probing is its selection time.
+    by_policy = results.set_index(["policy", "seed"])
+    assert (by_policy.loc["learned", "upfront_seconds"] == 2 * HISTORY_SECONDS + 1.0).all()
+    assert (results.loc[results["policy"] != "learned", "upfront_seconds"] == 0).all()
+    np.testing.assert_allclose(results["total_seconds"], results["seconds"] + results["upfront_seconds"])
+    np.testing.assert_allclose(results["selection_seconds"], results["probe_seconds"] + results["upfront_seconds"])
+    assert (curves.loc[(curves["policy"] == "learned") & (curves["step"] == 0), "total_seconds"] == 5.0).all()
 
     # The control trains per phase on as many random-ordering batches as learned keeps (2 of the 10).
     learned_counts = pools.loc[pools["policy"] == "learned"].groupby("phase").size()
@@ -129,6 +142,8 @@ def test_pipeline_runs_every_policy_and_reports(inputs, tmp_path):
     assert summary.loc[summary["policy"].isin(compared), "val_auc_ctrl_p_holm"].notna().all()
     assert summary.loc[summary["policy"] == "shuffle", "verdict"].item() == "baseline"
     assert summary.loc[summary["policy"] != "shuffle", "test"].eq("paired t-test").all()
+    assert summary.loc[summary["policy"] != "shuffle", "wallclock_verdict"].isin(
+        ["faster", "slower", "no detectable difference"]).all()
     curve_summary = load("curve_summary")
     assert set(curve_summary["policy"]) == set(S.POLICIES) and (curve_summary["n_seeds"] == 2).all()
 
@@ -168,3 +183,11 @@ def test_batch_selection_is_registered_but_not_in_the_default_run():
     assert "batch_selection" in pipelines
     default_nodes = {n.name for n in pipelines["__default__"].nodes}
     assert not any(name.startswith("batch_selection.") for name in default_nodes)
+
+
+def test_the_pipeline_reads_the_plain_metric_orderings_only():
+    """Each metric's own order is re-cut on the training images; derived orderings of other pipelines (several
+    random batchings, class-stratified variants) are no input of this experiment."""
+    inputs = create_pipeline().inputs()
+    for kind in ("image_scores", "metric_status", "training_history"):
+        assert {name.split(".")[0] for name in inputs if name.endswith(f".{kind}")} == set(METRICS)
