@@ -685,8 +685,8 @@ def report_content(
         epochs_rows=epochs_rows,
         notes=list(notes),
         figure_caption="Validation accuracy against optimizer steps (left) and against wall-clock seconds of "
-                       f"training plus probing (right); lines are means over seeds, bands {pct} t intervals, the "
-                       "dashed line is the target.",
+                       "training, probing and up-front selection (right); lines are means over seeds, bands "
+                       f"{pct} t intervals, the dashed line is the target.",
         control_caption=control_caption,
         control_header=control_header,
         control_rows=control_rows,
