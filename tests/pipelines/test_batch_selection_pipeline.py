@@ -235,6 +235,7 @@ def test_the_results_page_script_writes_the_page_from_a_runs_outputs(inputs, tmp
     for policy in params["policies"]:
         assert f"\n| {policy} |" in text  # a row of the table
     assert "wall-clock verdict" in text and "seconds / run (selection)" in text
+    assert "3 images of each of the 10 classes in every batch, the other 2 from 2 different classes" in text
     assert "learned is charged 5 s up front" in text  # intensity's gradient_training seconds: 2 + 3
     assert S.statistics.answer_sentence(summary) in text
     assert "**Class balancing:** Class balancing" in text and "class_balanced_fixed:" in text

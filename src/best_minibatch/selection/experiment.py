@@ -36,6 +36,7 @@ from torch import nn
 from best_minibatch import parallel
 from best_minibatch.data.images import augment, batch_generator, to_model_input
 from best_minibatch.selection.config import (
+    CLASS_BALANCED,
     CONTROL,
     CURVE_COLUMNS,
     GIB,
@@ -309,6 +310,13 @@ def describe_setup(config: SelectionConfig, split: pd.DataFrame, results: pd.Dat
                   f"({kept_count(config.oracle_keep_fraction, candidates)} of {candidates} per epoch)",
         "device": str(config.recipe.resolved_device()),
     }
+    if balanced := [p for p in CLASS_BALANCED if p in config.policies]:
+        classes = int(split["label"].nunique())
+        extra = m - classes * (m // classes)
+        setup[" and ".join(balanced)] = (
+            f"{m // classes} images of each of the {classes} classes in every batch"
+            + (f", the other {extra} from {extra} different classes in turn" if extra else "")
+            + " (class_balanced: a fresh partition each epoch; class_balanced_fixed: one per seed, reordered)")
     if CONTROL in config.policies:
         setup[CONTROL] = (f"per phase a random {kept_count(config.learned_keep_fraction, k)} of "
                           f"{config.fixed_ordering}'s {k} batches (learned's count), drawn per seed and phase")
