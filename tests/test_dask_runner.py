@@ -113,7 +113,8 @@ SMALL_SELECTION = {**QUICK_RUN_PARAMS, "batch_selection": {
 @pytest.mark.slow
 def test_batch_selection_runs_on_two_workers_give_the_sequential_tables(tmp_path, dask_project):
     """Each (policy, seed) run is a task of its own; the tables are the sequential runner's, bit for bit (the
-    figure and the report fragments show wall-clock seconds, so only the tables are compared)."""
+    figure and the report fragments show wall-clock seconds, so only the tables are compared, without the
+    wall-clock columns: seconds, and the accuracy at shuffle's wall-clock with its verdict)."""
     import shutil
 
     projects = {}
@@ -123,7 +124,8 @@ def test_batch_selection_runs_on_two_workers_give_the_sequential_tables(tmp_path
         (projects[name] / "conf/local/mlflow.yml").write_text("enabled: false\n")
         run_with(projects[name], runner, "batch_selection", SMALL_SELECTION)
     compared, problems = compare_runs().differences(projects["sequential"] / "data", projects["dask"] / "data",
-                                                    {"seconds"}, only="batch_selection", skip={"runs"})
+                                                    {"seconds", "budget", "wallclock"}, only="batch_selection",
+                                                    skip={"runs"})
     tables = [p for p in problems if ".parquet" in p]
     assert compared >= 6 and not tables, "\n".join(tables)
 
@@ -299,6 +301,17 @@ def hand_out_names(x):
     return parallel.map_tasks(worker_name, list(range(4)), label="names")
 
 
+def add(item, shared):
+    from distributed import get_worker
+
+    return item + shared["offset"], get_worker().name
+
+
+@parallel.hands_out_work
+def hand_out_with_shared(x):
+    return parallel.map_tasks(add, list(range(6)), label="shared", shared={"offset": 100})
+
+
 @pytest.fixture
 def cpu_and_gpu_workers():
     """A scheduler with two single-thread worker processes: 'cpu' offers nothing, 'gpu' offers GPU: 1."""
@@ -325,6 +338,21 @@ def test_gpu_tagged_nodes_and_the_trainings_they_hand_out_run_only_where_a_gpu_i
     assert {ran[f"gpu_{i}"] for i in range(6)} == {"gpu"}
     assert ran["handed"] == ["gpu"] * 4
     assert {ran[f"cpu_{i}"] for i in range(6)} <= {"cpu", "gpu"}
+
+
+def test_map_tasks_hands_every_task_the_shared_object(cpu_and_gpu_workers):
+    """``shared`` travels to the workers once (broadcast) and reaches every task beside its item."""
+    handing = node(hand_out_with_shared, "a", "handed", name="hand_out")
+    runner = DaskRunner(config={"cluster": "address", "address": cpu_and_gpu_workers})
+    outputs = runner.run(Pipeline([handing]), DataCatalog({"a": MemoryDataset(0)}))
+    results = outputs["handed"].load()
+    assert [value for value, _ in results] == [100, 101, 102, 103, 104, 105]
+    assert {worker for _, worker in results} <= {"cpu", "gpu"}
+    assert parallel.map_tasks(add_here, [1, 2], label="t", shared=10) == [11, 12]  # outside the runner: here
+
+
+def add_here(item, shared):
+    return item + shared
 
 
 def test_the_gpu_tag_asks_for_nothing_where_no_worker_offers_a_gpu():

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from best_minibatch import validation
+from best_minibatch import selection, validation
 from best_minibatch.batches.orderings import all_orderings
 from best_minibatch.training import gradient_training
 from tests.conftest import PROJECT_ROOT, copy_project
@@ -68,6 +69,51 @@ def test_the_full_environment_is_the_paper_geometry_and_passes_every_run_check(f
         os.chdir(previous)
     assert problems == []
     assert timed == [(195, 256, 10)]  # batches, batch size, orderings (each trained once per seed)
+
+
+def test_the_full_batch_selection_is_the_issue_setup_and_passes_every_run_check(full_dataset):
+    """`kedro run --env full --pipelines=batch_selection` (conf/full/parameters_batch_selection.yml) on the real
+    50,000 images: the paper's batch size, the full environment's model and phases (those its distances were
+    measured with), at least 5 seeds, every policy of issue 24; the split, the steps and the class-balanced
+    batches it makes on the real labels; and every run check passes."""
+    params = full_parameters()
+    config = selection.SelectionConfig.from_params(params["batch_selection"], params["training"],
+                                                   params["sort_batches"]["batch_size"])
+    assert config.batch_size == 256 and len(config.seeds) >= 5
+    assert set(config.policies) == set(selection.POLICIES)  # shuffle, both class-balanced, ..., oracle
+    # learned reads gradient_training's distances: the same model, phases and batch size as that run
+    # (gradient_training trains the shared recipe; batch_selection overrides neither model nor phases' values).
+    assert "training" not in params["gradient_training"]
+    assert config.recipe.model == "small_cnn" and dict(config.recipe.model_options) == {"width": 16}
+    assert config.recipe.phases == tuple((p["epochs"], p["lr"]) for p in params["training"]["phases"])
+    assert config.validation_fraction == 0.2 and config.recipe.cpu_threads == 1
+    assert config.learned_charge_distance_seconds
+
+    index = full_dataset.index
+    split = selection.stratified_validation_split(index, config.validation_fraction, config.validation_seed)
+    counts = split.groupby(["subset", "label"]).size()
+    assert (counts.loc["validation"] == 1000).all() and (counts.loc["train"] == 4000).all()
+    train_ids = selection.subset_ids(split, "train")
+    labels = split.set_index("image_id").loc[train_ids, "label"].to_numpy()
+    policy = selection.build_policy("class_balanced", config, config.seeds[0], train_ids, None, labels=labels)
+    batches = policy.epoch_batches(1, 1)
+    assert batches.shape == (156, 256)  # 40,000 // 256 steps, as every policy takes
+    label_of = np.zeros(int(train_ids.max()) + 1, dtype=np.int64)
+    label_of[train_ids] = labels
+    per_class = np.stack([np.bincount(label_of[b], minlength=10) for b in batches])
+    # 256 = 10 x 25 + 6: 25 of every class, and 6 classes with a 26th, in every batch.
+    assert set(np.unique(per_class)) == {25, 26} and ((per_class == 26).sum(axis=1) == 6).all()
+    assert len(np.unique(batches)) == 156 * 256  # 64 of the 40,000 left out of the epoch
+
+    previous = Path.cwd()
+    os.chdir(PROJECT_ROOT)
+    try:
+        n_train = validation.count_training_images(params["ingest_cifar"]["source"])
+        problems = validation.run_problems(params, ["batch_selection", "training", "sort_batches"],
+                                           validation.RunFacts(n_train=n_train))
+    finally:
+        os.chdir(previous)
+    assert n_train == 50_000 and problems == []
 
 
 def test_one_epoch_of_the_full_environment_runs_on_a_subset_at_the_same_batch_size(tmp_path,

@@ -92,8 +92,9 @@ def experiment():
     advice, _ = S.paper_advice_pool(orderings, config.paper_first_phase, config.paper_later_phases, 3)
     learned, _ = S.learned_pool(orderings["intensity"], stats, "intensity", "noise_z_mean", 0.25, 3)
     pools = pd.concat([S.fixed_order_pool(orderings, "random", 3), advice, learned], ignore_index=True)
+    labels = split.set_index("image_id").loc[train_ids, "label"].to_numpy()
     return {"config": config, "index": index, "split": split, "train_ids": train_ids, "orderings": orderings,
-            "pools": pools}
+            "pools": pools, "labels": labels}
 
 
 def fake_probe(candidates: np.ndarray) -> np.ndarray:
@@ -168,7 +169,7 @@ def test_every_policy_takes_the_baselines_steps_on_training_images_only(experime
     validation_ids = S.subset_ids(experiment["split"], "validation")
     test_ids = experiment["index"].loc[experiment["index"]["split"] == "test", "image_id"].to_numpy()
     baseline = S.build_policy("shuffle", config, 0, train_ids, experiment["pools"])
-    policy = S.build_policy(policy_name, config, 0, train_ids, experiment["pools"])
+    policy = S.build_policy(policy_name, config, 0, train_ids, experiment["pools"], labels=experiment["labels"])
     baseline_total = policy_total = 0
     used = []
     for epoch, phase, _ in config.recipe.schedule:
@@ -292,6 +293,94 @@ def test_pool_cycler_uses_every_batch_equally_often():
     taken = np.concatenate([cycler.take(5) for _ in range(7)])  # 35 steps over 7 batches
     counts = np.bincount(taken[:, 0] // 10, minlength=7)
     assert (counts == 5).all()
+
+
+# --------------------------------------------------------------------------- class-balanced batches
+
+
+def class_counts(batches: np.ndarray, label_of: dict[int, int], n_classes: int) -> np.ndarray:
+    """``K x C`` counts of each class in each batch."""
+    return np.array([np.bincount([label_of[int(i)] for i in batch], minlength=n_classes) for batch in batches])
+
+
+def test_class_balanced_partition_holds_m_over_c_of_every_class_and_every_image_once():
+    ids = np.arange(1000, 1400)  # 40 images of each of 10 classes, in class order
+    labels = np.repeat(np.arange(10), 40)
+    label_of = dict(zip(ids.tolist(), labels.tolist()))
+    batches = S.class_balanced_partition(ids, labels, 20, np.random.default_rng(0))
+    assert batches.shape == (20, 20)  # K = 400 / 20
+    assert (class_counts(batches, label_of, 10) == 2).all()  # m / C = 2 of every class in every batch
+    np.testing.assert_array_equal(np.sort(batches.ravel()), ids)  # every image exactly once
+
+
+def test_class_balanced_partition_deals_the_remainder_over_different_classes():
+    # m = 25 is no multiple of C = 10: 2 of every class, and the 5 remaining places from 5 different classes.
+    ids = np.arange(400)
+    labels = ids % 10
+    label_of = dict(zip(ids.tolist(), labels.tolist()))
+    batches = S.class_balanced_partition(ids, labels, 25, np.random.default_rng(1))
+    counts = class_counts(batches, label_of, 10)
+    assert batches.shape == (16, 25)
+    assert set(np.unique(counts)) == {2, 3} and ((counts == 3).sum(axis=1) == 5).all()
+    np.testing.assert_array_equal(np.sort(batches.ravel()), ids)  # 16 x 25 = 400: still every image once
+    # Over the epoch the extra places go round the classes: each class gets 8 of the 80.
+    np.testing.assert_array_equal((counts == 3).sum(axis=0), np.full(10, 8))
+
+
+def test_class_balanced_partition_with_unequal_classes_and_a_remainder_of_images():
+    sizes = [60, 50, 40, 40, 40, 40, 40, 40, 30, 10]  # 390 images; m = 20 gives K = 19 batches, 10 left out
+    labels = np.repeat(np.arange(10), sizes)
+    ids = np.arange(len(labels)) * 3 + 7
+    label_of = dict(zip(ids.tolist(), labels.tolist()))
+    batches = S.class_balanced_partition(ids, labels, 20, np.random.default_rng(2))
+    assert batches.shape == (19, 20)
+    used = batches.ravel()
+    assert len(np.unique(used)) == used.size == 380 and np.isin(used, ids).all()  # no image twice; 390 - 380 out
+    counts = class_counts(batches, label_of, 10)
+    # Every batch gets min(m // C, n_c // K) of class c: 2 of the classes with at least 38 images, 1 of the
+    # class of 30, none guaranteed of the class of 10 (its images fill remaining places instead).
+    quota = np.minimum(2, np.array(sizes) // 19)
+    assert (counts >= quota).all()
+    assert counts[:, 9].sum() == 10  # the small class's images are all used, spread over the batches
+    assert counts[:, 9].max() == 1
+
+
+@pytest.mark.parametrize("name", S.CLASS_BALANCED)
+def test_class_balanced_policies_differ_between_epochs_and_seeds_and_repeat_for_a_seed(experiment, name):
+    config, train_ids, labels = experiment["config"], experiment["train_ids"], experiment["labels"]
+    label_of = dict(zip(train_ids.tolist(), labels.tolist()))
+    schedule = config.recipe.schedule
+
+    def epochs(seed: int) -> list[np.ndarray]:
+        policy = S.build_policy(name, config, seed, train_ids, experiment["pools"], labels=labels)
+        return [policy.epoch_batches(epoch, phase) for epoch, phase, _ in schedule]
+
+    first, again, other = epochs(0), epochs(0), epochs(1)
+    for batches in first + other:
+        # 24 training images per class and batches of 10: K = 24, one of every class per batch, all once.
+        assert (class_counts(batches, label_of, N_CLASSES) == BATCH // N_CLASSES).all()
+        np.testing.assert_array_equal(np.sort(batches.ravel()), train_ids)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)  # reproducible for a seed
+    assert not np.array_equal(first[0], first[1])  # a fresh order (and, unless fixed, partition) each epoch
+    as_sets = [{frozenset(b.tolist()) for b in batches} for batches in first]
+    other_sets = {frozenset(b.tolist()) for b in other[0]}
+    assert other_sets != as_sets[0]  # another seed, another partition
+    if name == "class_balanced_fixed":
+        assert all(s == as_sets[0] for s in as_sets)  # one partition, reordered
+    else:
+        assert as_sets[0] != as_sets[1]  # a fresh partition every epoch
+    with pytest.raises(S.SelectionDataError, match="labels"):
+        S.build_policy(name, config, 0, train_ids, experiment["pools"])
+
+
+def test_first_batching_keeps_the_single_batching_of_a_multi_batching_table(experiment):
+    scores = synthetic_scores(experiment["index"])["random"]
+    several = pd.concat([scores.assign(batching=0),
+                         scores.assign(batching=1, score=scores["score"].to_numpy()[::-1])], ignore_index=True)
+    train_ids = experiment["train_ids"]
+    np.testing.assert_array_equal(S.ordering_batches(several, "random", train_ids, BATCH),
+                                  S.ordering_batches(scores, "random", train_ids, BATCH))
 
 
 # --------------------------------------------------------------------------- the oracle
@@ -427,7 +516,7 @@ def test_training_is_reproducible_on_the_cpu(experiment, tiny_data):
         torch.manual_seed(3)
         policy = S.build_policy("paper_advice", config, 3, tiny_data.train_ids, experiment["pools"])
         curve, result = S.train_with_policy(policy, tiny_model(), tiny_data, config.recipe, seed=3)
-        runs.append((curve.drop(columns=["seconds", "probe_seconds"]), result["test_loss"]))
+        runs.append((curve.drop(columns=["seconds", "probe_seconds", "total_seconds"]), result["test_loss"]))
     pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
 
@@ -456,6 +545,32 @@ def test_run_experiment_pairs_policies_by_seed(experiment, tiny_data):
     start = results.curves.loc[results.curves["step"] == 0].set_index(["seed", "policy"])["val_loss"]
     assert start.loc[(5, "shuffle")] == start.loc[(5, "fixed_random")]
     assert start.loc[(5, "shuffle")] != start.loc[(6, "shuffle")]
+
+
+def test_upfront_selection_cost_is_learned_s_measured_analysis_seconds():
+    config = S.SelectionConfig.from_params(base_params())
+    history = pd.DataFrame({"seed": [0, 0, 1, 1], "seconds": [1.5, 2.0, 1.0, 0.5]})
+    assert S.upfront_selection_seconds(config, {"intensity": history, "color": history * 10}) == {"learned": 5.0}
+    free = S.SelectionConfig.from_params(base_params(learned={"charge_distance_seconds": False}))
+    assert S.upfront_selection_seconds(free, {}) == {}
+    without = S.SelectionConfig.from_params(base_params(policies=["shuffle", "oracle"]))
+    assert S.upfront_selection_seconds(without, {}) == {}
+    with pytest.raises(S.SelectionDataError, match="intensity.training_history"):
+        S.upfront_selection_seconds(config, {"color": history})
+    with pytest.raises(S.SelectionConfigError, match="learned.charge_distance_seconds"):
+        S.SelectionConfig.from_params(base_params(learned={"charge_distance_seconds": "yes"}))
+
+
+def test_training_adds_the_upfront_selection_seconds_to_its_clock(experiment, tiny_data):
+    config = experiment["config"]
+    torch.manual_seed(0)
+    policy = S.build_policy("shuffle", config, 0, tiny_data.train_ids, experiment["pools"])
+    curve, result = S.train_with_policy(policy, tiny_model(), tiny_data, config.recipe, seed=0, upfront_seconds=100.0)
+    np.testing.assert_allclose(curve["total_seconds"], curve["seconds"] + 100.0)
+    assert curve["total_seconds"].iloc[0] == 100.0  # before the first step the selection is already paid
+    assert result["upfront_seconds"] == 100.0
+    assert result["total_seconds"] == pytest.approx(result["seconds"] + 100.0)
+    assert result["selection_seconds"] == pytest.approx(result["probe_seconds"] + 100.0)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -545,6 +660,56 @@ def planted_curves(effects: dict[str, float], seeds=range(6), steps=(0, 10, 20, 
                             "test_loss": 1.0, "test_accuracy": rows[-1]["val_accuracy"] + rng.normal(0, 0.002),
                             "distinct_images_trained": 100})
     return pd.DataFrame(rows), pd.DataFrame(results)
+
+
+def with_clock(curves: pd.DataFrame, results: pd.DataFrame, upfront: dict[str, float],
+               per_step: dict[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The planted tables with the equal-compute columns: per-step seconds and an up-front cost per policy."""
+    curves, results = curves.copy(), results.copy()
+    rate = curves["policy"].map(lambda p: (per_step or {}).get(p, 0.5))
+    curves["seconds"] = curves["step"] * rate
+    curves["total_seconds"] = curves["seconds"] + curves["policy"].map(lambda p: upfront.get(p, 0.0))
+    ends = curves.sort_values("step").groupby(["seed", "policy"]).tail(1).set_index(["seed", "policy"])
+    key = list(zip(results["seed"], results["policy"]))
+    results["seconds"] = ends.loc[key, "seconds"].to_numpy()
+    results["upfront_seconds"] = results["policy"].map(lambda p: upfront.get(p, 0.0))
+    results["selection_seconds"] = results["probe_seconds"] + results["upfront_seconds"]
+    results["total_seconds"] = results["seconds"] + results["upfront_seconds"]
+    return curves, results
+
+
+def test_equal_wall_clock_counts_the_selection_time():
+    # Same accuracy per step as shuffle, but "costly" pays 12 s up front (shuffle's runs take 20 s), so at
+    # shuffle's wall-clock it has trained only 16 of 40 steps; "hopeless" pays more than shuffle's whole run
+    # and counts with its initial model; "slow" is 3x slower per step.
+    effects = {"shuffle": 0.0, "costly": 0.0, "hopeless": 0.0, "slow": 0.0}
+    curves, results = with_clock(*planted_curves(effects), upfront={"costly": 12.0, "hopeless": 30.0},
+                                 per_step={"slow": 1.5})
+    summary = T.policy_summary(curves, results, target=0.35, policies=list(effects)).set_index("policy")
+    # At equal steps all are the same ...
+    assert set(summary.loc[["costly", "hopeless", "slow"], "verdict"]) == {T.NO_DIFFERENCE}
+    # ... at equal wall-clock, selection time included, they are behind.
+    assert summary.loc[["costly", "hopeless", "slow"], "wallclock_verdict"].tolist() == [T.SLOWER] * 3
+    assert summary.loc["shuffle", "wallclock_verdict"] == T.BASELINE_VERDICT
+    by_run = T.run_endpoints(curves, results, 0.35).set_index(["policy", "seed"])
+    assert (by_run.loc["hopeless", "val_at_budget"] == 0.1).all()  # the accuracy before the first step
+    assert (by_run.loc["costly", "steps_at_budget"] == 10).all()  # 12 + 0.5 x 10 <= 20 < 12 + 0.5 x 20
+    np.testing.assert_allclose(by_run.loc["shuffle", "val_at_budget"], by_run.loc["shuffle", "final_val_accuracy"])
+    # Seconds to the target count the up-front cost too.
+    shuffle_s, costly_s = summary.loc["shuffle", "seconds_to_target_mean"], summary.loc["costly", "seconds_to_target_mean"]
+    assert costly_s == pytest.approx(shuffle_s + 12.0)
+    np.testing.assert_allclose(summary.loc[["costly", "hopeless", "slow"], "val_at_budget_p_holm"],
+                               holm_adjust(summary.loc[["costly", "hopeless", "slow"], "val_at_budget_p"]))
+    sentence = T.answer_sentence(summary.reset_index())
+    assert "at equal wall-clock" in sentence and "costly, hopeless and slow lower" in sentence
+    content = T.report_content(summary.reset_index(), T.curve_summary(curves), sentence, {})
+    column = content.summary_header.index("wall-clock verdict")
+    assert [row[column] for row in content.summary_rows] == [T.BASELINE_VERDICT] + [T.SLOWER] * 3
+    seconds = content.summary_header.index("seconds / run (selection)")
+    assert content.summary_rows[1][seconds] == "32.0 (12.0)"
+    figure = T.convergence_figure(T.curve_summary(curves), 0.35)
+    assert figure.axes[1].get_xscale() == "log"  # an up-front cost: the seconds axis is logarithmic
+    plt.close(figure)
 
 
 def test_summary_finds_the_planted_verdicts():

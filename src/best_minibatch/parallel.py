@@ -85,20 +85,27 @@ def is_handing_out() -> bool:
     return _HAND_OUT.get() is not None
 
 
-def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, label: str,
-              on_result: Callable[[int, R], None] | None = None) -> list[R]:
+_NO_SHARED = object()
+
+
+def map_tasks(fn: Callable[..., R], items: Sequence[T], *, label: str,
+              on_result: Callable[[int, R], None] | None = None, shared: Any = _NO_SHARED) -> list[R]:
     """``[fn(item) for item in items]``: as Dask tasks under :func:`handing_out`, else here, one after another.
 
     ``on_result(index, result)`` is called as each result arrives (in completion order
     on a cluster, in item order here). ``label`` names the tasks on the cluster's
     dashboard and in the log. The first task that fails cancels the others and its
-    error is raised here.
+    error is raised here. With ``shared``, every call is ``fn(item, shared)``: what all
+    items need (the training images) is shipped to each worker once, not once per item
+    (items are scattered one by one, so a large object inside every item would be
+    copied as many times as there are items).
     """
     hand_out = _HAND_OUT.get()
+    extra = () if shared is _NO_SHARED else (shared,)
     if hand_out is None or len(items) == 0:
         results = []
         for index, item in enumerate(items):
-            results.append(fn(item))
+            results.append(fn(item, *extra))
             if on_result is not None:
                 on_result(index, results[-1])
         return results
@@ -109,8 +116,11 @@ def map_tasks(fn: Callable[[T], R], items: Sequence[T], *, label: str,
     # worker_client secedes this task from the worker's thread pool while it waits: the worker
     # runs other tasks (the ones handed out among them) in its place.
     with worker_client() as client:
-        # Scattered one by one: an item (training data) is shipped to the worker that runs it only.
-        futures = [client.submit(fn, client.scatter(item, hash=False), key=f"{label}-{index}-{os.urandom(4).hex()}",
+        if extra:  # once to every worker (the tasks may run on any of them)
+            extra = (client.scatter(shared, broadcast=True, hash=False),)
+        # Scattered one by one: an item is shipped to the worker that runs it only.
+        futures = [client.submit(fn, client.scatter(item, hash=False), *extra,
+                                 key=f"{label}-{index}-{os.urandom(4).hex()}",
                                  resources=dict(hand_out.resources) or None, pure=False)
                    for index, item in enumerate(items)]
         index_of = {future.key: index for index, future in enumerate(futures)}

@@ -66,7 +66,8 @@ HISTORY_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
 #: The learning-curve columns of ``batch_selection.learning_curves`` logged per (policy, seed).
 CURVE_METRICS = ("val_accuracy", "val_loss", "train_loss")
 #: The per-run results of ``batch_selection.run_results`` logged once per (policy, seed).
-RESULT_METRICS = ("final_val_accuracy", "test_accuracy", "test_loss", "steps", "seconds", "probe_seconds")
+RESULT_METRICS = ("final_val_accuracy", "test_accuracy", "test_loss", "steps", "seconds", "probe_seconds",
+                  "total_seconds")
 #: The logger and message of gradient_training that say a training was found by its hash.
 TRAINING_LOGGER = "best_minibatch.training.gradient_training"
 _FOUND = re.compile(r"^(?P<label>.+?): run '(?P<run_name>[^']+)' found in .*, "

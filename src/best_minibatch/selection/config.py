@@ -21,7 +21,10 @@ from best_minibatch.training.recipe import TrainingRecipe
 
 PARAMS_NAME = "batch_selection"
 WHERE = "conf/<env>/parameters_batch_selection.yml"
-POLICIES = ("shuffle", "fixed_random", "random_subset", "paper_advice", "learned", "oracle")
+POLICIES = ("shuffle", "class_balanced", "class_balanced_fixed", "fixed_random", "random_subset", "paper_advice",
+            "learned", "oracle")
+#: Batches holding (as nearly as the batch size allows) the same number of images of every class.
+CLASS_BALANCED = ("class_balanced", "class_balanced_fixed")
 BASELINE = "shuffle"
 #: Trains on a random subset of the batches, as many as ``learned`` keeps: separates "fewer distinct
 #: images" from "worse batches" for the policies that train on a fraction of the batches.
@@ -34,13 +37,18 @@ ADVICE_GROUPS = ("upper_quartile", "lower_quartile", "middle_80", "extremes", "a
 #: Per-batch measures of ``distance_analysis`` where smaller means closer to the full gradient.
 CLOSENESS_MEASURES = ("noise_z_mean", "noise_ratio_mean", "distance_mean", "relative_distance_mean")
 
+#: ``seconds``: the loop's clock (training steps, drawing the epoch's batches, the oracle's probing);
+#: ``total_seconds``: that plus the policy's up-front selection cost (``upfront_seconds``: the
+#: measured seconds of the analysis whose distances ``learned`` uses), the wall-clock the
+#: equal-wall-clock comparison reads.
 CURVE_COLUMNS = [
     "seed", "policy", "epoch", "phase", "learning_rate", "step", "passes", "probe_passes",
-    "seconds", "probe_seconds", "train_loss", "val_loss", "val_accuracy",
+    "seconds", "probe_seconds", "total_seconds", "train_loss", "val_loss", "val_accuracy",
 ]
 RESULT_COLUMNS = [
-    "seed", "policy", "steps", "passes", "probe_passes", "seconds", "probe_seconds",
-    "final_val_accuracy", "test_loss", "test_accuracy", "distinct_images_trained",
+    "seed", "policy", "steps", "passes", "probe_passes", "seconds", "probe_seconds", "upfront_seconds",
+    "selection_seconds", "total_seconds", "final_val_accuracy", "test_loss", "test_accuracy",
+    "distinct_images_trained",
 ]
 POOL_COLUMNS = ["policy", "phase", "pool_batch", "source_ordering", "source_batch", "position", "image_ids"]
 KNOWN = ("seeds", "policies", "validation", "target_validation_accuracy", "training", "fixed_random",
@@ -89,6 +97,7 @@ class SelectionConfig:
     learned_ordering: str
     learned_measure: str
     learned_keep_fraction: float
+    learned_charge_distance_seconds: bool
     oracle_keep_fraction: float
     oracle_candidates: int | None
     oracle_memory_cap_gb: float
@@ -138,7 +147,7 @@ class SelectionConfig:
         advice = section.section("paper_advice", ("first_phase", "later_phases"))
         first = _advice(advice, "first_phase", {"intensity": "upper_quartile", "perceptual": "upper_quartile"})
         later = _advice(advice, "later_phases", {m: "middle_80" for m in ("intensity", "color", "edges", "perceptual")})
-        learned = section.section("learned", ("ordering", "measure", "keep_fraction"))
+        learned = section.section("learned", ("ordering", "measure", "keep_fraction", "charge_distance_seconds"))
         learned_ordering = learned.get("ordering", "intensity")
         if not isinstance(learned_ordering, str):
             raise learned.error("ordering", f"expected an ordering name, got {learned_ordering!r}",
@@ -155,6 +164,7 @@ class SelectionConfig:
             recipe=recipe, fixed_ordering=fixed_ordering, paper_first_phase=first, paper_later_phases=later,
             learned_ordering=learned_ordering, learned_measure=measure,
             learned_keep_fraction=_fraction(learned, "keep_fraction"),
+            learned_charge_distance_seconds=learned.boolean("charge_distance_seconds", True),
             oracle_keep_fraction=_fraction(oracle, "keep_fraction"),
             oracle_candidates=oracle.integer("candidates", None, 1, "null probes every batch of a fresh random "
                                              "partition (K candidates).", optional=True),

@@ -36,6 +36,7 @@ from torch import nn
 from best_minibatch import parallel
 from best_minibatch.data.images import augment, batch_generator, to_model_input
 from best_minibatch.selection.config import (
+    CLASS_BALANCED,
     CONTROL,
     CURVE_COLUMNS,
     GIB,
@@ -170,6 +171,7 @@ def train_with_policy(
     seed: int,
     memory_cap_bytes: float = float("inf"),
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    upfront_seconds: float = 0.0,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Train ``model`` (already initialised, on its device) for the recipe's epochs on the policy's batches.
 
@@ -178,7 +180,9 @@ def train_with_policy(
     epoch the model is evaluated on the validation images; the clock (``seconds``)
     counts training steps and gradient probing only, not evaluations. ``passes``
     counts forward + backward passes of one batch: optimizer steps plus the
-    oracle's probes. Returns the curve (one row per evaluation,
+    oracle's probes. ``upfront_seconds`` is the policy's selection cost paid before
+    training (``learned``'s distances): ``total_seconds`` = ``seconds`` + it, in the
+    curve and the results. Returns the curve (one row per evaluation,
     :data:`CURVE_COLUMNS`) and the run's results (:data:`RESULT_COLUMNS`; test
     accuracy is measured once, at the end).
     """
@@ -203,7 +207,8 @@ def train_with_policy(
         curve.append({"seed": seed, "policy": policy.name, "epoch": plan.epoch, "phase": plan.phase,
                       "learning_rate": plan.learning_rate, "step": step,
                       "passes": step + counters["probe_passes"], "probe_passes": counters["probe_passes"],
-                      "seconds": seconds, "probe_seconds": counters["probe_seconds"], "train_loss": train_loss,
+                      "seconds": seconds, "probe_seconds": counters["probe_seconds"],
+                      "total_seconds": seconds + upfront_seconds, "train_loss": train_loss,
                       "val_loss": val_loss, "val_accuracy": val_accuracy})
 
     def probe_candidates(candidates: np.ndarray) -> np.ndarray:
@@ -259,7 +264,9 @@ def train_with_policy(
     results = {"seed": seed, "policy": policy.name, "steps": state.step,
                "passes": state.step + counters["probe_passes"], "probe_passes": counters["probe_passes"],
                "seconds": state.seconds, "probe_seconds": counters["probe_seconds"],
-               "final_val_accuracy": curve[-1]["val_accuracy"], "test_loss": test_loss,
+               "upfront_seconds": upfront_seconds, "selection_seconds": counters["probe_seconds"] + upfront_seconds,
+               "total_seconds": state.seconds + upfront_seconds, "final_val_accuracy": curve[-1]["val_accuracy"],
+               "test_loss": test_loss,
                "test_accuracy": test_accuracy, "distinct_images_trained": len(trained)}
     return pd.DataFrame(curve, columns=CURVE_COLUMNS), results
 
@@ -303,6 +310,13 @@ def describe_setup(config: SelectionConfig, split: pd.DataFrame, results: pd.Dat
                   f"({kept_count(config.oracle_keep_fraction, candidates)} of {candidates} per epoch)",
         "device": str(config.recipe.resolved_device()),
     }
+    if balanced := [p for p in CLASS_BALANCED if p in config.policies]:
+        classes = int(split["label"].nunique())
+        extra = m - classes * (m // classes)
+        setup[" and ".join(balanced)] = (
+            f"{m // classes} images of each of the {classes} classes in every batch"
+            + (f", the other {extra} from {extra} different classes in turn" if extra else "")
+            + " (class_balanced: a fresh partition each epoch; class_balanced_fixed: one per seed, reordered)")
     if CONTROL in config.policies:
         setup[CONTROL] = (f"per phase a random {kept_count(config.learned_keep_fraction, k)} of "
                           f"{config.fixed_ordering}'s {k} batches (learned's count), drawn per seed and phase")
@@ -324,6 +338,7 @@ def run_experiment(
     data: ImageData,
     pools: pd.DataFrame,
     model_factory: Callable[[], nn.Module],
+    upfront_seconds: Mapping[str, float] | None = None,
 ) -> ExperimentResults:
     """Every seed x policy run. Seeds are the outer loop so that a change in machine load hits all policies.
 
@@ -333,13 +348,16 @@ def run_experiment(
     every run is a task of its own (``best_minibatch.parallel``), elsewhere they run
     here one after another. The tables are assembled in run order either way.
     ``data`` may live on the CPU: each run moves it to the recipe's device.
+    ``upfront_seconds`` maps a policy to its selection cost paid before training
+    (:func:`upfront_selection_seconds`), added to every run's ``total_seconds``.
     """
     recipe = config.recipe
     device = recipe.resolved_device()
     quiet = dataclasses.replace(recipe, progress_bar=False)  # one bar over runs, not per epoch
     if not parallel.is_handing_out():
         data = data.to(device)  # once here; a task on another worker moves its own copy
-    runs = [SelectionRun(config, quiet, data, pools, model_factory, seed, name)
+    upfront = dict(upfront_seconds or {})
+    runs = [SelectionRun(config, quiet, pools, model_factory, seed, name, float(upfront.get(name, 0.0)))
             for seed in config.seeds for name in config.policies]
     with progress_bar(recipe.progress_bar, "batch_selection runs", len(runs)) as advance:
         def done(index: int, outcome: tuple[pd.DataFrame, dict[str, Any]]) -> None:
@@ -352,30 +370,63 @@ def run_experiment(
             )
             advance()
 
-        outcomes = parallel.map_tasks(train_one_run, runs, label="batch_selection", on_result=done)
+        # The images go to each worker once (shared), not once per run: at the full geometry they are
+        # 60,000 model-ready images, about 0.7 GB, against 40 runs.
+        outcomes = parallel.map_tasks(train_one_run, runs, label="batch_selection", on_result=done, shared=data)
     return ExperimentResults(pd.concat([curve for curve, _ in outcomes], ignore_index=True),
                              pd.DataFrame([result for _, result in outcomes], columns=RESULT_COLUMNS))
 
 
 @dataclass
 class SelectionRun:
-    """One (seed, policy) run of the experiment: everything it needs, so it can run in another process."""
+    """One (seed, policy) run of the experiment: everything it needs but the images, so it can run in another
+    process (the images, the same for every run, travel beside it once per worker)."""
 
     config: SelectionConfig
     recipe: TrainingRecipe  # the experiment's recipe without the per-epoch progress bar
-    data: ImageData
     pools: pd.DataFrame
     model_factory: Callable[[], nn.Module]
     seed: int
     policy: str
+    upfront_seconds: float = 0.0
 
 
-def train_one_run(run: SelectionRun) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Train one (seed, policy) run from its seed's initial weights; its curve and results."""
+def train_one_run(run: SelectionRun, data: ImageData) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Train one (seed, policy) run on ``data`` from its seed's initial weights; its curve and results."""
     with training_environment(run.recipe):
         device = run.recipe.resolved_device()
-        data = run.data.to(device)
+        data = data.to(device)
         torch.manual_seed(run.seed)
         model = run.model_factory().to(device)
-        policy = build_policy(run.policy, run.config, run.seed, data.train_ids, run.pools)
-        return train_with_policy(policy, model, data, run.recipe, run.seed, run.config.oracle_memory_cap_gb * GIB)
+        labels = data.labels[data.rows(data.train_ids).to(data.labels.device)].cpu().numpy()
+        policy = build_policy(run.policy, run.config, run.seed, data.train_ids, run.pools, labels=labels)
+        return train_with_policy(policy, model, data, run.recipe, run.seed, run.config.oracle_memory_cap_gb * GIB,
+                                 upfront_seconds=run.upfront_seconds)
+
+
+def upfront_selection_seconds(config: SelectionConfig, histories: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+    """Each policy's selection cost paid before training, in measured seconds: ``{policy: seconds}``.
+
+    ``learned`` picks its batches from ``distance_analysis``' distances, which exist
+    only because ``gradient_training`` trained ``learned.ordering`` with Algorithm 1's
+    probe for every seed: its cost is the sum of that ordering's ``training_history``
+    ``seconds`` (every epoch of every seed: training pass, probe of every batch, null
+    batches, test evaluation), charged in full to each ``learned`` run
+    (``learned.charge_distance_seconds: false`` charges nothing). The oracle's cost
+    is paid during training and is already in its ``seconds`` (``probe_seconds``).
+    Other policies have none.
+    """
+    if "learned" not in config.policies or not config.learned_charge_distance_seconds:
+        return {}
+    history = histories.get(config.learned_ordering)
+    if history is None or len(history) == 0 or "seconds" not in history.columns:
+        raise SelectionDataError(
+            f"learned's up-front cost is the seconds of gradient_training's '{config.learned_ordering}' run, but "
+            f"{config.learned_ordering}.training_history is {'empty' if history is not None else 'missing'}; run "
+            "gradient_training first, or set batch_selection.learned.charge_distance_seconds: false."
+        )
+    seconds = history["seconds"].to_numpy(np.float64)
+    if not np.isfinite(seconds).all() or (seconds < 0).any():
+        raise SelectionDataError(f"{config.learned_ordering}.training_history has seconds that are not finite and "
+                                 "non-negative; rerun gradient_training.")
+    return {"learned": float(seconds.sum())}

@@ -1,7 +1,9 @@
-"""The six policies: each picks the batches of every epoch, all taking the same number of steps.
+"""The policies: each picks the batches of every epoch, all taking the same number of steps.
 
 Knows nothing of Kedro. ``shuffle`` (a fresh random partition per epoch, the
-baseline), ``fixed_random`` (the null ordering's batches in a fixed order),
+baseline), ``class_balanced`` (a fresh class-balanced partition per epoch),
+``class_balanced_fixed`` (one class-balanced partition per seed, in a fresh order
+each epoch), ``fixed_random`` (the null ordering's batches in a fixed order),
 ``random_subset``, ``paper_advice`` and ``learned`` (per phase, cycled from a
 pool, ``pools.py``) and ``oracle`` (probes a fresh partition's gradients at the
 epoch start through Algorithm 1's probe and keeps the closest to their mean).
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from best_minibatch.selection.config import (
+    CLASS_BALANCED,
     CONTROL,
     POLICIES,
     SelectionConfig,
@@ -68,6 +71,81 @@ class ShufflePolicy(BatchPolicy):
 
     def epoch_batches(self, epoch: int, phase: int, probe: ProbeFn | None = None) -> np.ndarray:
         return random_partition(self.train_ids, self.batch_size, self.rng)
+
+
+def class_balanced_partition(train_ids: np.ndarray, labels: np.ndarray, batch_size: int,
+                             rng: np.random.Generator) -> np.ndarray:
+    """A random partition of ``train_ids`` into ``K = floor(N / m)`` batches with as equal class counts as can be.
+
+    With ``C`` classes, every batch first gets ``q_c = min(floor(m / C), floor(n_c / K))``
+    images of each class ``c`` (``n_c`` its images): ``floor(m / C)`` when the class has
+    enough, fewer only for a class too small to give that many to every batch. The
+    ``r = m - sum_c q_c`` remaining places of each batch (the remainder of ``m / C``,
+    plus what small classes could not give) are filled from the images left over,
+    dealt round-robin over the classes: the leftovers are interleaved (one of each
+    class in a random class order, then the next of each, ...) and cut into
+    consecutive runs of ``r``, so a batch's extra images come from ``r`` different
+    classes while ``r <= C`` and those classes have leftovers. With equal classes a
+    batch therefore holds ``floor(m / C)`` or ``floor(m / C) + 1`` images of every
+    class, exactly ``m / C`` when ``C`` divides ``m``. The ``N - K m`` leftovers dealt
+    last are left out of the epoch (as ``shuffle``'s remainder is). Which images of a
+    class go to which batch, the class order of the leftovers and the order of the
+    batches are all drawn from ``rng``.
+    """
+    train_ids = np.asarray(train_ids, dtype=np.int64)
+    labels = np.asarray(labels)
+    if labels.shape != train_ids.shape:
+        raise SelectionDataError(f"{len(labels)} labels for {len(train_ids)} training images.")
+    k = len(train_ids) // batch_size
+    if k == 0:
+        raise SelectionDataError(f"{len(train_ids)} training images cannot fill one batch of {batch_size}.")
+    classes = np.unique(labels)
+    per_class = batch_size // len(classes)
+    columns, leftovers = [], []
+    for label in classes:
+        members = rng.permutation(train_ids[labels == label])
+        quota = min(per_class, len(members) // k)
+        columns.append(members[: k * quota].reshape(k, quota))
+        leftovers.append(members[k * quota:])
+    remainder = batch_size - sum(c.shape[1] for c in columns)
+    if remainder:
+        rounds = max(len(part) for part in leftovers)
+        class_order = rng.permutation(len(classes))
+        interleaved = np.concatenate([leftovers[c][j: j + 1] for j in range(rounds) for c in class_order])
+        columns.append(interleaved[: k * remainder].reshape(k, remainder))
+    batches = np.concatenate(columns, axis=1)
+    return rng.permuted(batches[rng.permutation(k)], axis=1)
+
+
+class ClassBalancedPolicy(BatchPolicy):
+    """Class-balanced batches (:func:`class_balanced_partition`): a fresh partition each epoch, or one per seed.
+
+    ``fixed=False`` (``class_balanced``): every epoch a new partition, in a new
+    order, from the generator of ``(seed, "class_balanced")``. ``fixed=True``
+    (``class_balanced_fixed``): one partition drawn once from ``(seed,
+    "class_balanced_fixed", "partition")``, its batches visited each epoch in a
+    fresh order from ``(seed, "class_balanced_fixed", "order")``; it separates
+    "balanced" from "balanced and freshly partitioned".
+    """
+
+    def __init__(self, train_ids: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                 fixed: bool = False) -> None:
+        super().__init__(len(train_ids) // batch_size, batch_size)
+        self.name = "class_balanced_fixed" if fixed else "class_balanced"
+        self.train_ids = np.asarray(train_ids, dtype=np.int64)
+        self.labels = np.asarray(labels)
+        self.fixed = fixed
+        if fixed:
+            self.partition = class_balanced_partition(self.train_ids, self.labels, batch_size,
+                                                      policy_rng(seed, self.name, "partition"))
+            self.rng = policy_rng(seed, self.name, "order")
+        else:
+            self.rng = policy_rng(seed, self.name)
+
+    def epoch_batches(self, epoch: int, phase: int, probe: ProbeFn | None = None) -> np.ndarray:
+        if self.fixed:
+            return self.partition[self.rng.permutation(len(self.partition))]
+        return class_balanced_partition(self.train_ids, self.labels, self.batch_size, self.rng)
 
 
 class FixedOrderPolicy(BatchPolicy):
@@ -178,15 +256,26 @@ def build_policy(
     config: SelectionConfig,
     seed: int,
     train_ids: np.ndarray,
-    pools: pd.DataFrame,
+    pools: pd.DataFrame | None,
+    labels: np.ndarray | None = None,
 ) -> BatchPolicy:
-    """The policy ``name`` for one seed, from the split's training ids and the pool table."""
+    """The policy ``name`` for one seed, from the split's training ids (and their ``labels``) and the pool table.
+
+    ``labels`` (one per training id) are needed by the class-balanced policies only;
+    ``pools`` by the policies built from the pool table only.
+    """
     m = config.batch_size
     steps = len(train_ids) // m
     if name == "shuffle":
         return ShufflePolicy(train_ids, m, seed)
+    if name in CLASS_BALANCED:
+        if labels is None:
+            raise SelectionDataError(f"Policy '{name}' needs the labels of the training images.")
+        return ClassBalancedPolicy(train_ids, labels, m, seed, fixed=name == "class_balanced_fixed")
     if name == "oracle":
         return OraclePolicy(train_ids, m, seed, config.oracle_keep_fraction, config.oracle_candidates)
+    if pools is None:
+        raise SelectionDataError(f"Policy '{name}' needs the batch pool table (prepare_policies' batch_pools).")
     by_phase = pools_by_phase(pools, "fixed_random" if name == CONTROL else name)
     if name in ("fixed_random", CONTROL):
         batches = by_phase[min(by_phase)]

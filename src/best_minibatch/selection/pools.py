@@ -74,8 +74,12 @@ def ordering_batches(scores: pd.DataFrame, ordering: str, train_ids: np.ndarray,
     ``scores`` (``{ordering}.image_scores``) restricted to ``train_ids`` go through
     ``batching.assign_batches``, the same sort-and-cut as ``sort_batches``: sorted
     by the metric's ``sort_columns``, ties by ``sort_batches.tie_seed``'s random key, cut into ``K = floor(N / m)``
-    batches, the ``N - K m`` images with the largest keys dropped.
+    batches, the ``N - K m`` images with the largest keys dropped. A table with a
+    ``batching`` column (the ``random`` ordering's several batchings, one per training
+    seed of ``gradient_training``) contributes its rows of ``batching == 0`` only: the
+    single batching ``fixed_random`` has always trained on.
     """
+    scores = first_batching(scores)
     if len(scores) == 0:
         raise SelectionDataError(f"Ordering '{ordering}' has no scores (its metric was skipped).")
     present = np.isin(train_ids, scores["image_id"].to_numpy(np.int64))
@@ -90,6 +94,13 @@ def ordering_batches(scores: pd.DataFrame, ordering: str, train_ids: np.ndarray,
     assignments = assign_batches(restricted, ordering, batch_size, tie_seed)
     k = int(assignments["batch"].max()) + 1
     return assignments.sort_values(["batch", "position"])["image_id"].to_numpy(np.int64).reshape(k, batch_size)
+
+
+def first_batching(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``batching == 0`` when ``table`` has a ``batching`` column, else ``table`` itself."""
+    if "batching" not in table.columns:
+        return table
+    return table.loc[table["batching"] == 0].drop(columns="batching").reset_index(drop=True)
 
 
 def rank_positions(num_batches: int) -> np.ndarray:

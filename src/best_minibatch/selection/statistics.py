@@ -22,6 +22,12 @@ Conventions (also in ``docs/batch_selection.md``):
   p-values are Holm-adjusted over the policies compared with the baseline, and
   the verdict (``faster``, ``slower``, ``no detectable difference``) reads off
   them at ``alpha``.
+* **Equal compute, two ways.** At equal optimizer steps (every policy takes the
+  same steps): the primary endpoint above. At equal wall-clock: ``val_at_budget``,
+  the validation accuracy each run had reached when its ``total_seconds``
+  (training, drawing the batches, probing, and the up-front selection cost such as
+  ``learned``'s distances) reached the baseline's run time of the same seed; its
+  p-values are Holm-adjusted over the policies too and give ``wallclock_verdict``.
 * The policies that train on a fraction of the batches (``paper_advice``,
   ``learned``, ``oracle``) are also compared with the ``random_subset`` control
   (a random subset of the batches, as many as ``learned`` keeps), with the same
@@ -54,6 +60,7 @@ PAIRED_T, WELCH_T = "paired t-test", "Welch t-test"
 #: Endpoints compared with the baseline: (column in the per-run table, larger is better, unit for text).
 ENDPOINTS = {
     "val_auc": (True, "points of mean validation accuracy over training"),
+    "val_at_budget": (True, "points of validation accuracy at the baseline's wall-clock"),
     "test_accuracy": (True, "points of final test accuracy"),
     "steps_to_target": (False, "steps to the target"),
     "seconds_to_target": (False, "seconds to the target"),
@@ -178,13 +185,21 @@ def verdict(difference: float, p_adjusted: float, larger_is_better: bool, alpha:
 # --------------------------------------------------------------------------- per-run endpoints
 
 
+def clock_column(curves: pd.DataFrame) -> str:
+    """The wall-clock column of a curve table: ``total_seconds`` (selection included), or ``seconds`` in tables
+    written before it existed."""
+    return "total_seconds" if "total_seconds" in curves.columns else "seconds"
+
+
 def time_to_target(curves: pd.DataFrame, target: float) -> pd.DataFrame:
     """Per seed and policy: the first evaluation with validation accuracy >= ``target``.
 
     Columns ``seed``, ``policy``, ``reached`` (bool), ``steps_to_target``,
-    ``passes_to_target``, ``seconds_to_target`` (training plus probing),
-    ``epoch_to_target``; NaN where the target was never reached.
+    ``passes_to_target``, ``seconds_to_target`` (training, probing and up-front
+    selection: :func:`clock_column`), ``epoch_to_target``; NaN where the target was
+    never reached.
     """
+    clock = clock_column(curves)
     rows = []
     for (seed, policy), curve in curves.groupby(["seed", "policy"], sort=True):
         curve = curve.sort_values("step")
@@ -194,22 +209,59 @@ def time_to_target(curves: pd.DataFrame, target: float) -> pd.DataFrame:
             "seed": int(seed), "policy": policy, "reached": first is not None,
             "steps_to_target": float(first["step"]) if first is not None else math.nan,
             "passes_to_target": float(first["passes"]) if first is not None else math.nan,
-            "seconds_to_target": float(first["seconds"]) if first is not None else math.nan,
+            "seconds_to_target": float(first[clock]) if first is not None else math.nan,
             "epoch_to_target": float(first["epoch"]) if first is not None else math.nan,
         })
     return pd.DataFrame(rows)
 
 
-def run_endpoints(curves: pd.DataFrame, results: pd.DataFrame, target: float) -> pd.DataFrame:
-    """One row per seed x policy: the results plus ``val_auc`` and the time-to-target columns."""
+def accuracy_at_budget(curves: pd.DataFrame, budgets: Mapping[int, float]) -> pd.DataFrame:
+    """Per seed and policy: the validation accuracy the run had when its wall-clock reached ``budgets[seed]``.
+
+    The clock is :func:`clock_column` (selection cost included). The accuracy is the
+    last evaluation at or before the budget; a run whose clock starts beyond it (an
+    up-front selection cost larger than the budget) has not trained by then, so it
+    counts with its initial model's accuracy (the evaluation before the first step).
+    A run that finished before the budget counts with its final accuracy (its steps
+    are the same as every policy's). Columns ``seed``, ``policy``, ``budget_seconds``,
+    ``val_at_budget``, ``steps_at_budget``; NaN for a seed without a budget.
+    """
+    clock = clock_column(curves)
+    rows = []
+    for (seed, policy), curve in curves.groupby(["seed", "policy"], sort=True):
+        curve = curve.sort_values("step")
+        budget = budgets.get(int(seed), math.nan)
+        if math.isnan(budget):
+            rows.append({"seed": int(seed), "policy": policy, "budget_seconds": math.nan,
+                         "val_at_budget": math.nan, "steps_at_budget": math.nan})
+            continue
+        within = curve.loc[curve[clock] <= budget * (1 + 1e-9)]
+        at = within.iloc[-1] if len(within) else curve.iloc[0]
+        rows.append({"seed": int(seed), "policy": policy, "budget_seconds": float(budget),
+                     "val_at_budget": float(at["val_accuracy"]), "steps_at_budget": float(at["step"])})
+    return pd.DataFrame(rows, columns=["seed", "policy", "budget_seconds", "val_at_budget", "steps_at_budget"])
+
+
+def run_endpoints(curves: pd.DataFrame, results: pd.DataFrame, target: float, baseline: str = "shuffle"
+                  ) -> pd.DataFrame:
+    """One row per seed x policy: the results plus ``val_auc``, the time-to-target columns and the accuracy at
+    the baseline's wall-clock of the same seed (:func:`accuracy_at_budget`)."""
     after_start = curves.loc[curves["step"] > 0]
     auc = after_start.groupby(["seed", "policy"])["val_accuracy"].mean().rename("val_auc").reset_index()
     table = results.merge(auc, on=["seed", "policy"], how="left")
-    return table.merge(time_to_target(curves, target), on=["seed", "policy"], how="left")
+    table = table.merge(time_to_target(curves, target), on=["seed", "policy"], how="left")
+    clock = clock_column(curves)
+    base = curves.loc[curves["policy"] == baseline]
+    budgets = {int(seed): float(part[clock].max()) for seed, part in base.groupby("seed")}
+    return table.merge(accuracy_at_budget(curves, budgets), on=["seed", "policy"], how="left")
 
 
 def curve_summary(curves: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """Per policy and evaluation step: validation accuracy mean and t interval over seeds, mean seconds and passes."""
+    """Per policy and evaluation step: validation accuracy mean and t interval over seeds, mean seconds and passes.
+
+    ``seconds_mean`` is the loop's clock, ``total_seconds_mean`` that plus the up-front selection cost.
+    """
+    clock = clock_column(curves)
     rows = []
     for (policy, step), part in curves.groupby(["policy", "step"], sort=True):
         accuracy = t_interval(part["val_accuracy"], confidence)
@@ -218,6 +270,7 @@ def curve_summary(curves: pd.DataFrame, confidence: float = 0.95) -> pd.DataFram
             "step": int(step), "n_seeds": accuracy.n, "val_accuracy_mean": accuracy.mean,
             "val_accuracy_low": accuracy.low, "val_accuracy_high": accuracy.high,
             "seconds_mean": float(part["seconds"].mean()), "passes_mean": float(part["passes"].mean()),
+            "total_seconds_mean": float(part[clock].mean()),
         })
     return pd.DataFrame(rows)
 
@@ -272,7 +325,7 @@ def policy_summary(
     ``control_verdict``; NaN / empty on the other rows. ``control`` names the
     control (empty when it did not run).
     """
-    table = run_endpoints(curves, results, target)
+    table = run_endpoints(curves, results, target, baseline)
     if baseline not in set(table["policy"]):
         raise ValueError(f"The results have no runs of the baseline policy '{baseline}'.")
     order = list(policies) if policies is not None else sorted(table["policy"].unique(),
@@ -288,9 +341,12 @@ def policy_summary(
         row: dict[str, Any] = {"policy": policy, "n_seeds": len(part),
                                "reached_target": int(part["reached"].sum()),
                                "not_reached": int((~part["reached"].astype(bool)).sum())}
-        for column in ("final_val_accuracy", "val_auc", "test_accuracy", "steps_to_target", "passes_to_target",
-                       "seconds_to_target", "seconds", "probe_seconds", "probe_passes", "steps",
+        for column in ("final_val_accuracy", "val_auc", "val_at_budget", "budget_seconds", "test_accuracy",
+                       "steps_to_target", "passes_to_target", "seconds_to_target", "seconds", "probe_seconds",
+                       "upfront_seconds", "selection_seconds", "total_seconds", "probe_passes", "steps",
                        "distinct_images_trained"):
+            if column not in part:  # results written before the equal-compute columns
+                continue
             interval = t_interval(part[column], confidence)
             row[f"{column}_mean"], row[f"{column}_low"], row[f"{column}_high"] = interval.mean, interval.low, interval.high
         if policy == baseline:
@@ -312,12 +368,16 @@ def policy_summary(
         rows.append(row)
     summary = pd.DataFrame(rows)
     others = summary["policy"] != baseline
-    for endpoint in ("val_auc", "test_accuracy"):
+    for endpoint in ("val_auc", "val_at_budget", "test_accuracy"):
         summary[f"{endpoint}_p_holm"] = math.nan
         summary.loc[others, f"{endpoint}_p_holm"] = holm_adjust(summary.loc[others, f"{endpoint}_p"])
     summary["verdict"] = [
         BASELINE_VERDICT if policy == baseline else verdict(diff, p, True, alpha)
         for policy, diff, p in zip(summary["policy"], summary["val_auc_diff"], summary["val_auc_p_holm"])
+    ]
+    summary["wallclock_verdict"] = [
+        BASELINE_VERDICT if policy == baseline else verdict(diff, p, True, alpha)
+        for policy, diff, p in zip(summary["policy"], summary["val_at_budget_diff"], summary["val_at_budget_p_holm"])
     ]
     summary["control"] = control if against_control else ""
     if against_control:
@@ -385,7 +445,8 @@ def answer_sentence(summary: pd.DataFrame, baseline: str = "shuffle") -> str:
     neutral = others.loc[others["verdict"] == NO_DIFFERENCE]
     if len(faster) == 0 and len(slower) == 0:
         return (f"No: none of the selection policies ({_join(list(others['policy']))}) converged detectably "
-                f"faster than {baseline} - no detectable difference ({numbers(others)}){control_clause} ({method}).")
+                f"faster than {baseline} - no detectable difference ({numbers(others)}){control_clause}"
+                f"{wallclock_clause(summary, baseline)} ({method}).")
     clauses = []
     if len(faster):
         clauses.append(f"{_join(list(faster['policy']))} converged faster than {baseline} ({numbers(faster)})")
@@ -399,7 +460,28 @@ def answer_sentence(summary: pd.DataFrame, baseline: str = "shuffle") -> str:
     if len(oracle) and not math.isnan(oracle.iloc[0]["seconds_to_target_diff"]):
         sentence += (f", though counting its probing the oracle took {oracle.iloc[0]['seconds_to_target_diff']:+.1f} s "
                      f"to the target relative to {baseline}")
-    return sentence + control_clause + f" ({method})."
+    return sentence + control_clause + wallclock_clause(summary, baseline) + f" ({method})."
+
+
+def wallclock_clause(summary: pd.DataFrame, baseline: str = "shuffle") -> str:
+    """The answer at equal wall-clock (selection cost included), as a clause of the sentence; empty for tables
+    without it."""
+    if "wallclock_verdict" not in summary.columns:
+        return ""
+    others = summary.loc[summary["policy"] != baseline]
+    parts = []
+    for word, label in ((FASTER, "higher"), (SLOWER, "lower"), (NO_DIFFERENCE, "no detectable difference")):
+        group = others.loc[others["wallclock_verdict"] == word]
+        if len(group) == 0:
+            continue
+        numbers = _join([f"{_points(r['val_at_budget_diff'])} [{_points(r['val_at_budget_diff_low'])}, "
+                         f"{_points(r['val_at_budget_diff_high'])}]" for _, r in group.iterrows()])
+        p_values = _join([f"{r['val_at_budget_p_holm']:.2g}" for _, r in group.iterrows()])
+        parts.append(f"{_join(list(group['policy']))} {label} ({numbers} points, p = {p_values})")
+    if not parts:
+        return ""
+    return (f"; at equal wall-clock (validation accuracy when each run's time, selection cost included, reached "
+            f"the {baseline} run's time of the same seed): " + _join(parts))
 
 
 # --------------------------------------------------------------------------- figure
@@ -407,19 +489,26 @@ def answer_sentence(summary: pd.DataFrame, baseline: str = "shuffle") -> str:
 
 def convergence_figure(curves_summary: pd.DataFrame, target: float, policies: Sequence[str] | None = None,
                        title: str = "") -> plt.Figure:
-    """Validation accuracy against optimizer steps and against wall-clock seconds (training + probing).
+    """Validation accuracy against optimizer steps and against wall-clock seconds (training, probing, selection).
 
     One line per policy (mean over seeds) with its t interval as a band; the
     target accuracy as a dashed line; on the steps panel, dotted lines where a
-    learning-rate phase begins.
+    learning-rate phase begins. When a policy pays an up-front selection cost (its
+    curve starts after 0 s) the seconds axis is logarithmic, so that its curve and
+    the others' stay readable side by side.
     """
     policies = list(policies) if policies is not None else list(dict.fromkeys(curves_summary["policy"]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True, constrained_layout=True)
     palette = plt.get_cmap("tab10")
+    clock = "total_seconds_mean" if "total_seconds_mean" in curves_summary.columns else "seconds_mean"
+    starts = curves_summary.loc[curves_summary["step"] == 0, clock]
+    log_seconds = bool(len(starts)) and float(starts.max()) > 0
     for i, policy in enumerate(policies):
         part = curves_summary.loc[curves_summary["policy"] == policy].sort_values("step")
         colour = palette(i % 10)
-        for ax, x in zip(axes, ("step", "seconds_mean")):
+        for ax, x in zip(axes, ("step", clock)):
+            if log_seconds and x == clock:
+                part = part.loc[part[x] > 0]
             ax.plot(part[x], part["val_accuracy_mean"], color=colour, label=policy, linewidth=1.6)
             ax.fill_between(part[x], part["val_accuracy_low"], part["val_accuracy_high"], color=colour, alpha=0.18,
                             linewidth=0)
@@ -436,7 +525,10 @@ def convergence_figure(curves_summary: pd.DataFrame, target: float, policies: Se
                          fontsize=8, color="0.35", xytext=(3, 0), textcoords="offset points")
     n = int(curves_summary["n_seeds"].max()) if len(curves_summary) else 0
     axes[0].set_xlabel("optimizer steps")
-    axes[1].set_xlabel("wall-clock seconds (training + gradient probing), mean over seeds")
+    if log_seconds:
+        axes[1].set_xscale("log")
+    axes[1].set_xlabel("wall-clock seconds (training, probing and up-front selection), mean over seeds"
+                       + (", log scale" if log_seconds else ""))
     axes[0].set_ylabel(f"validation accuracy (mean and 95% t interval, {n} seeds)")
     axes[1].legend(loc="lower right", fontsize=8)
     fig.suptitle(title or "Batch selection: validation accuracy per policy")
@@ -500,6 +592,10 @@ def report_content(
     header = ["policy", "mean val. acc. over training (%)", "diff. vs shuffle (Holm p)", "final test acc. (%)",
               "diff. vs shuffle (Holm p)", "steps to target", "diff. (p, pairs)", "seconds to target",
               "diff. (p)", "not reached", "probe passes / run", "distinct images trained / run", "verdict", "test"]
+    wallclock = "wallclock_verdict" in summary.columns
+    if wallclock:
+        header[-2:-2] = [f"val. acc. at {baseline}'s wall-clock (%)", "diff. vs shuffle (Holm p)",
+                         "seconds / run (selection)", "wall-clock verdict"]
     rows = []
     for _, r in summary.iterrows():
         is_base = r["policy"] == baseline
@@ -520,6 +616,12 @@ def report_content(
             f"{int(r['not_reached'])} of {int(r['n_seeds'])}",
             f"{r['probe_passes_mean']:.0f}",
             f"{r['distinct_images_trained_mean']:.0f}",
+            *([_ci(r["val_at_budget_mean"], r["val_at_budget_low"], r["val_at_budget_high"]),
+               "-" if is_base else f"{_ci_of(r, 'val_at_budget_diff', signed=True)}"
+                                   f" (p {_p(r['val_at_budget_p_holm'])})",
+               f"{r.get('total_seconds_mean', r['seconds_mean']):.1f} "
+               f"({r.get('selection_seconds_mean', r['probe_seconds_mean']):.1f})",
+               str(r["wallclock_verdict"])] if wallclock else []),
             str(r["verdict"]),
             str(r["test"]) or "-",
         ])
@@ -567,9 +669,15 @@ def report_content(
                 "named in the last column; the two accuracy columns' p-values are Holm-adjusted over the policies. "
                 f"The target is a validation accuracy of {100 * target:.1f}%, fixed before the run; steps and "
                 "seconds to it average the seeds that reached it, their differences use the seeds where both runs "
-                "did (their p-values are not adjusted). Seconds count training steps and the oracle's gradient "
-                "probing, not evaluations. Distinct images trained counts the training images used at least "
-                "once in a run. The verdict reads the first accuracy column (the primary endpoint)."),
+                "did (their p-values are not adjusted). Seconds count training steps, drawing the batches, the "
+                "oracle's gradient probing and a policy's up-front selection cost (learned: the measured seconds "
+                "of the gradient_training run whose distances it uses), not evaluations. Distinct images trained "
+                "counts the training images used at least once in a run. The verdict reads the first accuracy "
+                "column (the primary endpoint, equal optimizer steps)."
+                + (f" Equal wall-clock: the validation accuracy each run had when its seconds (selection "
+                   f"included; in brackets the selection's share) reached the {baseline} run's seconds of the "
+                   "same seed (a run still selecting by then counts with its initial model), Holm-adjusted over "
+                   "the policies; the wall-clock verdict reads it." if wallclock else "")),
         summary_header=header,
         summary_rows=rows,
         epochs_caption=f"Validation accuracy at the end of each epoch (%, mean [{pct} interval]):",
@@ -577,8 +685,8 @@ def report_content(
         epochs_rows=epochs_rows,
         notes=list(notes),
         figure_caption="Validation accuracy against optimizer steps (left) and against wall-clock seconds of "
-                       f"training plus probing (right); lines are means over seeds, bands {pct} t intervals, the "
-                       "dashed line is the target.",
+                       "training, probing and up-front selection (right); lines are means over seeds, bands "
+                       f"{pct} t intervals, the dashed line is the target.",
         control_caption=control_caption,
         control_header=control_header,
         control_rows=control_rows,

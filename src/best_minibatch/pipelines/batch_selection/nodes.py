@@ -88,14 +88,19 @@ def run_selection_experiment(
     params: dict[str, Any],
     training: dict[str, Any],
     sort_batch_size: int,
+    **tables: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every seed x policy (each a task of its own under the Dask runner); the learning curves and the
-    per-run results."""
+    per-run results. ``training_history__<ordering>`` tables give learned's up-front cost (the seconds of the
+    gradient_training run whose distances it uses)."""
     config = selection.SelectionConfig.from_params(params, training, sort_batch_size)
+    upfront = selection.upfront_selection_seconds(config, by_ordering(tables, "training_history"))
+    for policy, seconds in upfront.items():
+        logger.info("batch_selection: %s is charged %.1f s up front (its selection's measured cost)", policy, seconds)
     # Built on the CPU: each run moves it to its device (its own GPU when the runs are handed out).
     data = selection.ImageData.from_tables(image_index, validation_split, train_images, test_images)
     model_factory = config.recipe.model_factory(num_classes=int(image_index["label"].nunique()))
-    results = selection.run_experiment(config, data, batch_pools, model_factory)
+    results = selection.run_experiment(config, data, batch_pools, model_factory, upfront)
     return results.curves, results.results
 
 

@@ -16,7 +16,12 @@ SHARED_INPUTS = ("image_index", "train_images", "test_images", "batch_phase_stat
 
 
 def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipeline:
-    """``orderings`` defaults to every metric in ``best_minibatch.metrics.METRICS``."""
+    """``orderings`` defaults to every metric in ``best_minibatch.metrics.METRICS``.
+
+    Only the plain metric orderings: the experiment re-cuts each metric's own order on its training
+    images, so derived orderings of other pipelines (several random batchings, class-stratified
+    variants) are no input here.
+    """
     if orderings is None:
         from best_minibatch.metrics.scoring import METRICS
 
@@ -24,6 +29,7 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
     params = "params:batch_selection"
     recipe = {"training": "params:training", "sort_batch_size": "params:sort_batches.batch_size"}
     per_ordering = {**per_ordering_inputs("image_scores", orderings), **per_ordering_inputs("metric_status", orderings)}
+    histories = per_ordering_inputs("training_history", orderings)  # learned's up-front cost
     template = Pipeline(
         [
             node(
@@ -37,7 +43,7 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
                 run_selection_experiment,
                 inputs={"image_index": "image_index", "train_images": "train_images", "test_images": "test_images",
                         "validation_split": "validation_split", "batch_pools": "batch_pools", "params": params,
-                        **recipe},
+                        **recipe, **histories},
                 outputs=["learning_curves", "run_results"],
                 name="run_selection_experiment",
                 tags=[GPU_TAG],  # each (policy, seed) run needs a GPU of its own (docs/scaling.md)
@@ -55,6 +61,6 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
     return pipeline(
         template,
         namespace=NAMESPACE,
-        inputs={*SHARED_INPUTS, *per_ordering.values()},
+        inputs={*SHARED_INPUTS, *per_ordering.values(), *histories.values()},
         parameters={name: name for name in (params, *recipe.values(), "params:sort_batches.tie_seed")},
     )
