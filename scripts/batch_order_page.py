@@ -97,7 +97,8 @@ def main() -> None:
     out = [
         "# Fixed against shuffled batch order (all of CIFAR-10, the `full` environment)",
         "",
-        f"Fixed order: run `{fixed.run_id}` ({fixed.command}), the run of [full_cifar10_fixed_order.md](full_cifar10_fixed_order.md). "
+        f"Fixed order: run `{fixed.run_id}` ({fixed.command}), the run of "
+        "[full_cifar10_fixed_order.md](full_cifar10_fixed_order.md). "
         f"Shuffled order: run `{shuffled.run_id}` ({shuffled.command}), {hours(shuffled):.2f} h, "
         f"{training['seconds'].sum() / 3600:.2f} h of training ({training['seconds'].mean():.1f} s per probed epoch). "
         "Same data, batches, model, phases, seeds "
