@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", choices=[*GEOMETRIES, "all"], default="all")
     parser.add_argument("--worlds", type=int, default=40, help="simulated worlds per cell")
+    parser.add_argument("--full-worlds", type=int, help="worlds per cell at the full geometry (default: --worlds)")
     parser.add_argument("--permutations", type=int, default=2000)
     parser.add_argument("--recency", type=float, default=2.0,
                         help="noise units by which the last-trained batch of an epoch is closer than the first")
@@ -51,6 +52,7 @@ def main() -> None:
     results = []
     for name in GEOMETRIES if args.geometry == "all" else [args.geometry]:
         path, batch_size, world = GEOMETRIES[name]
+        worlds = args.full_worlds if name == "full" and args.full_worlds else args.worlds
         world = cal.SimulatedWorld(**{**world.__dict__, "recency": args.recency})
         index = read_image_dataset(path).index
         train = index[index["split"] == "train"]
@@ -64,7 +66,7 @@ def main() -> None:
         for order in ("shuffled", "fixed"):
             started = time.perf_counter()
             tables = []
-            for draw in range(args.worlds):
+            for draw in range(worlds):
                 batchings = cal.null_batchings(index, "random", batch_size, draw, score, world.n_seeds)
                 run = cal.simulate_run(batchings, labels, world, order, cal.world_seed("world", draw, order))
                 tables.append(cal.analyse(run, args.permutations))
@@ -75,7 +77,7 @@ def main() -> None:
         for shift in (0.5, 1.0):
             started = time.perf_counter()
             rows = []
-            for draw in range(args.worlds):
+            for draw in range(worlds):
                 batchings = cal.null_batchings(index, "random", batch_size, draw, score, world.n_seeds)
                 planted = cal.planted_shift(world, batchings, "intensity", shift)
                 run = cal.simulate_run(batchings, labels, world, "shuffled",
@@ -87,11 +89,12 @@ def main() -> None:
                                                             ("plain_adjusted", "intensity", "adjusted_verdict"))})
             power = {kind: float(np.mean([row[kind] == "supported" for row in rows])) for kind in rows[0]}
             results.append({"geometry": name, "batch_order": "shuffled", "kind": f"power at {shift} sd",
-                            "worlds": args.worlds, **power, "seconds": round(time.perf_counter() - started, 1)})
+                            "worlds": worlds, **power, "seconds": round(time.perf_counter() - started, 1)})
             print(json.dumps(results[-1]), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"worlds": args.worlds, "permutations": args.permutations,
+        args.json.write_text(json.dumps({"worlds": args.worlds, "full_worlds": args.full_worlds or args.worlds,
+                                         "permutations": args.permutations,
                                          "recency": args.recency, "results": results}, indent=2) + "\n")
 
 

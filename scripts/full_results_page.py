@@ -50,10 +50,10 @@ def completed_full_run(run_id: str | None, order: str = "fixed", env: str = "ful
         manifest = store.read(run_id)
     else:
         manifest = store.last_completed({i: m for i, m in store.all().items()
-                                         if m.env == env and batch_order(m) == order})
+                                         if (m.env or "base") == env and batch_order(m) == order})
     if manifest is None:
-        command = "kedro run --env full" + ("" if order == "fixed" else f" --params gradient_training.batch_order={order}")
-        raise SystemExit(f"No {'run ' + run_id if run_id else f'completed run of --env full in the {order} order'} "
+        command = f"kedro run --env {env} --params gradient_training.batch_order={order}"
+        raise SystemExit(f"No {'run ' + run_id if run_id else f'completed run of --env {env} in the {order} order'} "
                          f"under {MANIFESTS}. Run `{command}` first (it resumes where it stopped).")
     return manifest
 
@@ -195,6 +195,9 @@ def main() -> None:
     final = training[training["epoch"] == training["epoch"].max()]
     seeds = params["gradient_training"]["seeds"]
     sort = params["sort_batches"]
+    n_classes = int(image_index["label"].nunique())
+    base, remainder = divmod(batch_size, n_classes)
+    per_class = f"{base} images" if not remainder else f"{base} or {base + 1} images ({remainder} classes get a {base + 1}th)"
 
     def figures(group: str) -> list[Path]:
         return copy_figures(manifest, group, figures_root)
@@ -214,7 +217,7 @@ def main() -> None:
         f"`{params['ingest_cifar']['source']['path']}`; each ordering cut into **{n_batches} batches of "
         f"{batch_size}** ({len(assignments):,} images used per ordering); the test images evaluated after every epoch.",
         f"- **Orderings** ({len(trained)}): every metric plain (the paper's batches) and class-stratified (every batch "
-        f"{batch_size // 10} or {batch_size // 10 + 1} images of each class), and the random control of each kind; "
+        f"{per_class} of each of the {n_classes} classes), and the random control of each kind; "
         f"status: {', '.join(f'{o} {s}' for o, s in zip(status['ordering'], status['status']))}.",
         f"- **Batch order:** `{batch_order(manifest)}`: the same fixed batches in a fresh seeded order every epoch, so "
         "a batch's rank is not its place in the epoch.",
@@ -283,14 +286,16 @@ def main() -> None:
         out += [
             "### What these tests can see: calibration and power",
             "",
-            f"`.venv/bin/python scripts/calibration.py --json docs/results/calibration.json` ({calibration['worlds']} "
-            "simulated worlds per cell; docs/analysis.md, \"Calibration and power\"): the claim family under a null "
-            "(every metric random) and a planted shift of intensity's upper quartile in phase 1.",
+            "`.venv/bin/python scripts/calibration.py --worlds 40 --full-worlds 12 --json docs/results/calibration.json` "
+            "(docs/analysis.md, \"Calibration and power\"): the claim family under a null (every metric random) and a "
+            "planted shift of intensity's upper quartile in phase 1, in simulated worlds of this geometry.",
             "",
-            markdown(null, {"geometry": "geometry", "batch_order": "order", "raw_rows": "rows with raw p < 0.05",
+            markdown(null, {"geometry": "geometry", "batch_order": "order", "worlds": "worlds",
+                            "raw_rows": "rows with raw p < 0.05",
                             "final_rows": "rows with a final verdict", "final_worlds": "families with any verdict"}),
             "",
-            markdown(power, {"geometry": "geometry", "kind": "planted", "stratified": "stratified: supported",
+            markdown(power, {"geometry": "geometry", "kind": "planted", "worlds": "worlds",
+                             "stratified": "stratified: supported",
                              "plain": "plain: supported", "plain_adjusted": "plain, composition fixed: supported"}),
             "",
         ]
