@@ -39,6 +39,23 @@ GEOMETRIES = {
 }
 
 
+def markdown_tables(results: list[dict]) -> str:
+    """The two tables docs/analysis.md quotes: the null rates and the power."""
+    lines = ["| geometry | order | worlds | rows with raw p < 0.05 | rows with a final verdict | families with any "
+             "final verdict | families with any adjusted verdict |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["kind"] == "null":
+            lines.append(f"| {r['geometry']} | {r['batch_order']} | {r['worlds']} | {r['raw_rows']:.3f} | "
+                         f"{r['final_rows']:.3f} | {r['final_worlds']:.3f} | {r['adjusted_final_worlds']:.3f} |")
+    lines += ["", "| geometry | planted shift | worlds | stratified: supported | plain: supported | "
+              "plain, composition fixed: supported |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if r["kind"].startswith("power"):
+            lines.append(f"| {r['geometry']} | {r['kind'].removeprefix('power at ')} | {r['worlds']} | "
+                         f"{r['stratified']:.2f} | {r['plain']:.2f} | {r['plain_adjusted']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", choices=[*GEOMETRIES, "all"], default="all")
@@ -48,7 +65,11 @@ def main() -> None:
     parser.add_argument("--recency", type=float, default=2.0,
                         help="noise units by which the last-trained batch of an epoch is closer than the first")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--tables-from", type=Path, help="only print the Markdown tables of a JSON written before")
     args = parser.parse_args()
+    if args.tables_from:
+        print(markdown_tables(json.loads(args.tables_from.read_text())["results"]))
+        return
     results = []
     for name in GEOMETRIES if args.geometry == "all" else [args.geometry]:
         path, batch_size, world = GEOMETRIES[name]
@@ -91,6 +112,7 @@ def main() -> None:
             results.append({"geometry": name, "batch_order": "shuffled", "kind": f"power at {shift} sd",
                             "worlds": worlds, **power, "seconds": round(time.perf_counter() - started, 1)})
             print(json.dumps(results[-1]), flush=True)
+    print(markdown_tables(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"worlds": args.worlds, "full_worlds": args.full_worlds or args.worlds,

@@ -12,7 +12,8 @@ from kedro.runner import SequentialRunner
 from matplotlib.figure import Figure
 
 from best_minibatch.analysis.statistics import DEFAULT_PARAMETERS
-from best_minibatch.metrics.scoring import METRICS
+from best_minibatch.batches.orderings import all_orderings
+from best_minibatch.pipelines.orderings import METRIC_KINDS, dataset_name
 from best_minibatch.pipelines.distance_analysis import create_pipeline as create_analysis
 from best_minibatch.pipelines.visualize import create_pipeline as create_visualize
 from best_minibatch.pipelines.visualize.pipeline import FIGURE_GROUPS
@@ -43,16 +44,17 @@ def project_catalog_config(tmp_path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """Both pipelines on the registry's orderings (perceptual skipped), through SequentialRunner.
+    """Both pipelines on every ordering, plain and stratified (perceptual skipped), through SequentialRunner.
 
     The catalog is the project's own (versioned Parquet tables, the HTML report) moved
     under a temporary folder; the figures stay in memory, since rendering every one as
     PNG and PDF would take most of a minute (test_figures writes real files).
     """
     tmp_path = tmp_path_factory.mktemp("analysis_run")
-    orderings = list(METRICS)
+    orderings = list(all_orderings())
     run = synthetic_run(orderings=orderings, effects=planted_effects(n_batches=20), seed=3,
-                        phase_lengths=(2, 2), learning_rates=(0.1, 0.01), n_batches=20, seeds=(0, 1))
+                        phase_lengths=(2, 2), learning_rates=(0.1, 0.01), n_batches=20, seeds=(0, 1),
+                        skipped=("perceptual", "perceptual_stratified"))
     analysis_params = {**DEFAULT_PARAMETERS, "n_permutations": 2000, "n_bootstrap": 300}
     visualize_params = {"report_title": "Test report", "report_png_dpi": 30}
     catalog = DataCatalog.from_config(project_catalog_config(tmp_path))
@@ -64,8 +66,9 @@ def finished_run(tmp_path_factory):
         "parameters": {"distance_analysis": analysis_params, "visualize": visualize_params},
     }
     for ordering in orderings:
-        for kind in KINDS:
-            inputs[f"{ordering}.{kind}"] = run["orderings"][ordering][kind]
+        for kind in KINDS:  # a metric's own datasets (its status) are read by both of its orderings
+            inputs[dataset_name(ordering, kind)] = run["orderings"][ordering if kind not in METRIC_KINDS
+                                                                   else ordering.removesuffix("_stratified")][kind]
     for name, data in inputs.items():
         catalog[name] = MemoryDataset(data)
     for group in FIGURE_GROUPS:
@@ -78,21 +81,30 @@ def finished_run(tmp_path_factory):
 
 def test_pipelines_derive_their_inputs_from_the_metric_registry():
     inputs = create_analysis().inputs() | create_visualize().inputs()
-    for ordering in METRICS:
+    for ordering in all_orderings():
         for kind in KINDS:
-            assert f"{ordering}.{kind}" in inputs
+            assert dataset_name(ordering, kind) in inputs
+    assert "intensity_stratified.metric_status" not in inputs  # the metric's status, shared by its orderings
 
 
 def test_analysis_tables_come_out_of_the_run(finished_run):
     _, catalog, orderings = finished_run
     status = catalog.load("ordering_status")
     assert list(status["ordering"]) == orderings
-    claims = catalog.load("claim_verdicts").set_index(["claim_id", "ordering", "phase"])["verdict"]
+    table = catalog.load("claim_verdicts")
+    claims = table.set_index(["claim_id", "ordering", "phase"])["test_verdict"]
     assert claims[("first_phase_upper_quartile_closest", "intensity", 1)] == "supported"
     assert claims[("first_phase_color_extremes_better", "color", 1)] == "contradicted"
     assert claims[("later_phases_extremes_worse", "edges", 2)] == "supported"
     assert claims[("first_phase_edges_middle_better", "edges", 1)] == "undecided"
     assert claims[("later_phases_extremes_worse", "perceptual", 2)] == f"not tested (metric skipped: {SKIP_REASON})"
+    # the final reading is the test's unless the ordering's control itself got a verdict (here the random
+    # control's extremes in phase 2 of seed 0 happen to sit low: the gate closes for that claim and phase)
+    tested = table[table["test_verdict"].isin(["supported", "contradicted", "undecided"])]
+    gated = tested["control_verdict"].isin(["supported", "contradicted"])
+    assert (tested.loc[gated, "verdict"] == "invalid: control fails").all()
+    assert (tested.loc[~gated, "verdict"] == tested.loc[~gated, "test_verdict"]).all()
+    assert set(tested["control"]) == {"random", "random_stratified"}
     trace = catalog.load("gradient_noise_trace_check")
     assert set(trace["status"]) == {"not measured"} and len(trace) == 4 * 2  # epochs x seeds
     assert set(catalog.load("distance_noise_units")["seed"]) == {0, 1}
@@ -117,7 +129,7 @@ def test_analysis_tables_are_versioned_parquet_files(finished_run):
 
 def test_every_present_ordering_gets_its_figures_in_png_and_pdf(finished_run):
     _, catalog, orderings = finished_run
-    present = [o for o in orderings if o != "perceptual"]
+    present = [o for o in orderings if not o.startswith("perceptual")]
     stems = set()
     for group in FIGURE_GROUPS:
         png, pdf = catalog.load(f"figures_{group}_png"), catalog.load(f"figures_{group}_pdf")
@@ -138,6 +150,8 @@ def test_report_is_written_and_lists_every_ordering(finished_run):
     for ordering in orderings:
         assert f"<td>{ordering}</td>" in page
     assert SKIP_REASON in page
-    assert page.count("data:image/png;base64,") == 4 + 4 + 3  # heat maps, batch images, spread, rank, curves
+    # heat maps and batch images of the 8 orderings with distances (perceptual skipped, plain and stratified),
+    # spread, rank, curves
+    assert page.count("data:image/png;base64,") == 8 + 8 + 3
     assert "2 seeds (0, 1)" in page
     assert "http://" not in page and "https://" not in page
