@@ -18,8 +18,6 @@ get ``0 .. N_train-1`` (equal to their row), test images ``N_train ..``.
 
 from __future__ import annotations
 
-import io
-import pickle
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterable
@@ -30,6 +28,8 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+
+from best_minibatch.data.safe_pickle import UnsafePickleError, load_numpy_pickle
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -400,8 +400,16 @@ def _open_tar(path: Path) -> tarfile.TarFile:
 
 
 def _unpickle(data: bytes, where: str) -> dict:
+    # Never plain pickle.load: a planted global would run while loading (issue 23, case 1).
+    # The release needs dicts, lists, bytes, ints and numpy arrays; nothing else is admitted.
     try:
-        loaded = pickle.load(io.BytesIO(data), encoding="bytes")
+        loaded = load_numpy_pickle(data, encoding="bytes")
+    except UnsafePickleError as error:
+        raise DatasetInputError(
+            f"Refused to read '{where}': {error} A CIFAR-10 python batch holds only dicts, lists, bytes, "
+            "numbers and numpy arrays, so this file is not the release (it would run code if unpickled "
+            "freely). Delete it and download cifar-10-python.tar.gz from its official source."
+        ) from error
     except Exception as error:  # pickle raises many types on damaged input
         raise DatasetInputError(
             f"Corrupt or truncated entry '{where}': {error!r}. Re-download the CIFAR-10 python release."
