@@ -72,3 +72,74 @@ def test_the_restricted_reader_still_reads_an_honest_release(tmp_path):
     dataset = read_image_dataset(archive)
     assert len(dataset.index) == 24 and dataset.class_names == CLASSES
     assert count_training_images(archive) == 20
+
+
+# --------------------------------------------------------------------------- cases 2, 3, 8: checks before any work
+
+
+def _parameters(env: str = "local", **overrides) -> dict:
+    """The project's parameters as Kedro merges them for ``env`` (``paper`` skips conf/local), with overrides."""
+    from kedro.config import OmegaConfigLoader
+
+    from best_minibatch.config import deep_merge
+    from best_minibatch.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)
+    return deep_merge(loader["parameters"], overrides)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TRAINING_SECTIONS = {"ingest_cifar", "sort_batches", "training", "gradient_training"}
+
+
+def test_a_paper_run_whose_dataset_is_still_to_be_downloaded_is_checked_on_cifar10s_known_size(tmp_path, monkeypatch):
+    """Before: `download: true` with an absent path counted no images, so the memory and time checks were skipped."""
+    from best_minibatch import validation
+    from best_minibatch.data.cifar import CIFAR10_TRAIN_IMAGES
+    from best_minibatch.training import gradient_training
+
+    absent = tmp_path / "not-downloaded-yet" / "cifar-10-batches-py"
+    source = {"path": str(absent), "download": True}
+    assert validation.count_training_images(source) == CIFAR10_TRAIN_IMAGES == 50_000
+    assert not absent.parent.exists(), "counting must not download"
+
+    # A CPU machine with less memory than the paper's in-memory buffer: refused on the memory check.
+    monkeypatch.setattr(gradient_training, "available_memory", lambda device: 8 * 2**30)
+    parameters = _parameters("paper", ingest_cifar={"source": source})
+    facts = validation.RunFacts(n_train=validation.count_training_images(source), trained_orderings=("intensity",))
+    problems = validation.run_problems(parameters, TRAINING_SECTIONS, facts)
+    assert any("gradient_buffer.memory_cap_gb" in p and "195 batches" in p for p in problems), problems
+
+
+def test_null_batches_has_an_upper_bound_and_is_in_the_time_estimate(monkeypatch):
+    """Before: null_batches=10000 was accepted as 'about 0.00 hours'; R random batches per epoch were not counted."""
+    from best_minibatch import validation
+    from best_minibatch.training import gradient_training
+    from best_minibatch.training.gradient_training import TrainingConfig, estimate_hours
+
+    parameters = _parameters(gradient_training={"null_batches": 10_000})
+    facts = validation.RunFacts(n_train=5_000, trained_orderings=("intensity",))
+    problems = validation.run_problems(parameters, TRAINING_SECTIONS, facts)
+    assert any(p.startswith("Parameter gradient_training.null_batches: 10000 random batches per epoch")
+               and "at most 50" in p for p in problems), problems
+
+    # Each null draw is one more gradient at the epoch-start parameters: counted like a probed step.
+    monkeypatch.setattr(gradient_training, "_time_probed_step", lambda *args: (1.0, 2))
+    without = TrainingConfig.from_params({"null_batches": 0}, parameters["training"])
+    with_null = TrainingConfig.from_params({"null_batches": 25}, parameters["training"])
+    hours_without = estimate_hours(without, 50, 100, 1)[0]
+    hours_with = estimate_hours(with_null, 50, 100, 1)[0]
+    assert hours_with == pytest.approx(hours_without * (50 + 25) / 50)
+
+
+def test_every_problem_of_one_section_is_reported_together():
+    """Before: seeds [0, 0], null_batches -1 and an unknown ordering: only the seeds were reported."""
+    from best_minibatch import validation
+
+    parameters = _parameters(gradient_training={"seeds": [0, 0], "null_batches": -1, "trace_check": ["rnd"],
+                                                "spill_dtyp": "float16"})
+    facts = validation.RunFacts(n_train=5_000, trained_orderings=("intensity",))
+    problems = validation.run_problems(parameters, TRAINING_SECTIONS, facts)
+    for expected in ("gradient_training.seeds", "gradient_training.null_batches", "gradient_training.trace_check",
+                     "gradient_training.spill_dtyp"):
+        assert sum(expected in p for p in problems) == 1, (expected, problems)

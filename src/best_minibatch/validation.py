@@ -29,7 +29,7 @@ message naming the parameter and the fix.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,33 @@ def run_problems(parameters: Mapping[str, Any], sections: Iterable[str], facts: 
     return problems
 
 
+def build_reporting_every_key(build: Callable[[Any], Any], params: Any, also: list[str] | None = None) -> Any:
+    """``build(params)``, or a ValueError listing every problem of the section, not only the first.
+
+    A section's config stops at its first bad key. When it fails, each key is built again on its
+    own (the others at their defaults), so every bad key is named in one report; ``also`` adds
+    problems found outside ``build``. A problem only the combination of keys shows is reported as
+    the whole section's build reports it.
+    """
+    problems = list(also or [])
+    try:
+        config = build(params)
+    except ValueError as error:
+        first = str(error)
+        if isinstance(params, Mapping):
+            for key, value in params.items():
+                try:
+                    build({key: value})
+                except ValueError as alone:
+                    problems.extend(p for p in str(alone).split("\n  - ") if p not in problems)
+        if first not in problems and not any(p in first for p in problems):
+            problems.insert(0, first)
+    else:
+        if not problems:
+            return config
+    raise ValueError("\n  - ".join(problems))
+
+
 # --------------------------------------------------------------------------- per pipeline
 
 
@@ -92,10 +119,12 @@ def _check_ingest(params: Mapping[str, Any], parameters: Mapping[str, Any], fact
     count_training_images(params.get("source") or {})
 
 
-def count_training_images(source: Mapping[str, Any]) -> int | None:
-    """Training images in the raw source named by ``ingest_cifar.source`` (``None`` if it is to be downloaded).
+def count_training_images(source: Mapping[str, Any]) -> int:
+    """Training images in the raw source named by ``ingest_cifar.source``.
 
-    Reads the archive's listing (or the release's label lists), not the images.
+    Reads the archive's listing (or the release's label lists), not the images. A source still
+    to be downloaded (``download: true``, path absent) counts the release the download fetches,
+    so a run too large for the machine is refused before it downloads anything.
     """
     from best_minibatch.data import cifar
 
@@ -105,7 +134,7 @@ def count_training_images(source: Mapping[str, Any]) -> int | None:
     path = Path(source["path"])
     if not path.exists():
         if source.get("download", False):
-            return None
+            return cifar.CIFAR10_TRAIN_IMAGES
         raise ValueError(
             f"Parameter ingest_cifar.source.path: raw dataset not found: '{path}'. Set it to an existing folder, "
             "zip, or cifar-10-python.tar.gz (relative paths start at the project root), or set "
@@ -174,22 +203,23 @@ def _check_batch_size_rule(batch_size: int | None, key: str, parameters: Mapping
 
 
 def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    from best_minibatch.metrics.scoring import METRICS
     from best_minibatch.training.gradient_training import (
         TrainingConfig,
         check_buffer_memory,
         check_disk_cap,
         check_expected_time,
+        check_null_batches,
         check_run_folder,
         named_model_factory,
     )
 
-    config = TrainingConfig.from_params(params, parameters.get("training"))
-    if not isinstance(config.trace_check, bool):
-        from best_minibatch.metrics.scoring import METRICS
-
-        if unknown := [o for o in config.trace_check if o not in METRICS]:
-            raise ValueError(f"Parameter gradient_training.trace_check: unknown orderings {unknown}. Use true, false "
-                             f"or a list of {', '.join(METRICS)}.")
+    trace = params.get("trace_check") if isinstance(params, Mapping) else None
+    unknown = [o for o in trace if o not in METRICS] if isinstance(trace, (list, tuple)) else []
+    trace_problem = (f"Parameter gradient_training.trace_check: unknown orderings {unknown}. Use true, false or a list "
+                     f"of {', '.join(METRICS)}.") if unknown else None
+    config = build_reporting_every_key(lambda p: TrainingConfig.from_params(p, parameters.get("training")), params,
+                                       [trace_problem] if trace_problem else [])
     _check_batch_size_rule(config.recipe.batch_size, "gradient_training.training.batch_size", parameters)
     model = named_model_factory(config)()
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -202,6 +232,7 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
             num_batches = facts.n_train // batch_size  # the batches sort_batches will make in this run
         try:
             if num_batches:
+                check_null_batches(config, num_batches)
                 check_disk_cap(config, num_params, num_batches)
                 check_buffer_memory(config, num_params, param_dtype, num_batches)
             check_run_folder(config, ordering, num_params, param_dtype)
@@ -270,8 +301,8 @@ def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, A
     from best_minibatch.selection.experiment import SelectionConfig
 
     sort_size = (parameters.get("sort_batches") or {}).get("batch_size")
-    config = SelectionConfig.from_params(params, parameters.get("training"),
-                                         sort_size if isinstance(sort_size, int) else None)
+    config = build_reporting_every_key(lambda p: SelectionConfig.from_params(
+        p, parameters.get("training"), sort_size if isinstance(sort_size, int) else None), params)
     _check_batch_size_rule(config.batch_size, "batch_selection.training.batch_size", parameters)
     for key, ordering in (("fixed_random.ordering", config.fixed_ordering),
                           ("learned.ordering", config.learned_ordering),

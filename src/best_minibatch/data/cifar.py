@@ -36,6 +36,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CANONICAL_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CANONICAL_FILES = CANONICAL_TRAIN_BATCHES + ("test_batch", "batches.meta")
 INDEX_COLUMNS = ["image_id", "split", "row", "label", "class_name", "source"]
+#: Training images of the release :func:`download_cifar_python` fetches (five batches of 10,000): what the
+#: checks before a run count when the dataset is still to be downloaded.
+CIFAR10_TRAIN_IMAGES = len(CANONICAL_TRAIN_BATCHES) * 10_000
 
 
 class DatasetInputError(ValueError):
