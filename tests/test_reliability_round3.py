@@ -143,3 +143,32 @@ def test_every_problem_of_one_section_is_reported_together():
     for expected in ("gradient_training.seeds", "gradient_training.null_batches", "gradient_training.trace_check",
                      "gradient_training.spill_dtyp"):
         assert sum(expected in p for p in problems) == 1, (expected, problems)
+
+
+# --------------------------------------------------------------------------- case 5: started in a subfolder
+
+
+def test_a_run_started_in_a_subfolder_resolves_every_path_against_the_project_root(tmp_path, monkeypatch):
+    """Before: from conf/, parameters' relative paths (checkpoints, the raw source) resolved against conf/ while the
+    catalog's resolved against the root; here the raw source 'was not found'."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from tests.conftest import copy_project
+
+    project = copy_project(tmp_path / "project")
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(project / "conf")
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project) as session:
+        session.run(pipeline_names=["ingest_cifar"])
+    assert Path.cwd() == project / "conf", "the working directory is given back after the run"
+    assert not (project / "conf" / "data").exists(), "nothing is written under the folder the run was started in"
+    assert any((project / "data" / "02_intermediate").iterdir())
+    # A refused run gives the working directory back too.
+    from best_minibatch.validation import RunCheckError
+
+    with pytest.raises(RunCheckError, match="sort_batches.batch_size"):
+        with KedroSession.create(project_path=project, runtime_params={"sort_batches": {"batch_size": 0}}) as session:
+            session.run(pipeline_names=["sort_batches"])
+    assert Path.cwd() == project / "conf"

@@ -12,6 +12,8 @@ would only fail when it reaches the node that loads it). Registered in
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
@@ -32,6 +34,53 @@ class RunChecks:
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any) -> None:
         check_pipeline_run(pipeline, catalog)
+
+
+class ProjectRoot:
+    """Every run works in the project's root folder, wherever ``kedro`` was started.
+
+    Kedro makes the catalog's relative paths absolute against the project root, but
+    parameters that are paths (``gradient_training.checkpoint_dir``,
+    ``ingest_cifar.source.path``, ...) are read by the nodes against the working
+    directory: a run started in ``conf/`` used to put its checkpoints under
+    ``conf/data/`` and its gradients under ``data/``. Before any other
+    ``before_pipeline_run`` hook (registered last, ``tryfirst``) the working directory
+    becomes the project root; it is given back when the run ends, fails or is refused.
+    """
+
+    def __init__(self) -> None:
+        self._root: Path | None = None
+        self._started_in: Path | None = None
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._root = Path(context.project_path).resolve()
+
+    @hook_impl(hookwrapper=True, tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any):
+        here = Path.cwd().resolve()
+        if self._root is not None and here != self._root:
+            logger.info("Working in the project root %s (kedro was started in %s): relative paths start there.",
+                        self._root, here)
+            self._started_in = here
+            os.chdir(self._root)
+        outcome = yield
+        if outcome.excinfo is not None:  # refused by a check: no after_pipeline_run follows
+            self._give_back()
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any) -> None:
+        self._give_back()
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Pipeline,
+                          catalog: Any) -> None:
+        self._give_back()
+
+    def _give_back(self) -> None:
+        if self._started_in is not None:
+            os.chdir(self._started_in)
+            self._started_in = None
 
 
 def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
