@@ -172,3 +172,29 @@ def test_a_run_started_in_a_subfolder_resolves_every_path_against_the_project_ro
         with KedroSession.create(project_path=project, runtime_params={"sort_batches": {"batch_size": 0}}) as session:
             session.run(pipeline_names=["sort_batches"])
     assert Path.cwd() == project / "conf"
+
+
+# --------------------------------------------------------------------------- case 6: a manifest that is not an object
+
+
+@pytest.mark.parametrize("body", ['[]', '"completed"', '3', 'null', '{"run_id": "x", "status": "completed", "datasets": []}',
+                                  '{"run_id": "x", "status": "completed", "datasets": {"a": 5}}'],
+                         ids=["list", "string", "number", "null", "datasets-a-list", "entry-a-number"])
+def test_a_manifest_of_valid_json_that_is_not_a_manifest_is_named(tmp_path, body):
+    """Before: valid JSON that is not an object blocked every run with a raw TypeError naming no file."""
+    from best_minibatch.run_manifest import ManifestStore, RunInputsError
+
+    store = ManifestStore(tmp_path / "runs")
+    path = store.path("2024-01-01T00.00.00.000Z")
+    path.parent.mkdir(parents=True)
+    path.write_text(body)
+    with pytest.raises(RunInputsError) as caught:
+        store.all()
+    assert str(path) in str(caught.value) and "Move it aside" in str(caught.value)
+
+
+def test_a_lock_file_of_valid_json_that_is_not_an_object_still_gives_the_lock_message(tmp_path):
+    from best_minibatch.run_manifest import _locked_message
+
+    message = _locked_message(tmp_path / "runs" / "run.lock", "[\"pid\"]")
+    assert message.startswith(f"Another kedro run is using the data folder '{tmp_path}'")
