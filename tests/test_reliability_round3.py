@@ -198,3 +198,49 @@ def test_a_lock_file_of_valid_json_that_is_not_an_object_still_gives_the_lock_me
 
     message = _locked_message(tmp_path / "runs" / "run.lock", "[\"pid\"]")
     assert message.startswith(f"Another kedro run is using the data folder '{tmp_path}'")
+
+
+# --------------------------------------------------------------------------- case 7: a read-only data folder
+
+
+@pytest.fixture
+def read_only_data(tmp_path):
+    """A fresh project whose data/ is a read-only tmpfs holding the raw sample (needs mount rights)."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import copy_project
+
+    project = copy_project(tmp_path / "project")
+    data = project / "data"
+    staged = tmp_path / "staged"
+    shutil.move(data, staged)
+    data.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(data)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        shutil.copytree(staged, data, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        yield project
+    finally:
+        subprocess.run(["umount", str(data)], check=True)
+
+
+def test_a_read_only_data_folder_is_refused_before_any_work_naming_it(read_only_data, monkeypatch):
+    """Before: a raw OSError traceback."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from best_minibatch.validation import RunCheckError
+
+    project = read_only_data
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(project)
+    bootstrap_project(project)
+    with pytest.raises(RunCheckError) as caught:
+        with KedroSession.create(project_path=project) as session:
+            session.run(pipeline_names=["ingest_cifar"])
+    message = str(caught.value)
+    assert f"'{project / 'data'}'" in message and "read-only" in message.lower(), message

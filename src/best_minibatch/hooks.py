@@ -87,7 +87,7 @@ def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
     """Raise :class:`validation.RunCheckError` listing every problem of this run of ``pipeline``."""
     parameters = catalog.load("parameters") if catalog.get("parameters") is not None else {}
     sections = parameter_sections(pipeline, parameters)
-    problems = missing_input_problems(pipeline, catalog)
+    problems = missing_input_problems(pipeline, catalog) + unwritable_folder_problems(pipeline, catalog)
     facts = validation.RunFacts(trained_orderings=trained_orderings(pipeline))
     if sections & _NEED_TRAIN_COUNT:
         facts.n_train = _training_image_count(pipeline, catalog, parameters)
@@ -159,6 +159,47 @@ def missing_input_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
         kind = "is kept in memory only, so it" if where is None else f"('{where}')"
         problems.append(f"Input '{name}' {kind} does not exist yet. {fix}")
     return problems
+
+
+def unwritable_folder_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
+    """A message for every folder the run must write into (its outputs, the run manifest) that it cannot.
+
+    Each output's nearest existing folder is checked with ``os.access`` (a read-only mount or a folder
+    without write permission fails it), so the run is refused before it writes anything.
+    """
+    from best_minibatch.run_manifest import MANIFEST_DATASET
+
+    blocked: dict[Path, list[str]] = {}
+    for name in sorted(pipeline.all_outputs() | {MANIFEST_DATASET}):
+        try:
+            dataset = catalog.get(name)
+        except Exception:  # a name no catalog entry or pattern matches: nothing to check
+            continue
+        where = getattr(dataset, "_filepath", None) or getattr(dataset, "_path", None)
+        if where is None or "://" in str(where):
+            continue  # in memory, or not a local file
+        folder = Path(str(where))
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
+        if not folder.is_dir():
+            folder = folder.parent
+        if not os.access(folder, os.W_OK):
+            blocked.setdefault(folder, []).append(name)
+    problems = []
+    for folder, names in sorted(blocked.items()):
+        reason = "is on a read-only file system" if _read_only_mount(folder) else "is not writable by this user"
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        problems.append(f"The run cannot write into '{folder}': it {reason}, and it must hold '{names[0]}'{more}. "
+                        "Make the folder writable (remount it read-write, or change its owner or permissions), "
+                        "or point the catalog at a writable folder in an environment (conf/<env>/catalog.yml).")
+    return problems
+
+
+def _read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _producers(name: str) -> list[tuple[str, str]]:
