@@ -234,6 +234,12 @@ class GroupFailed(Exception):
         super().__init__(calls, node, error, worker_traceback)
         self.calls, self.node, self.error, self.worker_traceback = calls, node, error, worker_traceback
 
+    def __str__(self) -> str:
+        # Short: Dask replaces an error whose text is over distributed.admin.max-error-length (10,000 characters)
+        # with Exception('Long error message', ...), and the args hold the hook calls with every node input.
+        text = f"Node '{self.node}' failed: {type(self.error).__name__}: {self.error}"
+        return text if len(text) <= 2_000 else text[:2_000] + " ..."
+
 
 def _travels(error: BaseException) -> BaseException:
     """``error`` if it survives pickling, else a stand-in with its message (a project error stays one)."""
