@@ -360,3 +360,31 @@ def test_a_failing_node_with_large_inputs_shows_its_own_error_not_a_long_error_m
     with pytest.raises(ValueError) as caught:
         DaskRunner(config={"local": {"n_workers": 1}}).run(pipeline, DataCatalog({"a": MemoryDataset(1)}))
     assert str(caught.value) == "the node failed on 20000 numbers"
+
+
+# --------------------------------------------------------------------------- case 11: a corrupt Parquet input
+
+
+def test_a_corrupt_parquet_input_is_refused_before_any_work_naming_the_file(tmp_path, monkeypatch):
+    """Before: the run failed naming the file, but only after it had written other outputs, in ~380 lines."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from best_minibatch.validation import RunCheckError
+    from tests.conftest import copy_project
+
+    project = copy_project(tmp_path / "project")
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(project)
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project) as session:
+        session.run(pipeline_names=["ingest_cifar"])
+    (index,) = (project / "data" / "02_intermediate" / "image_index.parquet").glob("*/image_index.parquet")
+    index.write_bytes(index.read_bytes()[: len(index.read_bytes()) // 2])  # cut in half: the footer is gone
+    before = {str(p) for p in (project / "data").rglob("*")}
+    with pytest.raises(RunCheckError) as caught:
+        with KedroSession.create(project_path=project) as session:
+            session.run(pipeline_names=["score_metrics"])
+    message = str(caught.value)
+    assert f"'{index}'" in message and "image_index" in message and "ingest_cifar" in message, message
+    assert {str(p) for p in (project / "data").rglob("*")} == before

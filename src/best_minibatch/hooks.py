@@ -87,9 +87,10 @@ def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
     """Raise :class:`validation.RunCheckError` listing every problem of this run of ``pipeline``."""
     parameters = catalog.load("parameters") if catalog.get("parameters") is not None else {}
     sections = parameter_sections(pipeline, parameters)
-    problems = missing_input_problems(pipeline, catalog) + unwritable_folder_problems(pipeline, catalog)
+    problems = (missing_input_problems(pipeline, catalog) + unreadable_input_problems(pipeline, catalog)
+                + unwritable_folder_problems(pipeline, catalog))
     facts = validation.RunFacts(trained_orderings=trained_orderings(pipeline))
-    if sections & _NEED_TRAIN_COUNT:
+    if sections & _NEED_TRAIN_COUNT and not any(p.startswith("Input 'image_index'") for p in problems):
         facts.n_train = _training_image_count(pipeline, catalog, parameters)
     counted = set(facts.trained_orderings)
     if "distance_analysis" in sections:  # the claims need enough batches in every ordering it reads
@@ -158,6 +159,34 @@ def missing_input_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
             fix = "No registered pipeline writes it; check the catalog entry."
         kind = "is kept in memory only, so it" if where is None else f"('{where}')"
         problems.append(f"Input '{name}' {kind} does not exist yet. {fix}")
+    return problems
+
+
+def unreadable_input_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
+    """A message for every Parquet input the run reads (and does not make) whose file cannot be read.
+
+    Only the footer is read (``pyarrow.parquet.read_metadata``): a truncated or damaged file fails
+    there, before the run writes anything (it used to fail when its reader came, after other outputs).
+    """
+    import pyarrow.parquet as pq
+
+    problems = []
+    for name in _data_inputs(pipeline):
+        try:
+            dataset = catalog.get(name)
+        except Exception:  # reported by missing_input_problems
+            continue
+        if type(dataset).__name__ != "ParquetDataset" or not _exists(catalog, name):
+            continue
+        try:
+            path = dataset._get_load_path() if getattr(dataset, "_version", None) is not None else dataset._filepath
+            pq.read_metadata(str(path))
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
+            producers = _producers(name)
+            fix = (f"Write it anew: run `kedro run --pipeline={producers[0][0]}` (or include that pipeline in this "
+                   "run)" if producers else "Restore the file")
+            problems.append(f"Input '{name}' cannot be read: '{path}' is not a readable Parquet file "
+                            f"({str(error).splitlines()[0][:200]}). {fix}.")
     return problems
 
 
