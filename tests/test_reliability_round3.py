@@ -388,3 +388,29 @@ def test_a_corrupt_parquet_input_is_refused_before_any_work_naming_the_file(tmp_
     message = str(caught.value)
     assert f"'{index}'" in message and "image_index" in message and "ingest_cifar" in message, message
     assert {str(p) for p in (project / "data").rglob("*")} == before
+
+
+# --------------------------------------------------------------------------- case 9: dask.yml of another environment
+
+
+def test_dask_yml_mistakes_name_the_file_that_holds_them_and_all_of_them(tmp_path, monkeypatch):
+    """Before: a bad value in conf/local/dask.yml was said to be in conf/base/dask.yml, and a second bad key
+    (n_workerz) was not mentioned."""
+    import shutil
+
+    from kedro.config import OmegaConfigLoader
+
+    from best_minibatch import runner
+    from best_minibatch.settings import CONFIG_LOADER_ARGS
+
+    conf = tmp_path / "conf"
+    shutil.copytree(PROJECT_ROOT / "conf", conf, ignore=shutil.ignore_patterns("local"))
+    (conf / "local").mkdir()
+    (conf / "local" / "dask.yml").write_text("local:\n  n_workers: -1\n  n_workerz: 2\n")
+    monkeypatch.setattr(runner, "_CONFIG_LOADER", OmegaConfigLoader(str(conf), env="local", **CONFIG_LOADER_ARGS))
+    with pytest.raises(ValueError) as caught:
+        runner.configured_cluster()
+    message = str(caught.value)
+    assert "Parameter dask.local.n_workers: must be a positive integer or null, got -1" in message, message
+    assert "Parameter dask.local.n_workerz: unknown parameter" in message, message
+    assert message.count("(conf/local/dask.yml)") == 2 and "conf/base" not in message, message

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,10 +86,15 @@ class ClusterConfig:
     dashboard_address: str | None = None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None, kind: str | None = None) -> ClusterConfig:
-        """Read ``dask.yml`` (every key checked, unknown keys refused); ``kind`` overrides its ``cluster``."""
+    def from_params(cls, params: Mapping[str, Any] | None, kind: str | None = None,
+                    where: str | Callable[[str], str | None] = WHERE) -> ClusterConfig:
+        """Read ``dask.yml`` (every key checked, unknown keys refused); ``kind`` overrides its ``cluster``.
+
+        ``where`` names the file in messages: a string, or a function of the key's path that
+        names the file setting it (``conf/local/dask.yml`` overrides ``conf/base/dask.yml``).
+        """
         section = Section(params, SECTION, ("cluster", "local", "cuda", "slurm", "address", "tag_resources",
-                                            "dashboard_address"), ClusterConfigError, WHERE)
+                                            "dashboard_address"), ClusterConfigError, where)
         if kind is not None:
             section.params["cluster"] = kind
         kind = section.choice("cluster", "local", KINDS)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from best_minibatch.config import Section
+from best_minibatch.config import Section, every_problem
 
 logger = logging.getLogger(__name__)
 
@@ -83,31 +83,10 @@ def run_problems(parameters: Mapping[str, Any], sections: Iterable[str], facts: 
     return problems
 
 
-def build_reporting_every_key(build: Callable[[Any], Any], params: Any, also: list[str] | None = None) -> Any:
-    """``build(params)``, or a ValueError listing every problem of the section, not only the first.
-
-    A section's config stops at its first bad key. When it fails, each key is built again on its
-    own (the others at their defaults), so every bad key is named in one report; ``also`` adds
-    problems found outside ``build``. A problem only the combination of keys shows is reported as
-    the whole section's build reports it.
-    """
-    problems = list(also or [])
-    try:
-        config = build(params)
-    except ValueError as error:
-        first = str(error)
-        if isinstance(params, Mapping):
-            for key, value in params.items():
-                try:
-                    build({key: value})
-                except ValueError as alone:
-                    problems.extend(p for p in str(alone).split("\n  - ") if p not in problems)
-        if first not in problems and not any(p in first for p in problems):
-            problems.insert(0, first)
-    else:
-        if not problems:
-            return config
-    raise ValueError("\n  - ".join(problems))
+def build_reporting_every_key(build: Callable[[Any], Any], params: Any, path: str,
+                              also: list[str] | None = None) -> Any:
+    """``build(params)``, or a ValueError listing every problem of the section (``config.every_problem``)."""
+    return every_problem(build, params, path, also or ())
 
 
 # --------------------------------------------------------------------------- per pipeline
@@ -219,7 +198,7 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
     trace_problem = (f"Parameter gradient_training.trace_check: unknown orderings {unknown}. Use true, false or a list "
                      f"of {', '.join(METRICS)}.") if unknown else None
     config = build_reporting_every_key(lambda p: TrainingConfig.from_params(p, parameters.get("training")), params,
-                                       [trace_problem] if trace_problem else [])
+                                       "gradient_training", [trace_problem] if trace_problem else [])
     _check_batch_size_rule(config.recipe.batch_size, "gradient_training.training.batch_size", parameters)
     model = named_model_factory(config)()
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -302,7 +281,7 @@ def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, A
 
     sort_size = (parameters.get("sort_batches") or {}).get("batch_size")
     config = build_reporting_every_key(lambda p: SelectionConfig.from_params(
-        p, parameters.get("training"), sort_size if isinstance(sort_size, int) else None), params)
+        p, parameters.get("training"), sort_size if isinstance(sort_size, int) else None), params, "batch_selection")
     _check_batch_size_rule(config.batch_size, "batch_selection.training.batch_size", parameters)
     for key, ordering in (("fixed_random.ordering", config.fixed_ordering),
                           ("learned.ordering", config.learned_ordering),
