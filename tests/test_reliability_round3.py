@@ -414,3 +414,42 @@ def test_dask_yml_mistakes_name_the_file_that_holds_them_and_all_of_them(tmp_pat
     assert "Parameter dask.local.n_workers: must be a positive integer or null, got -1" in message, message
     assert "Parameter dask.local.n_workerz: unknown parameter" in message, message
     assert message.count("(conf/local/dask.yml)") == 2 and "conf/base" not in message, message
+
+
+# --------------------------------------------------------------------------- case 10: kedro mlflow ui, no venv activated
+
+
+def test_the_projects_commands_find_the_environments_own_programs_without_an_activated_venv():
+    """Before: `.venv/bin/kedro mlflow ui` without activating the venv failed with FileNotFoundError: 'mlflow'
+    (kedro-mlflow starts `mlflow` from PATH). Kedro imports the project's cli module for every command."""
+    import os
+    import subprocess
+    import sys
+
+    bare = {**os.environ, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    code = ("import shutil, best_minibatch.cli; print(shutil.which('mlflow'))")
+    found = subprocess.run([sys.executable, "-c", code], env=bare, capture_output=True, text=True, check=True)
+    assert found.stdout.strip().splitlines()[-1] == str(Path(sys.executable).parent / "mlflow")
+
+
+# --------------------------------------------------------------------------- MLflow opens on runs and metrics
+
+
+def test_the_experiment_is_marked_as_model_training_so_the_ui_opens_on_runs(tmp_path, monkeypatch):
+    """Before: MLflow 3's UI opened the project's experiment in its GenAI view (traces, sessions). The UI reads the
+    experiment tag mlflow.experimentKind; custom_model_development is its model-training kind (runs, metrics)."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+    from mlflow import MlflowClient
+
+    from tests.conftest import copy_project
+
+    project = copy_project(tmp_path / "project", tracking=True)
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(project)
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project) as session:
+        session.run(pipeline_names=["ingest_cifar"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'data/09_tracking/mlflow.db'}")
+    experiment = client.get_experiment_by_name("best_minibatch")
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
