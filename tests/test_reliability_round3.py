@@ -453,3 +453,27 @@ def test_the_experiment_is_marked_as_model_training_so_the_ui_opens_on_runs(tmp_
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'data/09_tracking/mlflow.db'}")
     experiment = client.get_experiment_by_name("best_minibatch")
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
+# --------------------------------------------------------------------------- case 12: a namespace named twice
+
+
+def test_a_namespace_named_twice_is_run_once():
+    """Before: `--namespaces=edges,edges` was refused with Kedro's message about node names."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.conftest import copy_project
+
+    with tempfile.TemporaryDirectory() as folder:
+        project = copy_project(Path(folder) / "project")
+        env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200",
+               "PYTHONPATH": str(PROJECT_ROOT / "src")}
+        done = subprocess.run([str(Path(sys.executable).parent / "kedro"), "run", "--pipeline=sort_batches",
+                               "--namespaces=edges,edges"], cwd=project, env=env, capture_output=True, text=True,
+                              timeout=300)
+    # A fresh project has no scores: the run reaches the project's own check of its inputs, for 'edges' only.
+    assert done.returncode == 1
+    assert "Input 'edges.image_scores'" in done.stderr and "node name" not in done.stderr.lower(), done.stderr

@@ -70,7 +70,19 @@ def write_error_log(error: BaseException, project_path: Path, command: list[str]
     return log
 
 
+def _once_each(values: Any) -> Any:
+    """``values`` (a list or tuple of names) with each name once, in order; anything else as it is."""
+    if isinstance(values, (list, tuple)) and len(set(values)) < len(values):
+        return type(values)(dict.fromkeys(values))
+    return values
+
+
 def _run(verbose: bool, **options: Any) -> Any:
+    # `--namespaces=edges,edges` meant edges once; Kedro added its nodes twice and refused with a message
+    # about node names. A name given twice on the command line is the same as given once.
+    for key in ("namespaces", "pipelines", "node_names", "tags"):
+        if key in options:
+            options[key] = _once_each(options[key])
     try:
         return kedro_run.callback(**options)
     except Exception as error:
