@@ -477,3 +477,50 @@ def test_a_namespace_named_twice_is_run_once():
     # A fresh project has no scores: the run reaches the project's own check of its inputs, for 'edges' only.
     assert done.returncode == 1
     assert "Input 'edges.image_scores'" in done.stderr and "node name" not in done.stderr.lower(), done.stderr
+
+
+# --------------------------------------------------------------------------- a first run a person can read
+
+# As under `kedro run`: the root logger has a handler in this process and in every worker process (a spawned worker
+# re-runs the main module's top level, as it re-imports Kedro's, which reads conf/logging.yml).
+_CLUSTER_SCRIPT = """
+import logging
+logging.basicConfig(level=logging.INFO)
+
+from best_minibatch.cluster import Cluster, ClusterConfig
+
+def train():
+    import torch
+    model = torch.nn.Linear(100, 10)
+    torch.nn.functional.cross_entropy(model(torch.randn(64, 100)), torch.randint(0, 10, (64,))).backward()
+    return 1
+
+if __name__ == "__main__":
+    with Cluster(ClusterConfig.from_params({"local": {"n_workers": 2}})) as cluster:
+        print(sum(cluster.client.gather([cluster.client.submit(train, pure=False) for _ in range(4)])))
+    print("closed")
+"""
+
+
+@pytest.mark.parametrize("asked", [False, True], ids=["quiet-by-default", "asked-for"])
+def test_the_cluster_keeps_dasks_own_logs_at_warning_unless_asked_and_closes_without_killing(asked, tmp_path):
+    """Before: every Dask run printed the nanny, scheduler and worker banners (85 lines of the default run) and, at a
+    clean shutdown, 'Worker process still alive after 4.0 seconds, killing'."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    env.pop("DASK_LOGGING__DISTRIBUTED", None)
+    if asked:
+        env["DASK_LOGGING__DISTRIBUTED"] = "info"
+    script = tmp_path / "cluster_run.py"
+    script.write_text(_CLUSTER_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and done.stdout.split() == ["4", "closed"], output
+    banners = [line for line in output.splitlines() if any(
+        banner in line for banner in ("Start Nanny", "Listening to", "Local Directory", "Start worker",
+                                      "Registered to"))]
+    assert bool(banners) == asked, output
+    assert "still alive after" not in output, output

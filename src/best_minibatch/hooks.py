@@ -83,6 +83,20 @@ class ProjectRoot:
             self._started_in = None
 
 
+class RunLog:
+    """Every session logs to ``<project>/logs/info.log``; the terminal leaves out per-dataset load/save lines.
+
+    ``best_minibatch.logs.install``: Kedro's ``logging.yml`` admits no project classes, so the
+    file handler and the terminal filter are added here, once per process.
+    """
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        from best_minibatch import logs
+
+        logs.install(context.project_path)
+
+
 def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
     """Raise :class:`validation.RunCheckError` listing every problem of this run of ``pipeline``."""
     parameters = catalog.load("parameters") if catalog.get("parameters") is not None else {}
