@@ -523,4 +523,7 @@ def test_the_cluster_keeps_dasks_own_logs_at_warning_unless_asked_and_closes_wit
         banner in line for banner in ("Start Nanny", "Listening to", "Local Directory", "Start worker",
                                       "Registered to"))]
     assert bool(banners) == asked, output
+    if not asked:  # the dashboard's link once, in the project's own line about the cluster
+        dashboard = [line for line in output.splitlines() if "/status" in line]
+        assert len(dashboard) == 1 and "Dask cluster: local" in dashboard[0], output
     assert "still alive after" not in output, output

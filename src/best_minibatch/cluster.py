@@ -317,7 +317,16 @@ class Cluster:
         workers = self.client.scheduler_info().get("workers", {})
         threads = sum(w.get("nthreads", 0) for w in workers.values())
         return (f"scheduler {self.client.scheduler.address}, {len(workers)} worker(s), {threads} thread(s)"
-                + (f", dashboard {self.client.dashboard_link}" if self.config.dashboard_address else ""))
+                + (f", dashboard {self.dashboard_link()}" if self.dashboard_link() else ""))
+
+    def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard, when it serves one (Dask starts it wherever bokeh is installed)."""
+        try:
+            if "dashboard" in (self.client.scheduler_info().get("services") or {}):
+                return self.client.dashboard_link
+        except Exception:  # no link to give: the line says nothing of a dashboard
+            pass
+        return None
 
     def forward_logs(self, names: tuple[str, ...], level: int = logging.INFO, preload: tuple[str, ...] = ()) -> None:
         """Worker records of the loggers ``names`` (and below) at ``level`` or above are handled by this process's
