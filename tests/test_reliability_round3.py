@@ -527,3 +527,36 @@ def test_the_cluster_keeps_dasks_own_logs_at_warning_unless_asked_and_closes_wit
         dashboard = [line for line in output.splitlines() if "/status" in line]
         assert len(dashboard) == 1 and "Dask cluster: local" in dashboard[0], output
     assert "still alive after" not in output, output
+
+
+def test_per_dataset_load_and_save_lines_stay_out_of_the_terminal_and_go_to_the_log_file(tmp_path):
+    """Before: Kedro's 'Loading data from ...' / 'Saving data to ...' records (266 of the default run) filled the
+    terminal and were kept nowhere else."""
+    import io
+    import logging
+
+    from best_minibatch import logs
+
+    root = logging.getLogger()
+    terminal_stream = io.StringIO()
+    terminal = logging.StreamHandler(terminal_stream)
+    saved = list(root.handlers), root.level
+    root.handlers[:] = [terminal]
+    root.setLevel(logging.INFO)
+    try:
+        path = logs.install(tmp_path)
+        assert logs.install(tmp_path) == path and len(root.handlers) == 2  # once per process
+        logging.getLogger("kedro.io.data_catalog").info("Loading data from image_index (ParquetDataset)...")
+        logging.getLogger("kedro.io.data_catalog").warning("a dataset warning")
+        logging.getLogger("best_minibatch.hooks").info("Run checks passed")
+        for handler in root.handlers:
+            handler.flush()
+        shown, kept = terminal_stream.getvalue(), path.read_text()
+    finally:
+        for handler in root.handlers:
+            if handler is not terminal:
+                handler.close()
+        root.handlers[:], root.level = saved
+    assert path == tmp_path.resolve() / "logs" / "info.log"
+    assert "Loading data from" not in shown and "a dataset warning" in shown and "Run checks passed" in shown
+    assert "Loading data from image_index" in kept and "Run checks passed" in kept
