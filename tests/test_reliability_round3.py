@@ -496,8 +496,14 @@ def train():
     return 1
 
 if __name__ == "__main__":
+    import os
+
     with Cluster(ClusterConfig.from_params({"local": {"n_workers": 2}})) as cluster:
         print(sum(cluster.client.gather([cluster.client.submit(train, pure=False) for _ in range(4)])))
+        # Only the workers are marked as such (their records are forwarded here, and written here).
+        assert "BEST_MINIBATCH_DASK_WORKER" not in os.environ
+        assert cluster.client.run(lambda: os.environ.get("BEST_MINIBATCH_DASK_WORKER")) and all(
+            flag == "1" for flag in cluster.client.run(lambda: os.environ.get("BEST_MINIBATCH_DASK_WORKER")).values())
     print("closed")
 """
 
@@ -560,3 +566,40 @@ def test_per_dataset_load_and_save_lines_stay_out_of_the_terminal_and_go_to_the_
     assert path == tmp_path.resolve() / "logs" / "info.log"
     assert "Loading data from" not in shown and "a dataset warning" in shown and "Run checks passed" in shown
     assert "Loading data from image_index" in kept and "Run checks passed" in kept
+
+
+def _log_a_load(_):
+    import logging
+
+    logging.getLogger("kedro.io.data_catalog").info("Loading data from a_dataset_on_a_worker (MemoryDataset)...")
+    return 1
+
+
+def test_a_workers_load_and_save_lines_reach_the_log_file_once(tmp_path):
+    """The file is written by the process that runs kedro: a worker forwards its records and writes none itself."""
+    import logging
+
+    from best_minibatch import logs
+    from best_minibatch.cluster import Cluster, ClusterConfig
+
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    root.setLevel(logging.INFO)
+    try:
+        path = logs.install(tmp_path)
+        with Cluster(ClusterConfig.from_params({"local": {"n_workers": 1}})) as cluster:
+            cluster.forward_logs(("kedro",))
+            assert cluster.client.submit(_log_a_load, 0, pure=False).result(timeout=120) == 1
+            import time
+
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and "a_dataset_on_a_worker" not in (
+                    path.read_text() if path.exists() else ""):
+                time.sleep(0.2)
+        kept = path.read_text()
+    finally:
+        for handler in root.handlers:
+            if isinstance(handler, logs.RunLogFile):
+                handler.close()
+        root.handlers[:], root.level = saved
+    assert kept.count("a_dataset_on_a_worker") == 1, kept

@@ -49,7 +49,8 @@ GPU_RESOURCE = "GPU"
 #: glibc's defaults.
 WORKER_ENVIRON_UNSET = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 #: Set in every worker process this module starts: its records are forwarded, not written to the run's log file.
-WORKER_ENVIRON_SET = {"distributed.nanny.pre-spawn-environ.BEST_MINIBATCH_DASK_WORKER": "1"}
+#: ``nanny.environ``, not ``pre-spawn-environ``: a nanny writes the latter into this process's own environment too.
+WORKER_ENVIRON_SET = {"distributed.nanny.environ.BEST_MINIBATCH_DASK_WORKER": "1"}
 #: Dask's own logs (nanny, scheduler, worker banners: "Listening to", "Local Directory", ...) at this level unless
 #: the user sets the variable (e.g. DASK_LOGGING__DISTRIBUTED=info); worker processes read it when they start.
 DASK_LOG_VARIABLE, DASK_LOG_LEVEL = "DASK_LOGGING__DISTRIBUTED", "warning"
