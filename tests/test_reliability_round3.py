@@ -1,6 +1,7 @@
 """Reliability round 3 (issue 23): each case reproduced first, then refused or handled.
 
-Every test here failed on the code before its fix; docs/reliability.md lists them.
+Every test here failed on the code before its fix, except the real-SIGKILL guard of case 4, whose docstring says
+so; docs/reliability.md lists them.
 """
 
 from __future__ import annotations
