@@ -58,6 +58,11 @@ benchmark-runners: setup
 viz: setup
 	$(BIN)/kedro viz run --no-browser
 
+# MLflow's UI on the project's store (mlflow.yml's `ui`: http://127.0.0.1:5000); no activated venv needed.
+.PHONY: mlflow-ui
+mlflow-ui: setup
+	$(BIN)/kedro mlflow ui
+
 # GPU readiness (docs/paper_setup.md, "Checking a GPU"): the device, DPN92 images/s in float32 and
 # bf16, the probe/plain epoch ratio, peak GPU memory of a probed epoch and a two-epoch `paper` run,
 # printed and written to GPU_CHECK_OUT. Without CUDA the same steps run on the CPU with a tiny model.

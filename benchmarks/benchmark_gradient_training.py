@@ -20,6 +20,7 @@ Prints:
   written, fsync'ed .pt file per batch).
 
 Run:  .venv/bin/python benchmarks/benchmark_gradient_training.py [--rounds 3] [--threads 1]
+      .venv/bin/python benchmarks/benchmark_gradient_training.py --tiny   (every section in seconds; the suite runs it)
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def load_data(num_batches: int) -> TrainingData:
                         order[: num_batches * BATCH_SIZE].view(num_batches, BATCH_SIZE))
 
 
-def config(threads: int, epochs: int, **extra) -> TrainingConfig:
+def config(threads: int, epochs: int, model: dict | None = None, **extra) -> TrainingConfig:
+    """The benchmark's configuration; ``model`` replaces the base model (it belongs to the shared recipe, ``training``)."""
     return TrainingConfig.from_params({
-        "training": {"model": base_model_params(), "phases": [{"epochs": epochs, "lr": 0.05}], "device": "cpu",
-                     "cpu_threads": threads, "progress_bar": False},
+        "training": {"model": model or base_model_params(), "phases": [{"epochs": epochs, "lr": 0.05}],
+                     "device": "cpu", "cpu_threads": threads, "progress_bar": False},
         "checkpoint_dir": None, "keep_gradients": "none", "disk_cap_gb": 10, **extra,
     })
 
@@ -119,14 +121,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the base configuration uses 1)")
     parser.add_argument("--memory-width", type=int, default=32,
                         help="small_cnn width for the memory measurement (32: 245k parameters, a visible buffer)")
+    parser.add_argument("--batches", type=int, default=50, help="fixed batches of 100 images (base: 50)")
+    parser.add_argument("--tiny", action="store_true", help="every section with tiny sizes, seconds long (the test "
+                        "suite runs it: tests/test_benchmarks.py); its figures mean nothing")
     parser.add_argument("--memory-child", nargs=3, metavar=("DATA", "BATCHES", "CAP_GB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tiny:
+        args.rounds, args.epochs, args.batches, args.memory_width = 1, 2, 5, 8
     if args.memory_child:
         peak_memory_child(args.memory_child[0], int(args.memory_child[1]), float(args.memory_child[2]),
                           args.threads, args.memory_width)
         return
 
-    data = load_data(50)
+    data = load_data(args.batches)
     cfg = config(args.threads, args.epochs)
     probe_model = named_model_factory(cfg)()
     num_params = sum(p.numel() for p in probe_model.parameters())
@@ -182,8 +189,9 @@ def main() -> None:
         data_path = Path(folder) / "data.pt"
         torch.save({"train_images": data.train_images, "train_labels": data.train_labels, "batches": data.batches},
                    data_path)
-        for batches, cap, label in ((10, 1.0, "in-memory buffer"), (50, 1.0, "in-memory buffer"),
-                                    (50, 0.0, "scratch-file buffer")):
+        few, many = max(1, args.batches // 5), args.batches
+        for batches, cap, label in ((few, 1.0, "in-memory buffer"), (many, 1.0, "in-memory buffer"),
+                                    (many, 0.0, "scratch-file buffer")):
             measured = peak_memory(data_path, batches, cap, args.threads, width)
             held = batches * wide_params * 4 / 2**20 if cap else 0.0
             print(f"  {batches:3d} batches, {label:20s}: {measured['before_mib']:7.1f} -> "

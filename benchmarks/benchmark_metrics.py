@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/benchmark_metrics.py [--threads 1] [--repeats 3]
         [--lpips-single-images 200] [--lpips-batch 500] [--upsample 0] [--weights PATH]
+    .venv/bin/python benchmarks/benchmark_metrics.py --tiny   (every section on 500 sample images; the suite runs it)
 
 Targets (this project's 2-core CPU machines):
 
@@ -39,6 +40,7 @@ from best_minibatch.metrics import lpips_weights
 from best_minibatch.metrics.perceptual import load_lpips_alexnet, lpips_distances_to_reference, weights_source
 from best_minibatch.metrics.scoring import METRICS, score_images
 
+SAMPLE_ZIP = Path(__file__).resolve().parents[1] / "data" / "01_raw" / "cifar10-sample.zip"
 FULL_CIFAR_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
 CHEAP_METRICS = ("intensity", "color", "edges")
 CHEAP_TARGET_SECONDS = 5.0
@@ -66,18 +68,22 @@ def main() -> None:
         "--upsample", type=int, default=METRICS["perceptual"].defaults["upsample_to"] or 0,
         help="LPIPS input side length; 0 = native 32x32 (the perceptual metric's default)",
     )
+    parser.add_argument("--tiny", action="store_true", help="every section on 500 images of the embedded sample (the "
+                        "test suite runs it: tests/test_benchmarks.py); its figures mean nothing")
     parser.add_argument("--weights", type=Path, default=None,
                         help="AlexNet ImageNet weights file (default: where the perceptual metric finds them)")
     args = parser.parse_args()
+    if args.tiny:
+        args.zip, args.repeats, args.lpips_single_images, args.lpips_batch = SAMPLE_ZIP, 1, 4, 50
     torch.set_num_threads(args.threads)
     source = weights_source({"backbone_weights": args.weights, "download": False})
-    if source is None:
+    if source is None and not args.tiny:
         raise SystemExit(f"No AlexNet ImageNet weights for LPIPS: run {lpips_weights.FIX_COMMAND} first.")
     upsample = args.upsample or None
 
     started = time.perf_counter()
     dataset = read_image_dataset(args.zip)
-    images = dataset.images["train"].numpy()
+    images = dataset.images["train"].numpy()[: 500 if args.tiny else None]
     ids = np.arange(len(images))
     n = len(images)
     print(f"decoded {n} training images of {args.zip.name} in {time.perf_counter() - started:.1f} s "
@@ -96,6 +102,9 @@ def main() -> None:
     seconds = timed(lambda: score_images("random", images, ids, {}), args.repeats)
     print(f"{'random':<34}{min(seconds):>9.3f}{statistics.median(seconds):>10.3f}{n / min(seconds):>17,.0f}")
 
+    if source is None:  # --tiny only
+        print(f"LPIPS: skipped (no AlexNet ImageNet weights; {lpips_weights.FIX_COMMAND} fetches them)")
+        return
     model = load_lpips_alexnet(source.path)
     average = images.mean(axis=0, dtype=np.float64)
     lpips_distances_to_reference(model, images[:args.lpips_batch], average, batch_size=args.lpips_batch,

@@ -14,6 +14,7 @@ each trained once and probed once).
 
     .venv/bin/python benchmarks/benchmark_models.py
     .venv/bin/python benchmarks/benchmark_models.py --models small_cnn resnet18 --threads 2
+    .venv/bin/python benchmarks/benchmark_models.py --tiny   (every section in seconds; the suite runs it)
 
 Each figure is the best and the median of ``--repeats`` timed runs of
 ``--steps`` steps, after warm-up steps: the best run is the closest to the
@@ -123,8 +124,12 @@ def main() -> None:
     parser.add_argument("--orderings", type=int, default=4, help="for the default-run estimate")
     parser.add_argument("--epochs", type=int, default=9, help="for the default-run estimate")
     parser.add_argument("--images", type=int, default=5000, help="for the default-run estimate")
+    parser.add_argument("--tiny", action="store_true", help="every section with tiny sizes, seconds long (the test "
+                        "suite runs it: tests/test_benchmarks.py); its figures mean nothing")
     parser.add_argument("--child-policy", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tiny:
+        args.models, args.threads, args.steps, args.repeats, args.batch = ["small_cnn"], [1], 1, 1, 10
     if args.child_policy:
         measure(args, args.child_policy)
         return

@@ -23,7 +23,8 @@ both cores at once), so run it on a quiet machine.
 ``--conf-overlay`` is a YAML file copied into each copy's ``conf/local/`` (parameters
 merged key by key over conf/base), for overrides ``--params`` cannot spell (lists of
 phases). Both make a tiny configuration to try the script quickly; the figures of
-record use neither.
+record use neither. ``--tiny`` times only the ``ingest_cifar`` pipeline on one worker (seconds;
+the test suite runs it so that the script cannot rot unnoticed).
 """
 
 from __future__ import annotations
@@ -103,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conf-overlay", type=Path, default=None, help="a YAML file copied into conf/local/")
     parser.add_argument("--skip-selection", action="store_true", help="measure the default run only")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--pipeline", default=None, help="time this pipeline instead of the default run")
+    parser.add_argument("--tiny", action="store_true", help="every section with tiny sizes, seconds long (the test "
+                        "suite runs it: tests/test_benchmarks.py); its figures mean nothing")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.rounds, args.workers, args.skip_selection, args.pipeline = 1, 1, True, "ingest_cifar"
     if args.conf_overlay is not None and not args.conf_overlay.is_file():
         parser.error(f"--conf-overlay {args.conf_overlay} is not a file")
 
@@ -119,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
           f"logs in {logs}", flush=True)
     figures: dict[str, dict[str, list[float]]] = {}
     try:
-        figures["default kedro run"] = measure("default", args.rounds, fresh_copy, None, args.params, logs)
+        figures[f"kedro run --pipeline={args.pipeline}" if args.pipeline else "default kedro run"] = measure(
+            "default", args.rounds, fresh_copy, args.pipeline, args.params, logs)
         if not args.skip_selection:
             prepared = fresh_copy()
             print("  (a default run to make batch_selection's inputs, not timed)", flush=True)

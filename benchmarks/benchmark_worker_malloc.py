@@ -12,6 +12,7 @@ batch of 100 random 32x32 images, one CPU thread, timed inside whichever process
 (worker start-up excluded), best of ``--rounds``.
 
     .venv/bin/python benchmarks/benchmark_worker_malloc.py [--steps 150] [--rounds 3]
+    .venv/bin/python benchmarks/benchmark_worker_malloc.py --tiny   (every section in seconds; the suite runs it)
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="every section with tiny sizes, seconds long (the test "
+                        "suite runs it: tests/test_benchmarks.py); its figures mean nothing")
     args = parser.parse_args()
+    if args.tiny:
+        args.steps, args.rounds = 2, 1
     here = min(train_steps(args.steps)[0] for _ in range(args.rounds))
     project, project_env = in_worker(args.steps, args.rounds, dask_default=False)
     default, default_env = in_worker(args.steps, args.rounds, dask_default=True)

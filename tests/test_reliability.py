@@ -670,6 +670,7 @@ def test_a_run_measured_to_take_longer_than_the_environment_expects_is_refused(f
     """Before: conf/paper's DPN92 on a CPU started a job of several weeks without a word."""
     message = refused_run(fresh_project, monkeypatch, gradient_training={"expected_hours": 1e-6})
     assert re.search(r"Parameter gradient_training.expected_hours: the run would take about [\d.,]+ hours \(5 orderings "
-                     r"x 2 seeds x 6 epochs x 50 batches of 100 at [\d.e-]+ s per probed step of small_cnn on cpu, measured on "
+                     r"x 2 seeds x 6 epochs x 50 batches of 100 \+ 10 null batches at [\d.e-]+ s per probed step of small_cnn on "
+                     r"cpu, measured on "
                      r"\d steps? of \d+ images( and scaled)?\), more than the 1e-06 hours this environment expects. "
                      r"Confirm with --params gradient_training.expected_hours=\d+", message), message

@@ -19,6 +19,7 @@ See docs/reliability.md ("Messages").
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -30,6 +31,22 @@ from kedro.framework.cli.project import run as kedro_run
 
 PROJECT_PACKAGE = __name__.split(".")[0]
 ERROR_LOG = Path("logs") / "errors.log"
+
+
+def put_environment_programs_on_path() -> None:
+    """Put this interpreter's ``bin`` folder first on ``PATH``, as activating the virtual environment would.
+
+    Kedro imports this module for every ``kedro`` command of the project. Plugins start programs of
+    the environment by name: ``kedro mlflow ui`` runs ``mlflow`` from ``PATH``, so
+    ``.venv/bin/kedro mlflow ui`` without an activated venv failed with ``FileNotFoundError: 'mlflow'``.
+    """
+    bin_dir = Path(sys.executable).parent
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    if (bin_dir / "mlflow").exists() and str(bin_dir) not in entries:
+        os.environ["PATH"] = os.pathsep.join([str(bin_dir), *filter(None, entries)])
+
+
+put_environment_programs_on_path()
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -53,7 +70,19 @@ def write_error_log(error: BaseException, project_path: Path, command: list[str]
     return log
 
 
+def _once_each(values: Any) -> Any:
+    """``values`` (a list or tuple of names) with each name once, in order; anything else as it is."""
+    if isinstance(values, (list, tuple)) and len(set(values)) < len(values):
+        return type(values)(dict.fromkeys(values))
+    return values
+
+
 def _run(verbose: bool, **options: Any) -> Any:
+    # `--namespaces=edges,edges` meant edges once; Kedro added its nodes twice and refused with a message
+    # about node names. A name given twice on the command line is the same as given once.
+    for key in ("namespaces", "pipelines", "node_names", "tags"):
+        if key in options:
+            options[key] = _once_each(options[key])
     try:
         return kedro_run.callback(**options)
     except Exception as error:

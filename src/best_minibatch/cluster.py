@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,16 @@ GPU_RESOURCE = "GPU"
 #: a plain process (benchmarks/benchmark_worker_malloc.py; docs/scaling.md). Workers this module starts keep
 #: glibc's defaults.
 WORKER_ENVIRON_UNSET = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+#: Set in every worker process this module starts: its records are forwarded, not written to the run's log file.
+#: ``nanny.environ``, not ``pre-spawn-environ``: a nanny writes the latter into this process's own environment too.
+WORKER_ENVIRON_SET = {"distributed.nanny.environ.BEST_MINIBATCH_DASK_WORKER": "1"}
+#: Dask's own logs (nanny, scheduler, worker banners: "Listening to", "Local Directory", ...) at this level unless
+#: the user sets the variable (e.g. DASK_LOGGING__DISTRIBUTED=info); worker processes read it when they start.
+DASK_LOG_VARIABLE, DASK_LOG_LEVEL = "DASK_LOGGING__DISTRIBUTED", "warning"
+#: Seconds a worker process is given to exit when the cluster closes, before its nanny kills it. Dask's own 4 s
+#: (0.8 of Nanny.close's 5 s) is too short for a worker that imported torch on a busy 2-core machine: every clean
+#: shutdown of the default run warned "Worker process still alive after 4.0 seconds, killing".
+WORKER_CLOSE_SECONDS = 60
 
 
 class ClusterConfigError(ConfigError):
@@ -86,10 +96,15 @@ class ClusterConfig:
     dashboard_address: str | None = None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None, kind: str | None = None) -> ClusterConfig:
-        """Read ``dask.yml`` (every key checked, unknown keys refused); ``kind`` overrides its ``cluster``."""
+    def from_params(cls, params: Mapping[str, Any] | None, kind: str | None = None,
+                    where: str | Callable[[str], str | None] = WHERE) -> ClusterConfig:
+        """Read ``dask.yml`` (every key checked, unknown keys refused); ``kind`` overrides its ``cluster``.
+
+        ``where`` names the file in messages: a string, or a function of the key's path that
+        names the file setting it (``conf/local/dask.yml`` overrides ``conf/base/dask.yml``).
+        """
         section = Section(params, SECTION, ("cluster", "local", "cuda", "slurm", "address", "tag_resources",
-                                            "dashboard_address"), ClusterConfigError, WHERE)
+                                            "dashboard_address"), ClusterConfigError, where)
         if kind is not None:
             section.params["cluster"] = kind
         kind = section.choice("cluster", "local", KINDS)
@@ -264,7 +279,7 @@ def _start_cluster(config: ClusterConfig) -> Any:
     (:data:`WORKER_ENVIRON_UNSET`; a Slurm job's nanny reads the Dask configuration of the machine it runs on)."""
     import dask
 
-    with dask.config.set(WORKER_ENVIRON_UNSET):  # read when each nanny is made
+    with dask.config.set({**WORKER_ENVIRON_UNSET, **WORKER_ENVIRON_SET}):  # read when each nanny is made
         if config.kind == "local":
             from distributed import LocalCluster
 
@@ -285,11 +300,12 @@ class Cluster:
 
         self.config = config
         self.cluster: Any = None
-        self._saved_environ: dict[str, str] = {}
+        self._saved_environ: dict[str, str | None] = {}
         if config.kind == "address":
             self.client = Client(config.address)
         else:
             self._saved_environ = _pop_worker_environ()
+            self._quiet_dask_logs()
             try:
                 self.cluster = _start_cluster(config)
                 self.client = Client(self.cluster)
@@ -302,7 +318,16 @@ class Cluster:
         workers = self.client.scheduler_info().get("workers", {})
         threads = sum(w.get("nthreads", 0) for w in workers.values())
         return (f"scheduler {self.client.scheduler.address}, {len(workers)} worker(s), {threads} thread(s)"
-                + (f", dashboard {self.client.dashboard_link}" if self.config.dashboard_address else ""))
+                + (f", dashboard {self.dashboard_link()}" if self.dashboard_link() else ""))
+
+    def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard, when it serves one (Dask starts it wherever bokeh is installed)."""
+        try:
+            if "dashboard" in (self.client.scheduler_info().get("services") or {}):
+                return self.client.dashboard_link
+        except Exception:  # no link to give: the line says nothing of a dashboard
+            pass
+        return None
 
     def forward_logs(self, names: tuple[str, ...], level: int = logging.INFO, preload: tuple[str, ...] = ()) -> None:
         """Worker records of the loggers ``names`` (and below) at ``level`` or above are handled by this process's
@@ -329,16 +354,48 @@ class Cluster:
                 found[name] = max(found.get(name, 0.0), float(amount))
         return found
 
+    def _quiet_dask_logs(self) -> None:
+        """Dask's logs at WARNING here and in the workers, unless the user set :data:`DASK_LOG_VARIABLE`."""
+        if DASK_LOG_VARIABLE in os.environ:
+            return  # asked for
+        # Importing distributed set its logger to Dask's own level (INFO), over conf/logging.yml.
+        logging.getLogger("distributed").setLevel(DASK_LOG_LEVEL.upper())
+        os.environ[DASK_LOG_VARIABLE] = DASK_LOG_LEVEL  # inherited by the worker processes; removed on close
+        self._saved_environ.setdefault(DASK_LOG_VARIABLE, None)
+
+    def _close_workers(self) -> None:
+        """Ask every local worker to exit, giving it :data:`WORKER_CLOSE_SECONDS` before its nanny kills it."""
+        import asyncio
+
+        nannies = [w for w in (getattr(self.cluster, "workers", None) or {}).values() if type(w).__name__ == "Nanny"]
+        if not nannies:
+            return
+
+        async def close_all() -> None:
+            await asyncio.gather(*(nanny.close(timeout=WORKER_CLOSE_SECONDS) for nanny in nannies),
+                                 return_exceptions=True)
+
+        try:
+            self.cluster.sync(close_all)
+        except Exception as error:  # the cluster's own close below still stops whatever is left
+            logger.debug("Closing the workers one by one failed: %r", error)
+
     def close(self) -> None:
         try:
             if getattr(self, "client", None) is not None:
                 self.client.close()
+            if self.cluster is not None:
+                self._close_workers()
         finally:
             try:
                 if self.cluster is not None:
                     self.cluster.close()
             finally:
-                os.environ.update(self._saved_environ)
+                for name, value in self._saved_environ.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
 
     def __enter__(self) -> Cluster:
         return self

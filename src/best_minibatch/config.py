@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,7 @@ class Section:
     """
 
     def __init__(self, params: Any, path: str, known: Iterable[str], error_type: type[ConfigError] = ConfigError,
-                 where: str | None = None) -> None:
+                 where: str | Callable[[str], str | None] | None = None) -> None:
         self.path, self.error_type, self.where = path, error_type, where
         self.known = frozenset(known)
         if params is None:
@@ -68,7 +68,9 @@ class Section:
         return f"{self.path}.{name}" if name else self.path
 
     def error(self, name: str, problem: str, fix: str) -> ConfigError:
-        return self.error_type(self.key(name), problem, fix, self.where)
+        """``where`` (when a function) names the file that sets this key (a layered configuration)."""
+        where = self.where(self.key(name)) if callable(self.where) else self.where
+        return self.error_type(self.key(name), problem, fix, where)
 
     def __contains__(self, name: str) -> bool:
         return name in self.params
@@ -128,3 +130,62 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> d
         else:
             merged[key] = value
     return merged
+
+
+def every_problem(build: Callable[[Any], Any], params: Any, path: str, also: Iterable[str] = ()) -> Any:
+    """``build(params)``, or a ValueError listing every problem of the section, not only the first.
+
+    A section's config stops at its first bad key. Each time it does, the key it names
+    (:attr:`ConfigError.key`, under ``path``) is taken out -- it falls back to its default --
+    and the section is built again with every other key as given, until it builds or the
+    problem names no key that was given. Every message is listed once, joined by
+    ``"\n  - "`` (the run checks list them one per line); ``also`` adds problems found
+    outside ``build``. The error raised is of the first problem's class.
+    """
+    problems = list(also)
+    remaining = _copy_mappings(params)
+    first: ValueError | None = None
+    for _ in range(_count_keys(params) + 1):
+        try:
+            config = build(remaining)
+        except ValueError as error:  # a ConfigError names its key; any other problem ends the search
+            first = first or error
+            problems.extend(p for p in str(error).split("\n  - ") if p not in problems)
+            if not isinstance(error, ConfigError) or not _remove(remaining, error.key, path):
+                break
+        else:
+            if not problems:
+                return config
+            break
+    if first is None:
+        raise ValueError("\n  - ".join(problems))
+    if [str(first)] == problems:
+        raise first
+    # The first error's class (a caller may catch it) and attributes, every problem in its message.
+    combined = type(first).__new__(type(first))
+    combined.__dict__.update(first.__dict__)
+    combined.args = ("\n  - ".join(problems),)
+    raise combined from first
+
+
+def _copy_mappings(params: Any) -> Any:
+    return {k: _copy_mappings(v) for k, v in params.items()} if isinstance(params, Mapping) else params
+
+
+def _count_keys(params: Any) -> int:
+    return sum(1 + _count_keys(v) for v in params.values()) if isinstance(params, Mapping) else 0
+
+
+def _remove(params: Any, key: str, path: str) -> bool:
+    """Remove ``key`` (``<path>.a.b``, or ``<path>.a.b[0]...``) from ``params``; whether it was there."""
+    if not key.startswith(f"{path}.") or not isinstance(params, dict):
+        return False
+    parts = key[len(path) + 1:].split("[")[0].split(".")
+    for part in parts[:-1]:
+        params = params.get(part)
+        if not isinstance(params, dict):
+            return False
+    return params.pop(parts[-1], _MISSING) is not _MISSING
+
+
+_MISSING = object()

@@ -12,6 +12,8 @@ would only fail when it reaches the node that loads it). Registered in
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
@@ -34,13 +36,75 @@ class RunChecks:
         check_pipeline_run(pipeline, catalog)
 
 
+class ProjectRoot:
+    """Every run works in the project's root folder, wherever ``kedro`` was started.
+
+    Kedro makes the catalog's relative paths absolute against the project root, but
+    parameters that are paths (``gradient_training.checkpoint_dir``,
+    ``ingest_cifar.source.path``, ...) are read by the nodes against the working
+    directory: a run started in ``conf/`` used to put its checkpoints under
+    ``conf/data/`` and its gradients under ``data/``. Before any other
+    ``before_pipeline_run`` hook (registered last, ``tryfirst``) the working directory
+    becomes the project root; it is given back when the run ends, fails or is refused.
+    """
+
+    def __init__(self) -> None:
+        self._root: Path | None = None
+        self._started_in: Path | None = None
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._root = Path(context.project_path).resolve()
+
+    @hook_impl(hookwrapper=True, tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any):
+        here = Path.cwd().resolve()
+        if self._root is not None and here != self._root:
+            logger.info("Working in the project root %s (kedro was started in %s): relative paths start there.",
+                        self._root, here)
+            self._started_in = here
+            os.chdir(self._root)
+        outcome = yield
+        if outcome.excinfo is not None:  # refused by a check: no after_pipeline_run follows
+            self._give_back()
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any) -> None:
+        self._give_back()
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Pipeline,
+                          catalog: Any) -> None:
+        self._give_back()
+
+    def _give_back(self) -> None:
+        if self._started_in is not None:
+            os.chdir(self._started_in)
+            self._started_in = None
+
+
+class RunLog:
+    """Every session logs to ``<project>/logs/info.log``; the terminal leaves out per-dataset load/save lines.
+
+    ``best_minibatch.logs.install``: Kedro's ``logging.yml`` admits no project classes, so the
+    file handler and the terminal filter are added here, once per process.
+    """
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        from best_minibatch import logs
+
+        logs.install(context.project_path)
+
+
 def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
     """Raise :class:`validation.RunCheckError` listing every problem of this run of ``pipeline``."""
     parameters = catalog.load("parameters") if catalog.get("parameters") is not None else {}
     sections = parameter_sections(pipeline, parameters)
-    problems = missing_input_problems(pipeline, catalog)
+    problems = (missing_input_problems(pipeline, catalog) + unreadable_input_problems(pipeline, catalog)
+                + unwritable_folder_problems(pipeline, catalog))
     facts = validation.RunFacts(trained_orderings=trained_orderings(pipeline))
-    if sections & _NEED_TRAIN_COUNT:
+    if sections & _NEED_TRAIN_COUNT and not any(p.startswith("Input 'image_index'") for p in problems):
         facts.n_train = _training_image_count(pipeline, catalog, parameters)
     counted = set(facts.trained_orderings)
     if "distance_analysis" in sections:  # the claims need enough batches in every ordering it reads
@@ -110,6 +174,75 @@ def missing_input_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
         kind = "is kept in memory only, so it" if where is None else f"('{where}')"
         problems.append(f"Input '{name}' {kind} does not exist yet. {fix}")
     return problems
+
+
+def unreadable_input_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
+    """A message for every Parquet input the run reads (and does not make) whose file cannot be read.
+
+    Only the footer is read (``pyarrow.parquet.read_metadata``): a truncated or damaged file fails
+    there, before the run writes anything (it used to fail when its reader came, after other outputs).
+    """
+    import pyarrow.parquet as pq
+
+    problems = []
+    for name in _data_inputs(pipeline):
+        try:
+            dataset = catalog.get(name)
+        except Exception:  # reported by missing_input_problems
+            continue
+        if type(dataset).__name__ != "ParquetDataset" or not _exists(catalog, name):
+            continue
+        try:
+            path = dataset._get_load_path() if getattr(dataset, "_version", None) is not None else dataset._filepath
+            pq.read_metadata(str(path))
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
+            producers = _producers(name)
+            fix = (f"Write it anew: run `kedro run --pipeline={producers[0][0]}` (or include that pipeline in this "
+                   "run)" if producers else "Restore the file")
+            problems.append(f"Input '{name}' cannot be read: '{path}' is not a readable Parquet file "
+                            f"({str(error).splitlines()[0][:200]}). {fix}.")
+    return problems
+
+
+def unwritable_folder_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
+    """A message for every folder the run must write into (its outputs, the run manifest) that it cannot.
+
+    Each output's nearest existing folder is checked with ``os.access`` (a read-only mount or a folder
+    without write permission fails it), so the run is refused before it writes anything.
+    """
+    from best_minibatch.run_manifest import MANIFEST_DATASET
+
+    blocked: dict[Path, list[str]] = {}
+    for name in sorted(pipeline.all_outputs() | {MANIFEST_DATASET}):
+        try:
+            dataset = catalog.get(name)
+        except Exception:  # a name no catalog entry or pattern matches: nothing to check
+            continue
+        where = getattr(dataset, "_filepath", None) or getattr(dataset, "_path", None)
+        if where is None or "://" in str(where):
+            continue  # in memory, or not a local file
+        folder = Path(str(where))
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
+        if not folder.is_dir():
+            folder = folder.parent
+        if not os.access(folder, os.W_OK):
+            blocked.setdefault(folder, []).append(name)
+    problems = []
+    for folder, names in sorted(blocked.items()):
+        reason = "is on a read-only file system" if _read_only_mount(folder) else "is not writable by this user"
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        problems.append(f"The run cannot write into '{folder}': it {reason}, and it must hold '{names[0]}'{more}. "
+                        "Make the folder writable (remount it read-write, or change its owner or permissions), "
+                        "or point the catalog at a writable folder in an environment (conf/<env>/catalog.yml).")
+    return problems
+
+
+def _read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _producers(name: str) -> list[tuple[str, str]]:

@@ -46,6 +46,10 @@ GPU_TAG = "gpu"
 #: Attribute set on a node function by :func:`hands_out_work`.
 HANDS_OUT = "hands_out_work"
 
+#: How often one handed-out task that the scheduler dropped (its worker, or the worker holding its item, died) is
+#: handed out again before the node fails; each time only that task reruns.
+LOST_TASK_RESUBMISSIONS = 3
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -94,11 +98,14 @@ def map_tasks(fn: Callable[..., R], items: Sequence[T], *, label: str,
 
     ``on_result(index, result)`` is called as each result arrives (in completion order
     on a cluster, in item order here). ``label`` names the tasks on the cluster's
-    dashboard and in the log. The first task that fails cancels the others and its
-    error is raised here. With ``shared``, every call is ``fn(item, shared)``: what all
-    items need (the training images) is shipped to each worker once, not once per item
-    (items are scattered one by one, so a large object inside every item would be
-    copied as many times as there are items).
+    dashboard and in the log. A task the scheduler drops (cancelled: a worker died with
+    its scattered item) is handed out again from this process's copy of the item, up to
+    ``LOST_TASK_RESUBMISSIONS`` times; a task killed by a worker's death is rerun by Dask
+    itself. The first task that fails otherwise cancels the others and its error is
+    raised here. With ``shared``, every call is ``fn(item, shared)``: what all items need
+    (the training images) is shipped to each worker once, not once per item (items are
+    scattered one by one, so a large object inside every item would be copied as many
+    times as there are items).
     """
     hand_out = _HAND_OUT.get()
     extra = () if shared is _NO_SHARED else (shared,)
@@ -118,23 +125,47 @@ def map_tasks(fn: Callable[..., R], items: Sequence[T], *, label: str,
     with worker_client() as client:
         if extra:  # once to every worker (the tasks may run on any of them)
             extra = (client.scatter(shared, broadcast=True, hash=False),)
-        # Scattered one by one: an item is shipped to the worker that runs it only.
-        futures = [client.submit(fn, client.scatter(item, hash=False), *extra,
+
+        def submit(index: int) -> Any:
+            # Scattered one by one: an item (training data) is shipped to the worker that runs it only.
+            return client.submit(fn, client.scatter(items[index], hash=False), *extra,
                                  key=f"{label}-{index}-{os.urandom(4).hex()}",
                                  resources=dict(hand_out.resources) or None, pure=False)
-                   for index, item in enumerate(items)]
-        index_of = {future.key: index for index, future in enumerate(futures)}
+
+        futures = {index: submit(index) for index in range(len(items))}
+        index_of = {future.key: index for index, future in futures.items()}
+        resubmitted = dict.fromkeys(futures, 0)
         results: list[Any] = [None] * len(items)
         try:
-            for future in as_completed(futures, loop=client.loop):
+            running = as_completed(list(futures.values()), loop=client.loop)
+            for future in running:
                 index = index_of[future.key]
+                if future.status == "cancelled" and resubmitted[index] < LOST_TASK_RESUBMISSIONS:
+                    # The scheduler dropped the task: its scattered item died with a worker ("lost
+                    # dependencies"). This process still holds the item: hand it out again, alone.
+                    resubmitted[index] += 1
+                    logger.warning("%s: task %d of %d was lost with a Dask worker (%s); handing it out again "
+                                   "(%d of %d times)", label, index + 1, len(items), _cancel_reason(future),
+                                   resubmitted[index], LOST_TASK_RESUBMISSIONS)
+                    futures[index] = submit(index)
+                    index_of[futures[index].key] = index
+                    running.add(futures[index])
+                    continue
                 results[index] = future.result()  # raises the task's error
                 if on_result is not None:
                     on_result(index, results[index])
         except BaseException:
-            client.cancel(futures)
+            client.cancel(list(futures.values()))
             raise
     return results
+
+
+def _cancel_reason(future: Any) -> str:
+    try:
+        future.result(timeout=0)
+    except BaseException as error:  # FutureCancelledError names the key and the scheduler's reason
+        return str(error) or type(error).__name__
+    return "cancelled"
 
 
 # --------------------------------------------------------------------------- one task per run folder

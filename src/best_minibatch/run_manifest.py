@@ -238,10 +238,13 @@ class ManifestStore:
     def read(self, run_id: str) -> Manifest | None:
         path = self.path(run_id)
         try:
-            return Manifest.from_json(json.loads(path.read_text(encoding="utf-8")))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+            return Manifest.from_json(data)
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # valid JSON of the wrong shape too
             raise RunInputsError([(f"Run manifest '{path}' is damaged ({error}). Move it aside (the run it "
                                    "describes is then treated as unrecorded).")]) from error
 
@@ -683,6 +686,8 @@ def _locked_message(path: Path, text: str) -> str:
     try:
         holder = json.loads(text) if text.strip() else {}
     except ValueError:
+        holder = {}
+    if not isinstance(holder, dict):  # valid JSON, but not what a run writes: say nothing of the holder
         holder = {}
     data_folder = path.parent.parent if path.parent.name == "runs" else path.parent
     who = (f"PID {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "

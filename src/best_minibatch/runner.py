@@ -38,8 +38,9 @@ import logging
 import pickle
 import traceback
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kedro.config import MissingConfigException
@@ -51,7 +52,8 @@ from kedro.runner import AbstractRunner
 from kedro.runner.task import Task
 
 from best_minibatch import parallel
-from best_minibatch.cluster import Cluster, ClusterConfig
+from best_minibatch.cluster import WHERE, Cluster, ClusterConfig
+from best_minibatch.config import every_problem
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +93,51 @@ class DaskConfig:
 
 
 def configured_cluster(kind: str | None = None) -> ClusterConfig:
-    """``dask.yml`` of the session's environment (checked), or the defaults when there is none."""
+    """``dask.yml`` of the session's environment (checked), or the defaults when there is none.
+
+    Every mistake is reported at once, each naming the file that sets the key (the run's environment
+    overrides ``conf/base``).
+    """
     params: Any = {}
+    where: Any = WHERE
     if _CONFIG_LOADER is not None:
         try:
             params = _CONFIG_LOADER[CONFIG_KEY]
         except (KeyError, MissingConfigException):  # no dask.yml: the defaults (a local cluster)
             params = {}
-    return ClusterConfig.from_params(params, kind)
+        where = _file_setting(_CONFIG_LOADER)
+    return every_problem(lambda p: ClusterConfig.from_params(p, kind, where), params, CONFIG_KEY)
+
+
+def _file_setting(loader: Any) -> Callable[[str], str]:
+    """``key -> file``: the last of the environments' dask files (base, then the run's) whose YAML sets ``key``."""
+    import yaml
+
+    root = Path(str(loader.conf_source))
+    envs = [loader.base_env, loader.env or loader.default_run_env]
+    layers: list[tuple[str, Any]] = []
+    for env in dict.fromkeys(e for e in envs if e):
+        for file in sorted((root / env).glob("dask*.yml")) + sorted((root / env).glob("dask*/**/*.yml")):
+            try:
+                layers.append((f"{root.name}/{env}/{file.relative_to(root / env).as_posix()}",
+                               yaml.safe_load(file.read_text()) or {}))
+            except (OSError, yaml.YAMLError):
+                continue
+
+    def where(key: str) -> str:
+        parts = key.split(".")[1:]
+        found = [name for name, data in layers if _sets(data, parts)]
+        return found[-1] if found else "not set in any dask.yml: its default applies"
+
+    return where
+
+
+def _sets(data: Any, parts: list[str]) -> bool:
+    for part in parts:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
 
 
 # --------------------------------------------------------------------------- tasks of the pipeline
@@ -233,6 +272,12 @@ class GroupFailed(Exception):
     def __init__(self, calls: list, node: str, error: BaseException, worker_traceback: str) -> None:
         super().__init__(calls, node, error, worker_traceback)
         self.calls, self.node, self.error, self.worker_traceback = calls, node, error, worker_traceback
+
+    def __str__(self) -> str:
+        # Short: Dask replaces an error whose text is over distributed.admin.max-error-length (10,000 characters)
+        # with Exception('Long error message', ...), and the args hold the hook calls with every node input.
+        text = f"Node '{self.node}' failed: {type(self.error).__name__}: {self.error}"
+        return text if len(text) <= 2_000 else text[:2_000] + " ..."
 
 
 def _travels(error: BaseException) -> BaseException:

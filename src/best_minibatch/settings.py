@@ -4,7 +4,7 @@ import warnings
 
 from kedro.config import OmegaConfigLoader
 
-from best_minibatch.hooks import RunChecks
+from best_minibatch.hooks import ProjectRoot, RunChecks, RunLog
 from best_minibatch.run_hooks import RunRecord
 from best_minibatch.runner import DaskConfig
 from best_minibatch.tracking import RunTracking
@@ -17,7 +17,10 @@ from best_minibatch.tracking import RunTracking
 # the MLflow run starts once the run holds the lock.
 # DaskConfig hands conf/<env>/dask.yml to `--runner=best_minibatch.runner.DaskRunner` (docs/scaling.md).
 _RUN_RECORD = RunRecord()
-HOOKS = (RunChecks(), _RUN_RECORD, _RUN_RECORD.lock_hook, RunTracking(), DaskConfig())
+# ProjectRoot (registered last, tryfirst: the first hook called) makes the project root the working directory,
+# so parameters' relative paths resolve there wherever kedro was started (docs/reliability.md).
+# RunLog: logs/info.log keeps every record; the terminal leaves out the per-dataset load/save lines.
+HOOKS = (RunChecks(), _RUN_RECORD, _RUN_RECORD.lock_hook, RunTracking(), DaskConfig(), ProjectRoot(), RunLog())
 
 # kedro-viz writes a .viz/ folder on every run through its hooks; runs don't need it.
 # kedro-mlflow's own hook is driven by RunTracking (which never lets tracking fail a run).

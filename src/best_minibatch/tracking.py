@@ -34,7 +34,9 @@ register it (``DISABLE_HOOKS_FOR_PLUGINS`` in ``settings.py``):
 * ``enabled: false`` in ``mlflow.yml`` switches tracking off, and nothing is
   written to the store before the run's checks (``hooks.RunChecks``) have passed,
   so a refused run leaves no trace;
-* a relative SQLite store is placed inside the project, wherever Kedro runs from.
+* a relative SQLite store is placed inside the project, wherever Kedro runs from;
+* the experiment is tagged as model training (``mlflow.experimentKind``), so MLflow 3's
+  UI opens it on runs and metrics, not on its GenAI view.
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ class RunTracking:
             return
         self._client = mlflow.MlflowClient(tracking_uri=mlflow.get_tracking_uri())
         self._experiment_id = self._client.get_run(self._run_id).info.experiment_id
+        mark_model_training(self._client, self._experiment_id)
         commit, dirty = git_state([Path(context.project_path), Path(__file__).parent])
         tags = {"env": env, "pipelines": ",".join(pipelines), "git_commit": commit or "unknown",
                 "git_dirty": str(dirty).lower() if commit else "unknown"}
@@ -509,6 +512,20 @@ def project_sqlite_uri(uri: str, project_path: Path) -> str:
     if path is None or path.is_absolute():
         return uri
     return f"sqlite:///{(project_path / path).as_posix()}"
+
+
+#: MLflow 3's UI opens an experiment by its tag ``mlflow.experimentKind`` (in MLflow 3.17's UI bundle:
+#: ``genai_development``, ``custom_model_development``, ...); an untagged one opened in the GenAI view
+#: (traces, sessions). ``custom_model_development`` is its model-training view: runs and metrics.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def mark_model_training(client: Any, experiment_id: str) -> None:
+    """Tag the experiment as model training (unless a user chose another kind in the UI)."""
+    experiment = client.get_experiment(experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
 
 def artifact_location(tracking_uri: str | None, location: str | None) -> str | None:

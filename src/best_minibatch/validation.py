@@ -29,14 +29,14 @@ message naming the parameter and the fix.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from best_minibatch.config import Section
+from best_minibatch.config import Section, every_problem
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,12 @@ def run_problems(parameters: Mapping[str, Any], sections: Iterable[str], facts: 
     return problems
 
 
+def build_reporting_every_key(build: Callable[[Any], Any], params: Any, path: str,
+                              also: list[str] | None = None) -> Any:
+    """``build(params)``, or a ValueError listing every problem of the section (``config.every_problem``)."""
+    return every_problem(build, params, path, also or ())
+
+
 # --------------------------------------------------------------------------- per pipeline
 
 
@@ -92,10 +98,12 @@ def _check_ingest(params: Mapping[str, Any], parameters: Mapping[str, Any], fact
     count_training_images(params.get("source") or {})
 
 
-def count_training_images(source: Mapping[str, Any]) -> int | None:
-    """Training images in the raw source named by ``ingest_cifar.source`` (``None`` if it is to be downloaded).
+def count_training_images(source: Mapping[str, Any]) -> int:
+    """Training images in the raw source named by ``ingest_cifar.source``.
 
-    Reads the archive's listing (or the release's label lists), not the images.
+    Reads the archive's listing (or the release's label lists), not the images. A source still
+    to be downloaded (``download: true``, path absent) counts the release the download fetches,
+    so a run too large for the machine is refused before it downloads anything.
     """
     from best_minibatch.data import cifar
 
@@ -105,7 +113,7 @@ def count_training_images(source: Mapping[str, Any]) -> int | None:
     path = Path(source["path"])
     if not path.exists():
         if source.get("download", False):
-            return None
+            return cifar.CIFAR10_TRAIN_IMAGES
         raise ValueError(
             f"Parameter ingest_cifar.source.path: raw dataset not found: '{path}'. Set it to an existing folder, "
             "zip, or cifar-10-python.tar.gz (relative paths start at the project root), or set "
@@ -179,22 +187,23 @@ def _check_batch_size_rule(batch_size: int | None, key: str, parameters: Mapping
 
 
 def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
+    from best_minibatch.batches.orderings import all_orderings
     from best_minibatch.training.gradient_training import (
         TrainingConfig,
         check_buffer_memory,
         check_disk_cap,
         check_expected_time,
+        check_null_batches,
         check_run_folder,
         named_model_factory,
     )
 
-    config = TrainingConfig.from_params(params, parameters.get("training"))
-    if not isinstance(config.trace_check, bool):
-        from best_minibatch.batches.orderings import all_orderings
-
-        if unknown := [o for o in config.trace_check if o not in all_orderings()]:
-            raise ValueError(f"Parameter gradient_training.trace_check: unknown orderings {unknown}. Use true, false "
-                             f"or a list of {', '.join(all_orderings())}.")
+    trace = params.get("trace_check") if isinstance(params, Mapping) else None
+    unknown = [o for o in trace if o not in all_orderings()] if isinstance(trace, (list, tuple)) else []
+    trace_problem = (f"Parameter gradient_training.trace_check: unknown orderings {unknown}. Use true, false or a list "
+                     f"of {', '.join(all_orderings())}.") if unknown else None
+    config = build_reporting_every_key(lambda p: TrainingConfig.from_params(p, parameters.get("training")), params,
+                                       "gradient_training", [trace_problem] if trace_problem else [])
     _check_batch_size_rule(config.recipe.batch_size, "gradient_training.training.batch_size", parameters)
     model = named_model_factory(config)()
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -208,6 +217,7 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
             num_batches = facts.n_train // batch_size  # the batches sort_batches will make in this run
         try:
             if num_batches:
+                check_null_batches(config, num_batches)
                 check_disk_cap(config, num_params, num_batches)
                 check_buffer_memory(config, num_params, param_dtype, num_batches)
             check_run_folder(config, ordering, num_params, param_dtype)
@@ -284,8 +294,8 @@ def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, A
     from best_minibatch.selection.experiment import SelectionConfig
 
     sort_size = (parameters.get("sort_batches") or {}).get("batch_size")
-    config = SelectionConfig.from_params(params, parameters.get("training"),
-                                         sort_size if isinstance(sort_size, int) else None)
+    config = build_reporting_every_key(lambda p: SelectionConfig.from_params(
+        p, parameters.get("training"), sort_size if isinstance(sort_size, int) else None), params, "batch_selection")
     _check_batch_size_rule(config.batch_size, "batch_selection.training.batch_size", parameters)
     for key, ordering in (("fixed_random.ordering", config.fixed_ordering),
                           ("learned.ordering", config.learned_ordering),

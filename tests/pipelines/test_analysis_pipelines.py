@@ -13,8 +13,8 @@ from matplotlib.figure import Figure
 
 from best_minibatch.analysis.statistics import DEFAULT_PARAMETERS
 from best_minibatch.batches.orderings import all_orderings
-from best_minibatch.pipelines.orderings import METRIC_KINDS, dataset_name
 from best_minibatch.pipelines.distance_analysis import create_pipeline as create_analysis
+from best_minibatch.pipelines.orderings import METRIC_KINDS, dataset_name
 from best_minibatch.pipelines.visualize import create_pipeline as create_visualize
 from best_minibatch.pipelines.visualize.pipeline import FIGURE_GROUPS
 from tests.test_analysis import SKIP_REASON, planted_effects, synthetic_run

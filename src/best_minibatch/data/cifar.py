@@ -18,8 +18,6 @@ get ``0 .. N_train-1`` (equal to their row), test images ``N_train ..``.
 
 from __future__ import annotations
 
-import io
-import pickle
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterable
@@ -31,11 +29,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from best_minibatch.data.safe_pickle import UnsafePickleError, load_numpy_pickle
+
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CANONICAL_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CANONICAL_FILES = CANONICAL_TRAIN_BATCHES + ("test_batch", "batches.meta")
 INDEX_COLUMNS = ["image_id", "split", "row", "label", "class_name", "source"]
+#: Training images of the release :func:`download_cifar_python` fetches (five batches of 10,000): what the
+#: checks before a run count when the dataset is still to be downloaded.
+CIFAR10_TRAIN_IMAGES = len(CANONICAL_TRAIN_BATCHES) * 10_000
 
 
 class DatasetInputError(ValueError):
@@ -400,8 +403,16 @@ def _open_tar(path: Path) -> tarfile.TarFile:
 
 
 def _unpickle(data: bytes, where: str) -> dict:
+    # Never plain pickle.load: a planted global would run while loading (issue 23, case 1).
+    # The release needs dicts, lists, bytes, ints and numpy arrays; nothing else is admitted.
     try:
-        loaded = pickle.load(io.BytesIO(data), encoding="bytes")
+        loaded = load_numpy_pickle(data, encoding="bytes")
+    except UnsafePickleError as error:
+        raise DatasetInputError(
+            f"Refused to read '{where}': {error} A CIFAR-10 python batch holds only dicts, lists, bytes, "
+            "numbers and numpy arrays, so this file is not the release (it would run code if unpickled "
+            "freely). Delete it and download cifar-10-python.tar.gz from its official source."
+        ) from error
     except Exception as error:  # pickle raises many types on damaged input
         raise DatasetInputError(
             f"Corrupt or truncated entry '{where}': {error!r}. Re-download the CIFAR-10 python release."

