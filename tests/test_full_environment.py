@@ -125,7 +125,7 @@ def test_one_epoch_of_the_full_environment_runs_on_a_subset_at_the_same_batch_si
     params = {
         "ingest_cifar": {"source": {"path": "data/01_raw/cifar10-sample.zip"}},
         "training": {"phases": [{"epochs": 1, "lr": 0.1}]},
-        # 10 null batches: the full environment's 20 exceed the subset's 19 batches (null_batches' upper bound).
+        # 10 null batches, as the full environment has (at most the subset's 19 batches: null_batches' upper bound).
         "gradient_training": {"seeds": [0], "keep_gradients": [1], "null_batches": 10},
     }
     previous = Path.cwd()

@@ -4,8 +4,8 @@ Knows nothing of Kedro. :func:`install` (called per session by ``hooks.RunLog``:
 ``logging.yml`` admits no project classes) adds :class:`RunLogFile`
 (``<project>/logs/info.log``) to the root logger and keeps the terminal for what a
 person follows: :class:`TerminalFilter` on the terminal's handlers leaves out Kedro's
-per-dataset "Loading data from ..." / "Saving data to ..." lines
-(``kedro.io.data_catalog`` below WARNING), which the file keeps.
+per-dataset "Loading data from ..." / "Saving data to ..." lines and its per-node
+"Running node" / "Completed node" lines (below WARNING), which the file keeps.
 
 The folder is made when the first record arrives (a plain ``FileHandler`` fails
 with "--- Logging error ---" when ``logs/`` is missing, as in a fresh clone). In a
@@ -44,9 +44,11 @@ class RunLogFile(logging.handlers.RotatingFileHandler):
 
 
 class TerminalFilter(logging.Filter):
-    """Leaves Kedro's per-dataset load and save lines (``kedro.io.data_catalog`` below WARNING) out of the terminal."""
+    """Leaves Kedro's per-dataset load and save lines (``kedro.io.data_catalog``) and its per-node "Running node" /
+    "Completed node" / "Completed n out of N tasks" lines (``kedro.runner``, ``kedro.pipeline.node``) below WARNING
+    out of the terminal: the project's own lines name every stage and training."""
 
-    QUIET = ("kedro.io.data_catalog",)
+    QUIET = ("kedro.io.data_catalog", "kedro.runner", "kedro.pipeline.node")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or not record.name.startswith(self.QUIET)

@@ -60,10 +60,13 @@ def evaluate_paper_claims(
     )
     claims = analysis.claim_verdicts(comparisons, ordering_status, alpha=params["alpha"],
                                      null_ordering=params["null_ordering"])
-    for row in claims.itertuples():
-        logger.info("Claim %s, %s, phase %d: %s (rank-biserial %.3g, Holm p %.3g, seeds agreeing %s of %s; "
-                    "control %s: %s)", row.claim_id, row.ordering, row.phase, row.verdict, row.rank_biserial,
-                    row.p_holm, _count(row.seeds_agreeing), _count(row.n_seeds), row.control, row.control_verdict)
+    for row in claims.itertuples():  # at DEBUG: every row is in claim_verdicts and the report; one line at INFO
+        logger.debug("Claim %s, %s, phase %d: %s (rank-biserial %.3g, Holm p %.3g, seeds agreeing %s of %s; "
+                     "control %s: %s)", row.claim_id, row.ordering, row.phase, row.verdict, row.rank_biserial,
+                     row.p_holm, _count(row.seeds_agreeing), _count(row.n_seeds), row.control, row.control_verdict)
+    counts = claims["verdict"].map(lambda v: v if not str(v).startswith("not tested") else "not tested").value_counts()
+    logger.info("Claims (%d rows, plain and stratified orderings): %s; every row in claim_verdicts and the report",
+                len(claims), ", ".join(f"{n} {v}" for v, n in counts.items()))
     return comparisons, claims, analysis.seed_group_differences(batch_stats_by_seed)
 
 
