@@ -5,7 +5,8 @@ Knows nothing of Kedro. :func:`install` (called per session by ``hooks.RunLog``:
 (``<project>/logs/info.log``) to the root logger and keeps the terminal for what a
 person follows: :class:`TerminalFilter` on the terminal's handlers leaves out Kedro's
 per-dataset "Loading data from ..." / "Saving data to ..." lines and its per-node
-"Running node" / "Completed node" lines (below WARNING), which the file keeps.
+"Running node" / "Completed node" lines and each training's per-epoch lines (below
+WARNING), which the file keeps; a training's start and end stay.
 
 The folder is made when the first record arrives (a plain ``FileHandler`` fails
 with "--- Logging error ---" when ``logs/`` is missing, as in a fresh clone). In a
@@ -48,10 +49,14 @@ class TerminalFilter(logging.Filter):
     "Completed node" / "Completed n out of N tasks" lines (``kedro.runner``, ``kedro.pipeline.node``) below WARNING
     out of the terminal: the project's own lines name every stage and training."""
 
-    QUIET = ("kedro.io.data_catalog", "kedro.runner", "kedro.pipeline.node")
+    QUIET = ("kedro.io.data_catalog", "kedro.runner", "kedro.pipeline.node",
+             "best_minibatch.training.gradient_training.epochs")
+    #: The runners' per-node messages, whichever runner logs them (the project's Dask runner too).
+    NODE_MESSAGES = ("Running node: %s", "Completed node: %s", "Completed %d out of %d tasks")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.name.startswith(self.QUIET)
+        return record.levelno >= logging.WARNING or not (record.name.startswith(self.QUIET)
+                                                         or record.msg in self.NODE_MESSAGES)
 
 
 def install(project_path: str | os.PathLike, terminal_handlers: tuple[str, ...] = ("RichHandler", "StreamHandler")

@@ -60,6 +60,8 @@ from best_minibatch.training.resume import (
 from best_minibatch.training.runtime import training_environment
 
 logger = logging.getLogger(__name__)
+#: One line per epoch: in the log file (and in a terminal's progress bar), not in the terminal's log lines.
+epoch_logger = logging.getLogger(f"{__name__}.epochs")
 
 __all__ = ["DiskSpaceError", "DivergenceError", "EpochPlan"]  # re-exported for callers of this module
 
@@ -1045,7 +1047,7 @@ class GradientProbeRun:
                            ("n_train", self.data.num_batches * self.data.batch_size),
                            ("batch_size", self.data.batch_size)):
             history[key].append(float(value))
-        logger.info(
+        epoch_logger.info(
             "%s epoch %d/%d (phase %d, lr %g): train loss %.4f acc %.3f | test loss %.4f acc %.3f | "
             "mean distance %.5g | %.1f s%s",
             self.label, plan.epoch, len(self.schedule), plan.phase, plan.learning_rate, train_loss,
@@ -1055,6 +1057,9 @@ class GradientProbeRun:
     def _assemble(self, net_normal: nn.Module, progress: Progress) -> ProbeResults:
         distances = _distance_frame(self.ordering, self.seed, progress.distances, self.batching)
         epochs = len(progress.history["epoch"])
+        if epochs:
+            logger.info("%s: %d epochs done, test accuracy %.3f, %.0f s of training (every epoch in logs/info.log)",
+                        self.label, epochs, progress.history["test_accuracy"][-1], sum(progress.history["seconds"]))
         if self.probe and epochs:
             matrix = torch.tensor(progress.distances["distance"], dtype=torch.float64).view(epochs,
                                                                                              self.data.num_batches)
