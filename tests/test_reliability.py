@@ -619,7 +619,7 @@ def test_too_few_batches_for_the_analysis_stop_before_any_work(fresh_project, mo
 
 @pytest.mark.parametrize(("params", "expected"), [
     ({"sort_batches": {"batch_sizee": 64}}, "Parameter sort_batches.batch_sizee: unknown parameter. Known parameters: "
-                                            "batch_size, tie_seed. Did you mean 'batch_size'?"),
+                                            "batch_size, control_batchings, stratify, tie_seed. Did you mean 'batch_size'?"),
     ({"visualize": {"report_titel": "x"}}, "Parameter visualize.report_titel: unknown parameter. Known parameters: "
                                            "report_png_dpi, report_title. Did you mean 'report_title'?"),
     ({"ingest_cifar": {"source": {"pth": "x"}}}, "Parameter ingest_cifar.source.pth: unknown parameter. Known "
@@ -669,7 +669,7 @@ def test_in_memory_gradient_buffer_larger_than_the_devices_memory_is_refused():
 def test_a_run_measured_to_take_longer_than_the_environment_expects_is_refused(fresh_project, monkeypatch):
     """Before: conf/paper's DPN92 on a CPU started a job of several weeks without a word."""
     message = refused_run(fresh_project, monkeypatch, gradient_training={"expected_hours": 1e-6})
-    assert re.search(r"Parameter gradient_training.expected_hours: the run would take about [\d.,]+ hours \(5 orderings "
+    assert re.search(r"Parameter gradient_training.expected_hours: the run would take about [\d.,]+ hours \(10 orderings "
                      r"x 2 seeds x 6 epochs x 50 batches of 100 \+ 10 null batches at [\d.e-]+ s per probed step of small_cnn on "
                      r"cpu, measured on "
                      r"\d steps? of \d+ images( and scaled)?\), more than the 1e-06 hours this environment expects. "

@@ -28,6 +28,7 @@ from best_minibatch.training.gradient_training import (
     TrainingData,
     TrainingDataError,
     epoch_order,
+    run_identity,
 )
 from best_minibatch.training.probing import GradientVarianceTrace, batch_gradient
 from best_minibatch.training.resume import Progress
@@ -338,10 +339,11 @@ def test_too_little_free_space_for_a_kept_epoch_stops_cleanly(tmp_path, tiny_dat
     config = make_config(tmp_path, keep_gradients=[2])
     run = GradientProbeRun(config, tiny_data, tiny_model, "intensity")
     usage = shutil.disk_usage(tmp_path)
-    # Enough for epoch 1's checkpoint (72 KiB with block rounding), not for epoch 2's 12 gradient files as well.
+    # Enough for epoch 1's checkpoint (76 KiB with block rounding: the model, its momentum and the distance rows
+    # of every column), not for epoch 2's 12 gradient files as well.
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100_000))
-    with pytest.raises(DiskSpaceError, match=r"Epoch 2 of 'intensity' needs 120.0 KiB in '[^']*gradients[^']*' and "
-                                             r"'[^']*checkpoints[^']*' \(kept gradients 48.0 KiB, checkpoint 72.0 KiB\)"
+    with pytest.raises(DiskSpaceError, match=r"Epoch 2 of 'intensity' needs 124.0 KiB in '[^']*gradients[^']*' and "
+                                             r"'[^']*checkpoints[^']*' \(kept gradients 48.0 KiB, checkpoint 76.0 KiB\)"
                                              r", but only 97.7 KiB are free.*checkpoint of epoch 1 is kept"):
         list(run.run())
     assert run.store.checkpoint_epochs() == [1]
@@ -469,11 +471,16 @@ def test_same_parameter_null_matches_the_sampling_theory_of_a_linear_model(tmp_p
 # --------------------------------------------------------------------------- batch order
 
 
-def test_fixed_order_is_the_default_and_keeps_run_names(tmp_path, tiny_data):
+def test_shuffled_order_is_the_default_and_fixed_keeps_run_names(tmp_path, tiny_data):
+    """Shuffled is the default (docs/analysis.md: a batch's rank is then not its place in the epoch); a fixed-order
+    run keeps the name it had before the parameter existed (the identity holds batch_order only when shuffled)."""
     def name(**extra):
         return GradientProbeRun(make_config(tmp_path, **extra), tiny_data, tiny_model, "intensity").run_name
 
-    assert name() == name(batch_order="fixed") != name(batch_order="shuffled")
+    assert TrainingConfig().batch_order == "shuffled"
+    assert name() == name(batch_order="shuffled") != name(batch_order="fixed")
+    identity = run_identity(make_config(tmp_path, batch_order="fixed"), "intensity", 10, torch.float64, "data")
+    assert "batch_order" not in identity
     assert epoch_order("fixed", 0, 3, 5).tolist() == [0, 1, 2, 3, 4]
     first, again = epoch_order("shuffled", 0, 2, 12), epoch_order("shuffled", 0, 2, 12)
     assert sorted(first.tolist()) == list(range(12)) and first.tolist() == again.tolist()
@@ -517,7 +524,7 @@ def test_shuffled_order_trains_the_same_batches_in_the_recorded_order(tmp_path, 
     full = spilled.mean(axis=0)
     np.testing.assert_allclose(table[table["epoch"] == 2]["distance"].to_numpy(),
                                np.linalg.norm(spilled - full, axis=1), rtol=1e-9)
-    fixed = run_to_end(make_config(tmp_path / "fixed"), tiny_data).run.results
+    fixed = run_to_end(make_config(tmp_path / "fixed", batch_order="fixed"), tiny_data).run.results
     assert (fixed.distances["position"] == fixed.distances["batch"]).all()
     assert fixed.history["train_loss"].tolist() != done.run.results.history["train_loss"].tolist()
 

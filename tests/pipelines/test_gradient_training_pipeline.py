@@ -15,6 +15,7 @@ from kedro.runner import SequentialRunner
 from kedro_datasets.partitions import PartitionedDataset
 
 from best_minibatch.datasets import TensorDataset
+from best_minibatch.batches.orderings import all_orderings
 from best_minibatch.metrics.scoring import METRICS
 from best_minibatch.pipelines.gradient_training import create_pipeline
 from best_minibatch.training.gradient_training import DISTANCE_COLUMNS, HISTORY_COLUMNS, seed_model_states
@@ -98,8 +99,8 @@ def finished(tmp_path_factory, sample_dataset):
 
 def test_one_namespace_per_ordering_with_shared_inputs():
     pipeline = create_pipeline()
-    assert {n.namespace for n in pipeline.nodes} == set(METRICS)
-    assert {f"{m}.train_with_gradient_probe" for m in METRICS} <= {n.name for n in pipeline.nodes}
+    assert {n.namespace for n in pipeline.nodes} == set(all_orderings())  # plain and stratified
+    assert {f"{m}.train_with_gradient_probe" for m in all_orderings()} <= {n.name for n in pipeline.nodes}
     assert {"image_index", "train_images", "test_images", "params:training",
             "params:gradient_training"} <= pipeline.inputs()
     assert {f"{m}.gradient_distances" for m in METRICS} <= pipeline.outputs()

@@ -61,10 +61,12 @@ def test_both_pipelines_run_every_ordering_with_perceptual_skipped_without_weigh
                         if r.name.startswith("best_minibatch") and r.levelno >= logging.WARNING]
     assert len(project_warnings) == 1 and "SKIPPED" in project_warnings[0].getMessage()  # one loud warning
 
-    for metric in METRICS:
+    batchings = parameters["sort_batches"]["control_batchings"]
+    for metric, stratified in ((m, s) for m in METRICS for s in (False, True)):
+        ordering = f"{metric}_stratified" if stratified else metric
         status = catalog.load(f"{metric}.metric_status")
-        assignments = catalog.load(f"{metric}.batch_assignments")
-        summary = catalog.load(f"{metric}.batch_summary")
+        assignments = catalog.load(f"{ordering}.batch_assignments")
+        summary = catalog.load(f"{ordering}.batch_summary")
         if metric == "perceptual":
             assert status["status"] == "skipped" and "make weights" in status["reason"]
             assert len(catalog.load("perceptual.image_scores")) == 0
@@ -73,9 +75,13 @@ def test_both_pipelines_run_every_ordering_with_perceptual_skipped_without_weigh
         else:
             assert status == {"metric": metric, "status": "ok", "reason": None}
             assert len(catalog.load(f"{metric}.image_scores")) == 5000
-            assert len(summary) == 50  # 5,000 sample images / batch_size 100
-            assert (assignments.groupby("batch").size() == 100).all()
-            assert assignments["image_id"].is_unique
+            # 5,000 sample images / batch_size 100; the random control one batching per seed
+            assert len(summary) == 50 * (batchings if metric == "random" else 1)
+            assert (assignments.groupby(["batching", "batch"]).size() == 100).all()
+            for _, batching in assignments.groupby("batching"):
+                assert batching["image_id"].is_unique
+            if stratified:  # 100 = 10 x 10: every batch 10 images of each class
+                assert (summary.filter(like="class_count_").to_numpy() == 10).all()
 
     combined = catalog.load("metric_scores")
     assert len(combined) == 5000 and combined["image_id"].is_unique
