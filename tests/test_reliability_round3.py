@@ -604,3 +604,41 @@ def test_a_workers_load_and_save_lines_reach_the_log_file_once(tmp_path):
                 handler.close()
         root.handlers[:], root.level = saved
     assert kept.count("a_dataset_on_a_worker") == 1, kept
+
+
+def test_node_and_epoch_lines_stay_out_of_the_terminal_and_a_piped_terminal_is_wide(tmp_path):
+    """Before: Kedro's per-node lines (whichever runner logs them) and every training's per-epoch lines went to the
+    terminal, and rich wrapped each record over 4-8 lines at its 80-column default when the output was a pipe
+    (2,020 lines for the default run, 423 once the load/save and node lines had gone)."""
+    import io
+    import logging
+
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    from best_minibatch import logs
+
+    root = logging.getLogger()
+    piped = io.StringIO()
+    terminal = RichHandler(console=Console(file=piped))
+    saved = list(root.handlers), root.level
+    root.handlers[:] = [terminal]
+    root.setLevel(logging.INFO)
+    try:
+        path = logs.install(tmp_path)
+        assert terminal.console.width == logs.PIPED_WIDTH  # a pipe, not a terminal: wide
+        logging.getLogger("best_minibatch.runner").info("Completed node: %s", "intensity.train_with_gradient_probe")
+        logging.getLogger("kedro.runner.sequential_runner").info("Completed %d out of %d tasks", 3, 51)
+        logging.getLogger("best_minibatch.training.gradient_training.epochs").info("intensity epoch 1/6 ...")
+        logging.getLogger("best_minibatch.training.gradient_training").info("intensity: 6 epochs done")
+        for handler in root.handlers:
+            handler.flush()
+        shown, kept = piped.getvalue(), path.read_text()
+    finally:
+        for handler in root.handlers:
+            if handler is not terminal:
+                handler.close()
+        root.handlers[:], root.level = saved
+    assert "Completed node" not in shown and "out of 51" not in shown and "epoch 1/6" not in shown
+    assert "6 epochs done" in shown
+    assert all(text in kept for text in ("Completed node", "Completed 3 out of 51 tasks", "epoch 1/6", "epochs done"))

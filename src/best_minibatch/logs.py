@@ -24,6 +24,9 @@ from pathlib import Path
 
 #: Set in a Dask worker's environment by ``cluster.Cluster`` (its workers forward their records instead).
 IN_WORKER_VARIABLE = "BEST_MINIBATCH_DASK_WORKER"
+#: Columns of the terminal handler when its output is not a terminal (a pipe, a file, CI): rich's default of 80
+#: leaves a message column of about 30 characters and wraps every record over 4-8 lines.
+PIPED_WIDTH = 160
 
 
 class RunLogFile(logging.handlers.RotatingFileHandler):
@@ -68,6 +71,9 @@ def install(project_path: str | os.PathLike, terminal_handlers: tuple[str, ...] 
     path = Path(project_path).resolve() / "logs" / "info.log"
     root = logging.getLogger()
     for handler in root.handlers:
+        console = getattr(handler, "console", None)  # rich's handler: wider when piped (a terminal keeps its own)
+        if console is not None and not console.is_terminal and console.width < PIPED_WIDTH:
+            console.width = PIPED_WIDTH
         if type(handler).__name__ in terminal_handlers and not isinstance(handler, logging.FileHandler) and not any(
                 isinstance(f, TerminalFilter) for f in handler.filters):
             handler.addFilter(TerminalFilter())
