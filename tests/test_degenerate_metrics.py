@@ -113,10 +113,14 @@ def test_colour_on_a_grayscale_dataset_is_skipped_with_the_reason_and_left_out_o
     comparisons = pd.read_parquet(newest(data / "08_reporting/analysis/batch_group_comparisons.parquet"))
     assert "color" not in set(comparisons["ordering"]) and "intensity" in set(comparisons["ordering"])
     claims = pd.read_parquet(newest(data / "08_reporting/analysis/claim_verdicts.parquet"))
-    colour_claims = claims[claims["ordering"] == "color"]
-    assert len(colour_claims) and colour_claims["verdict"].str.startswith("not tested (metric skipped: ").all()
+    colour_claims = claims[claims["metric"] == "color"]  # its plain and its stratified ordering
+    assert set(colour_claims["ordering"]) == {"color", "color_stratified"}
+    assert colour_claims["verdict"].str.startswith("not tested (metric skipped: ").all()
     assert colour_claims["p_holm"].isna().all()
-    # Holm's family is the tested rows, none of them colour's.
+    # Holm's one family is every p-value of the tested rows (primary and adjusted), none of them colour's.
     tested = claims[claims["p_holm"].notna()]
-    assert set(tested["ordering"]) == {"intensity", "edges", "perceptual"}
-    np.testing.assert_allclose(tested["p_holm"], holm_adjust(tested["p_value"]))
+    assert set(tested["metric"]) == {"intensity", "edges", "perceptual"}
+    assert set(tested["ordering"]) == {"intensity", "edges", "perceptual", "intensity_stratified",
+                                       "edges_stratified", "perceptual_stratified"}
+    family = holm_adjust(np.concatenate([tested["p_value"].to_numpy(float), tested["adjusted_p_value"].to_numpy(float)]))
+    np.testing.assert_allclose(tested["p_holm"], family[: len(tested)])
