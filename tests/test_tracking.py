@@ -28,8 +28,8 @@ from kedro.framework.startup import bootstrap_project
 from mlflow.tracking import MlflowClient
 
 from best_minibatch import tracking
+from best_minibatch.batches.orderings import all_orderings
 from best_minibatch.data.tensor_io import load_tensors
-from best_minibatch.metrics.scoring import METRICS
 from best_minibatch.selection.statistics import time_to_target
 from best_minibatch.training.gradient_training import seed_model_states
 from tests.conftest import PROJECT_ROOT, QUICK_RUN_PARAMS, copy_project, run_session
@@ -79,7 +79,7 @@ def tracked(finished_project) -> tuple[Path, MlflowClient, object]:
 
 def histories(project: Path) -> dict[str, pd.DataFrame]:
     tables = {o: pd.read_parquet(newest(project / f"data/07_model_output/{o}/training_history.parquet"))
-              for o in METRICS}
+              for o in all_orderings()}  # every metric plain and class-stratified
     return {o: t for o, t in tables.items() if len(t)}
 
 
@@ -107,7 +107,8 @@ def test_the_run_is_named_and_tagged_after_what_it_ran(tracked):
     expected_commit = head.stdout.strip() if head.returncode == 0 else "unknown"
     assert tags["git_commit"] == expected_commit
     trained = trainings(project)
-    assert {o for o, _ in trained} in (set(METRICS) - {"perceptual"}, set(METRICS))  # perceptual needs weights
+    everything = set(all_orderings())  # perceptual (both orderings) needs the weights
+    assert {o for o, _ in trained} in (everything - {"perceptual", "perceptual_stratified"}, everything)
     assert len({seed for _, seed in trained}) >= 2  # gradient_training.seeds: [0, 1] in base
     for (ordering, seed), history in trained.items():
         training = f"training_run.{ordering}.seed_{seed}"
