@@ -6,8 +6,11 @@ so; docs/reliability.md lists them.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -536,6 +539,23 @@ def test_the_cluster_keeps_dasks_own_logs_at_warning_unless_asked_and_closes_wit
     assert "still alive after" not in output, output
 
 
+@contextlib.contextmanager
+def only_terminal(terminal: logging.Handler) -> Iterator[logging.Logger]:
+    """The root logger with ``terminal`` as its only handler at INFO; afterwards every handler added meanwhile
+    (the run's log file) is closed and the root logger is given back as it was."""
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    root.handlers[:] = [terminal]
+    root.setLevel(logging.INFO)
+    try:
+        yield root
+    finally:
+        for handler in root.handlers:
+            if handler is not terminal:
+                handler.close()
+        root.handlers[:], root.level = saved
+
+
 def test_per_dataset_load_and_save_lines_stay_out_of_the_terminal_and_go_to_the_log_file(tmp_path):
     """Before: Kedro's 'Loading data from ...' / 'Saving data to ...' records (266 of the default run) filled the
     terminal and were kept nowhere else."""
@@ -544,13 +564,9 @@ def test_per_dataset_load_and_save_lines_stay_out_of_the_terminal_and_go_to_the_
 
     from best_minibatch import logs
 
-    root = logging.getLogger()
     terminal_stream = io.StringIO()
     terminal = logging.StreamHandler(terminal_stream)
-    saved = list(root.handlers), root.level
-    root.handlers[:] = [terminal]
-    root.setLevel(logging.INFO)
-    try:
+    with only_terminal(terminal) as root:
         path = logs.install(tmp_path)
         assert logs.install(tmp_path) == path and len(root.handlers) == 2  # once per process
         logging.getLogger("kedro.io.data_catalog").info("Loading data from image_index (ParquetDataset)...")
@@ -559,11 +575,6 @@ def test_per_dataset_load_and_save_lines_stay_out_of_the_terminal_and_go_to_the_
         for handler in root.handlers:
             handler.flush()
         shown, kept = terminal_stream.getvalue(), path.read_text()
-    finally:
-        for handler in root.handlers:
-            if handler is not terminal:
-                handler.close()
-        root.handlers[:], root.level = saved
     assert path == tmp_path.resolve() / "logs" / "info.log"
     assert "Loading data from" not in shown and "a dataset warning" in shown and "Run checks passed" in shown
     assert "Loading data from image_index" in kept and "Run checks passed" in kept
@@ -618,13 +629,9 @@ def test_node_and_epoch_lines_stay_out_of_the_terminal_and_a_piped_terminal_is_w
 
     from best_minibatch import logs
 
-    root = logging.getLogger()
     piped = io.StringIO()
     terminal = RichHandler(console=Console(file=piped))
-    saved = list(root.handlers), root.level
-    root.handlers[:] = [terminal]
-    root.setLevel(logging.INFO)
-    try:
+    with only_terminal(terminal) as root:
         path = logs.install(tmp_path)
         assert terminal.console.width == logs.PIPED_WIDTH  # a pipe, not a terminal: wide
         logging.getLogger("best_minibatch.runner").info("Completed node: %s", "intensity.train_with_gradient_probe")
@@ -634,11 +641,6 @@ def test_node_and_epoch_lines_stay_out_of_the_terminal_and_a_piped_terminal_is_w
         for handler in root.handlers:
             handler.flush()
         shown, kept = piped.getvalue(), path.read_text()
-    finally:
-        for handler in root.handlers:
-            if handler is not terminal:
-                handler.close()
-        root.handlers[:], root.level = saved
     assert "Completed node" not in shown and "out of 51" not in shown and "epoch 1/6" not in shown
     assert "6 epochs done" in shown
     assert all(text in kept for text in ("Completed node", "Completed 3 out of 51 tasks", "epoch 1/6", "epochs done"))

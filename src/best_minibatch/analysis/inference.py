@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import combinations
 
 import numpy as np
 from scipy import stats
@@ -35,16 +37,50 @@ from scipy import stats
 SEPARABLE_R2 = 0.9
 
 
+def _as_extreme(observed: float, permuted: np.ndarray) -> np.ndarray:
+    """Which permuted statistics are at least as extreme as ``observed`` (two-sided), with a tolerance so that
+    relabellings equal to the observed one up to rounding count."""
+    return np.abs(permuted) >= abs(observed) * (1 - 1e-9) - 1e-12
+
+
 def permutation_p(observed: float, permuted: np.ndarray) -> float:
-    """Two-sided Monte-Carlo p ``(count + 1) / (n + 1)`` with a rounding tolerance for ties."""
-    threshold = abs(observed) * (1 - 1e-9) - 1e-12
-    return float((np.sum(np.abs(permuted) >= threshold) + 1) / (len(permuted) + 1))
+    """Two-sided Monte-Carlo p ``(count + 1) / (n + 1)``."""
+    return float((np.sum(_as_extreme(observed, permuted)) + 1) / (len(permuted) + 1))
 
 
-def random_relabellings(n: int, k: int, n_permutations: int, rng: np.random.Generator) -> np.ndarray:
-    """``n_permutations`` random ``k``-subsets of ``range(n)``, one per row."""
+def permutation_test(
+    values: np.ndarray, in_group: np.ndarray, n_permutations: int, rng: np.random.Generator
+) -> tuple[float, float, str]:
+    """Two-sided permutation test of ``mean(group) - mean(rest)``; batches are the exchangeable units.
+
+    Enumerates every relabelling when there are at most ``n_permutations`` of them
+    (an exact test), otherwise draws ``n_permutations`` random relabellings and
+    uses ``(count + 1) / (n + 1)``. Returns the observed difference, the p-value
+    and ``"exact"`` or ``"monte carlo"``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    in_group = np.asarray(in_group, dtype=bool)
+    n, k = len(values), int(in_group.sum())
+    if k == 0 or k == n:
+        raise ValueError(f"A comparison needs batches on both sides; got {k} of {n} in the group.")
+    total = values.sum()
+
+    def differences(group_sums: np.ndarray) -> np.ndarray:
+        return group_sums / k - (total - group_sums) / (n - k)
+
+    observed = float(differences(np.array([values[in_group].sum()]))[0])
+    if math.comb(n, k) <= n_permutations:
+        group_sums = values[_all_subsets(n, k)].sum(axis=1)
+        return observed, float(np.mean(_as_extreme(observed, differences(group_sums)))), "exact"
     keys = rng.random((n_permutations, n))
-    return np.argpartition(keys, k - 1, axis=1)[:, :k]
+    chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
+    return observed, permutation_p(observed, differences(values[chosen].sum(axis=1))), "monte carlo"
+
+
+@lru_cache(maxsize=32)
+def _all_subsets(n: int, k: int) -> np.ndarray:
+    """Every ``k``-subset of ``range(n)`` as rows of an index array."""
+    return np.array(list(combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
 
 
 def rank_biserial_of_ranks(ranks: np.ndarray, in_group: np.ndarray) -> float:
@@ -61,8 +97,6 @@ class RankTest:
 
 def rank_test(values: np.ndarray, in_group: np.ndarray, n_permutations: int, rng: np.random.Generator) -> RankTest:
     """Two-sided permutation test of the rank-biserial correlation of ``group`` vs ``rest`` (see the module)."""
-    from best_minibatch.analysis.statistics import permutation_test
-
     ranks = stats.rankdata(np.asarray(values, dtype=np.float64))
     in_group = np.asarray(in_group, dtype=bool)
     _, p_value, method = permutation_test(ranks, in_group, n_permutations, rng)
@@ -93,19 +127,30 @@ class FreedmanLane:
     residual_df: int
 
 
-def group_coefficient(values: np.ndarray, in_group: np.ndarray, composition: np.ndarray) -> tuple[float, float]:
-    """``(b, composition_r2)`` of ``values ~ group + composition`` by least squares (no test)."""
+def _group_residual(in_group: np.ndarray, composition: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """``(projection, g~, g~' g~, composition_r2)``: the composition model's hat matrix, the group indicator
+    residualised on it, its sum of squares and the share of the group the composition predicts."""
     z = _design(composition)
     projection = z @ np.linalg.pinv(z)
     g = np.asarray(in_group, dtype=np.float64)
     g_res = g - projection @ g
     g_ss = float(g_res @ g_res)
     total = float(((g - g.mean()) ** 2).sum())
-    r2 = 1.0 - g_ss / total if total > 0 else math.nan
-    if g_ss <= 1e-12 * max(total, 1e-300):
+    return projection, g_res, g_ss, (1.0 - g_ss / total if total > 0 else math.nan)
+
+
+def _explained(g_ss: float, in_group: np.ndarray) -> bool:
+    """Whether the composition predicts the group entirely (nothing of it left to estimate an effect from)."""
+    g = np.asarray(in_group, dtype=np.float64)
+    return g_ss <= 1e-12 * max(float(((g - g.mean()) ** 2).sum()), 1e-300)
+
+
+def group_coefficient(values: np.ndarray, in_group: np.ndarray, composition: np.ndarray) -> tuple[float, float]:
+    """``(b, composition_r2)`` of ``values ~ group + composition`` by least squares (no test)."""
+    _, g_res, g_ss, r2 = _group_residual(in_group, composition)
+    if _explained(g_ss, in_group):
         return math.nan, r2
-    y = np.asarray(values, dtype=np.float64)
-    return float(g_res @ y / g_ss), r2
+    return float(g_res @ np.asarray(values, dtype=np.float64) / g_ss), r2
 
 
 def freedman_lane(values: np.ndarray, in_group: np.ndarray, composition: np.ndarray, n_permutations: int,
@@ -119,18 +164,11 @@ def freedman_lane(values: np.ndarray, in_group: np.ndarray, composition: np.ndar
     than 2 residual degrees of freedom remain.
     """
     y = np.asarray(values, dtype=np.float64)
-    g = np.asarray(in_group, dtype=np.float64)
-    z = _design(composition)
     n = len(y)
-    rank_z = int(np.linalg.matrix_rank(z))
-    df = n - rank_z - 1
-    projection = z @ np.linalg.pinv(z)
+    projection, g_res, g_ss, r2 = _group_residual(in_group, composition)
+    df = n - int(np.linalg.matrix_rank(_design(composition))) - 1
     residual_maker = np.eye(n) - projection
-    g_res = residual_maker @ g
-    g_ss = float(g_res @ g_res)
-    total = float(((g - g.mean()) ** 2).sum())
-    r2 = 1.0 - g_ss / total if total > 0 else math.nan
-    if df < 2 or g_ss <= 1e-12 * max(total, 1e-300):
+    if df < 2 or _explained(g_ss, in_group):
         return FreedmanLane(math.nan, math.nan, math.nan, r2, df)
     fitted = projection @ y
     residuals = y - fitted

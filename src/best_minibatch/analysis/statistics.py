@@ -29,14 +29,13 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from itertools import combinations
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from best_minibatch.analysis import inference
+from best_minibatch.analysis.inference import permutation_test
 from best_minibatch.batches.orderings import control_for, ordering_name, ordering_of
 from best_minibatch.config import closest
 
@@ -384,46 +383,6 @@ def minimum_batches() -> int:
         if all(0 < group_mask(positions, c).sum() < count for c in COMPARISONS):
             return count
     raise AnalysisInputError("No batch count satisfies the comparisons.")
-
-
-def permutation_test(
-    values: np.ndarray, in_group: np.ndarray, n_permutations: int, rng: np.random.Generator
-) -> tuple[float, float, str]:
-    """Two-sided permutation test of ``mean(group) - mean(rest)``; batches are the exchangeable units.
-
-    Enumerates every relabelling when there are at most ``n_permutations`` of them
-    (an exact test), otherwise draws ``n_permutations`` random relabellings and
-    uses ``(count + 1) / (n + 1)``. Returns the observed difference, the p-value
-    and ``"exact"`` or ``"monte carlo"``.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    in_group = np.asarray(in_group, dtype=bool)
-    n, k = len(values), int(in_group.sum())
-    if k == 0 or k == n:
-        raise AnalysisInputError(f"A comparison needs batches on both sides; got {k} of {n} in the group.")
-    total = values.sum()
-
-    def differences(group_sums: np.ndarray) -> np.ndarray:
-        return group_sums / k - (total - group_sums) / (n - k)
-
-    observed = float(differences(np.array([values[in_group].sum()]))[0])
-    # Tolerance so that relabellings equal to the observed one up to rounding count as "as extreme".
-    threshold = abs(observed) * (1 - 1e-9) - 1e-12
-    if math.comb(n, k) <= n_permutations:
-        group_sums = values[_all_subsets(n, k)].sum(axis=1)
-        p_value = float(np.mean(np.abs(differences(group_sums)) >= threshold))
-        return observed, p_value, "exact"
-    keys = rng.random((n_permutations, n))
-    chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
-    group_sums = values[chosen].sum(axis=1)
-    count = int(np.sum(np.abs(differences(group_sums)) >= threshold))
-    return observed, (count + 1) / (n_permutations + 1), "monte carlo"
-
-
-@lru_cache(maxsize=32)
-def _all_subsets(n: int, k: int) -> np.ndarray:
-    """Every ``k``-subset of ``range(n)`` as rows of an index array."""
-    return np.array(list(combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
 
 
 def cohens_d(group: np.ndarray, rest: np.ndarray) -> float:
