@@ -29,6 +29,7 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
+from best_minibatch.analysis.statistics import claim_answers  # noqa: E402
 from best_minibatch.run_manifest import Manifest, ManifestStore  # noqa: E402
 
 PAGE = PROJECT_ROOT / "docs" / "results" / "full_cifar10.md"
@@ -139,21 +140,16 @@ def disk_use(manifest: Manifest, histories: dict[str, pd.DataFrame]) -> pd.DataF
 
 
 def answer_table(claims: pd.DataFrame) -> pd.DataFrame:
-    """One row per claim, metric and phase: the plain, composition-adjusted and stratified readings, attribution."""
-    rows = []
-    for (claim_id, metric, phase), part in claims.groupby(["claim_id", "metric", "phase"], sort=False):
-        plain, stratified = part[~part["stratified"]], part[part["stratified"]]
-        if plain.empty or stratified.empty:
-            continue
-        p, q = plain.iloc[0], stratified.iloc[0]
-        rows.append({"claim": claim_id, "metric": metric, "phase": int(phase),
-                     "plain": f"{p['verdict']} ({p['rank_biserial']:+.2f})" if pd.notna(p["rank_biserial"])
-                     else p["verdict"],
-                     "adjusted": p["adjusted_verdict"],
-                     "stratified": f"{q['verdict']} ({q['rank_biserial']:+.2f})" if pd.notna(q["rank_biserial"])
-                     else q["verdict"],
-                     "attribution": p["attribution"]})
-    return pd.DataFrame(rows)
+    """The analysis' answer table (plain, composition held fixed, stratified, attribution), rank-biserial in brackets."""
+    table = claim_answers(claims)
+
+    def reading(verdict: str, effect: float) -> str:
+        return f"{verdict} ({effect:+.2f})" if pd.notna(effect) else verdict
+
+    return table.assign(
+        claim=table["claim_id"],
+        plain=[reading(v, e) for v, e in zip(table["plain"], table["plain_rank_biserial"])],
+        stratified=[reading(v, e) for v, e in zip(table["stratified"], table["stratified_rank_biserial"])])
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from best_minibatch.analysis.statistics import (
     CONTROL_FAILS,
     FIXED_ORDER,
     NOT_SEPARABLE,
+    claim_answers,
     epoch_phase_table,
     phase_spans,
     summarise_trace_check,
@@ -285,22 +286,12 @@ def _finding(row: pd.Series) -> str:
 
 def _answer_lines(claims: pd.DataFrame) -> list[str]:
     """One line per claim and phase of the metric: plain and stratified readings and the attribution."""
-    if "attribution" not in claims or "stratified" not in claims or not claims["stratified"].any():
+    if "attribution" not in claims:
         return []
-    rows = []
-    for (claim_id, metric, phase), part in claims.groupby(["claim_id", "metric", "phase"], sort=False):
-        plain = part[~part["stratified"]]
-        stratified = part[part["stratified"]]
-        if plain.empty or stratified.empty:
-            continue
-        rows.append({"claim": part["claim"].iat[0], "metric": metric, "phase": int(phase),
-                     "plain": _short_verdict(plain["verdict"].iat[0]),
-                     "adjusted": _short_verdict(plain["adjusted_verdict"].iat[0]),
-                     "stratified": _short_verdict(stratified["verdict"].iat[0]),
-                     "attribution": part["attribution"].iat[0]})
-    if not rows:
+    table = claim_answers(claims)
+    if table.empty:
         return []
-    table = pd.DataFrame(rows)
+    table = table.assign(**{column: table[column].map(_short_verdict) for column in ("plain", "adjusted", "stratified")})
     return ["<h3>Metric or class mix?</h3><p>Each claim in its plain ordering (the paper's batches), the same "
             "with the class composition held fixed by regression, and in the class-stratified ordering (every "
             "batch the same number of images of each class: class fixed by design). <b>Attribution</b>: "

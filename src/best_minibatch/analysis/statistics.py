@@ -855,6 +855,25 @@ def claim_verdicts(
     return table.drop(columns=["not_tested"])
 
 
+def claim_answers(claims: pd.DataFrame) -> pd.DataFrame:
+    """One row per claim, metric and phase that has both orderings: the plain ordering's verdict and
+    rank-biserial, its verdict with the composition held fixed, the stratified ordering's verdict and
+    rank-biserial, and the attribution (what the report's and the results page's answer tables show)."""
+    rows = []
+    if "stratified" not in claims or not claims["stratified"].any():
+        return pd.DataFrame(rows)
+    for (claim_id, metric, phase), part in claims.groupby(["claim_id", "metric", "phase"], sort=False):
+        plain, stratified = part[~part["stratified"]], part[part["stratified"]]
+        if plain.empty or stratified.empty:
+            continue
+        p, q = plain.iloc[0], stratified.iloc[0]
+        rows.append({"claim_id": claim_id, "claim": p["claim"], "metric": metric, "phase": int(phase),
+                     "plain": p["verdict"], "plain_rank_biserial": p["rank_biserial"],
+                     "adjusted": p["adjusted_verdict"], "stratified": q["verdict"],
+                     "stratified_rank_biserial": q["rank_biserial"], "attribution": p["attribution"]})
+    return pd.DataFrame(rows)
+
+
 def _attributions(table: pd.DataFrame) -> list[str]:
     """:data:`ATTRIBUTIONS` of every row from its claim's plain and stratified final readings."""
     readings = {(r.claim_id, r.metric, r.phase, r.stratified): r.verdict for r in table.itertuples()}
