@@ -195,6 +195,33 @@ def test_a_worker_killed_mid_training_resumes_from_its_checkpoint(tmp_path, fini
     assert_same_outputs(finished_project, project)
 
 
+def test_a_task_run_again_after_its_worker_was_lost_rewrites_only_this_runs_outputs(tmp_path):
+    """Dask runs a finished task again when the worker holding its result dies before the driver collects it
+    (CI saw a worker killed mid-training take a finished scoring task with it). The first attempt's versioned
+    output, here half-written, is this run's own file: the new attempt replaces it; an earlier run's version
+    of the same dataset stays as it was."""
+    from kedro.io import Version
+
+    from best_minibatch.runner import run_group
+
+    earlier, this_run = "2026-01-01T00.00.00.000Z", "2026-12-03T18.40.35.195Z"
+    folder = tmp_path / "scores.pkl"
+    for version, content in ((earlier, b"an earlier run's scores"), (this_run, b"half-writ")):
+        (folder / version).mkdir(parents=True)
+        (folder / version / "scores.pkl").write_bytes(content)
+    catalog = DataCatalog({"a": MemoryDataset(1),
+                           "scores": PickleDataset(filepath=str(folder), version=Version(None, this_run))})
+    run_group([node(first, "a", "scores", name="score")], catalog, {}, [], False, None)
+    assert PickleDataset(filepath=str(folder), version=Version(this_run, None)).load() == 2
+    assert (folder / earlier / "scores.pkl").read_bytes() == b"an earlier run's scores"
+
+    # A first attempt writes as always: nothing to remove.
+    fresh = DataCatalog({"a": MemoryDataset(1), "scores": PickleDataset(filepath=str(tmp_path / "new.pkl"),
+                                                                        version=Version(None, this_run))})
+    run_group([node(first, "a", "scores", name="score")], fresh, {}, [], False, None)
+    assert fresh.load("scores") == 2
+
+
 # --------------------------------------------------------------------------- refusal of in-memory datasets
 
 

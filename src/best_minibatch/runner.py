@@ -45,7 +45,7 @@ from typing import Any
 
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
-from kedro.io import DataCatalog, MemoryDataset
+from kedro.io import AbstractVersionedDataset, DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline
 from kedro.pipeline.node import Node
 from kedro.runner import AbstractRunner
@@ -292,12 +292,43 @@ def _travels(error: BaseException) -> BaseException:
         return RuntimeError(text)
 
 
+def clear_earlier_attempt(node: Node, catalog: DataCatalog) -> list[str]:
+    """Remove what an earlier attempt of ``node``'s task wrote at this run's save version; the paths removed.
+
+    Dask computes a finished task again when the worker holding its result dies before the driver has
+    collected it (a killed or lost worker). Its versioned outputs are then already on disk at this run's
+    save version, which Kedro refuses to write twice ("must not exist if versioning is enabled"). They are
+    this run's own files, possibly half-written, never a user's: the save version is this run's, and
+    nothing reads them before the task is reported done. Nodes are deterministic, so the new attempt
+    writes them again.
+    """
+    removed = []
+    for name in node.outputs:
+        dataset = catalog.get(name)
+        version = getattr(dataset, "_version", None)
+        if not isinstance(dataset, AbstractVersionedDataset) or version is None or version.save is None:
+            continue
+        path = str(dataset._get_versioned_path(version.save))
+        fs = getattr(dataset, "_fs", None)
+        if fs is not None and fs.exists(path):
+            fs.rm(path, recursive=True)
+        elif fs is None and Path(path).exists():
+            Path(path).unlink()
+        else:
+            continue
+        removed.append(path)
+        logger.warning("Node '%s' runs again (its worker was lost): removed this run's earlier write of '%s' (%s)",
+                       node.name, name, path)
+    return removed
+
+
 def run_group(nodes: list[Node], catalog: DataCatalog, hand_out: dict[str, dict[str, float]], keep: list[str],
               is_async: bool, run_id: str | None) -> GroupResult:
     """Run ``nodes`` in order with ``catalog`` (a worker's copy); their hook calls and the outputs in ``keep``."""
     relay = _HookRelay()
     for node in nodes:
         try:
+            clear_earlier_attempt(node, catalog)
             if node.name in hand_out:
                 with parallel.handing_out(hand_out[node.name]):
                     Task(node=node, catalog=catalog, is_async=is_async, hook_manager=relay, run_id=run_id).execute()
