@@ -42,8 +42,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
 from best_minibatch.data.cifar import read_image_dataset  # noqa: E402
-from best_minibatch.datasets import save_tensors_atomically  # noqa: E402
-from best_minibatch.training.gradient_training import (  # noqa: E402
+from best_minibatch.gradient_training import (  # noqa: E402
     GradientProbeRun,
     TrainingConfig,
     TrainingData,
@@ -78,10 +77,12 @@ def config(threads: int, epochs: int, model: dict | None = None, **extra) -> Tra
     })
 
 
-def epoch_seconds(cfg: TrainingConfig, data: TrainingData, probe: bool, on_spill=None) -> list[float]:
+def epoch_seconds(cfg: TrainingConfig, data: TrainingData, probe: bool, on_write=None) -> list[float]:
+    """Each epoch's seconds; ``on_write(run)`` may wrap the run's gradient writer (``run.gradients.write``)."""
     run = GradientProbeRun(cfg, data, named_model_factory(cfg), "benchmark", probe=probe)
-    for spilled in run.run():
-        on_spill(run, spilled)
+    if on_write is not None:
+        on_write(run)
+    run.run()
     return run.results.history["seconds"].tolist()
 
 
@@ -164,18 +165,24 @@ def main() -> None:
         print(f"gradient_training epoch: median {probed_s:.3f} {unit} ({images / probed_s:,.0f} images/s)")
         print(f"ratio gradient_training / plain ({unit}): {probed_s / plain_s:.3f}   (target <= 2.15)")
 
-    # Spill throughput: every gradient of one run kept in float32, written as the catalog does.
+    # Spill throughput: every gradient of one run kept in float32, written by the run's one writer.
     with tempfile.TemporaryDirectory(prefix="bench-spill-") as folder:
         written = {"bytes": 0, "seconds": 0.0}
 
-        def write(run, spilled):
-            started = time.perf_counter()
-            save_tensors_atomically(spilled.gradient, Path(folder) / (run.partition_id(spilled.epoch, spilled.batch) + ".pt"))
-            written["seconds"] += time.perf_counter() - started
-            written["bytes"] += spilled.gradient.numel() * spilled.gradient.element_size()
+        def timed_writer(run):
+            write = run.gradients.write
 
-        spill_cfg = config(args.threads, 2, keep_gradients="all", spill_dtype="float32")
-        epoch_seconds(spill_cfg, data, probe=True, on_spill=write)
+            def timed(epoch, batch, gradient):
+                started = time.perf_counter()
+                checksum = write(epoch, batch, gradient)
+                written["seconds"] += time.perf_counter() - started
+                written["bytes"] += gradient.numel() * gradient.element_size()
+                return checksum
+
+            run.gradients.write = timed
+
+        spill_cfg = config(args.threads, 2, keep_gradients="all", spill_dtype="float32", gradients_dir=folder)
+        epoch_seconds(spill_cfg, data, probe=True, on_write=timed_writer)
         print(f"spill: {written['bytes'] / 2**20:.1f} MiB in {written['seconds']:.3f} s of writes = "
               f"{written['bytes'] / 2**20 / written['seconds']:.1f} MiB/s ({2 * data.num_batches} files of "
               f"{num_params * 4 / 1024:.1f} KiB, each written to a temporary name, fsync'ed and renamed)")

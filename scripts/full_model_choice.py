@@ -29,7 +29,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
 from best_minibatch.data.cifar import read_image_dataset  # noqa: E402
-from best_minibatch.training.gradient_training import (  # noqa: E402
+from best_minibatch.gradient_training import (  # noqa: E402
     GradientProbeRun,
     TrainingConfig,
     TrainingData,
@@ -66,8 +66,7 @@ def epoch_seconds(width: int, threads: int, null_batches: int, data: TrainingDat
         "gradient_buffer": {"memory_cap_gb": 4.0},
     })
     run = GradientProbeRun(config, data, named_model_factory(config), "timing")
-    for _ in run.run():
-        pass
+    run.run()
     seconds = run.results.history["seconds"].tolist()
     return seconds[-1], run.num_params
 

@@ -67,7 +67,8 @@ from torch import nn  # noqa: E402
 import best_minibatch  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch is imported)
 from best_minibatch.data.cifar import read_image_dataset  # noqa: E402
 from best_minibatch.data.images import to_model_input  # noqa: E402
-from best_minibatch.training.gradient_training import (  # noqa: E402
+from best_minibatch.gradient_training import (  # noqa: E402
+    SPILL_DTYPES,
     GradientProbeRun,
     TrainingConfig,
     TrainingData,
@@ -389,8 +390,7 @@ def probe_ratio_and_memory(device: torch.device, paper: PaperParameters, model: 
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
         run = GradientProbeRun(config, data, factory, "random", probe=probe)
-        for _ in run.run():  # keep_gradients: none, so nothing is yielded; exhaust the generator
-            pass
+        run.run()  # keep_gradients: none, so nothing is written
         seconds[probe] = run.results.history["seconds"].tolist()
         print(f"    seconds per epoch: {', '.join(f'{s:.3f}' for s in seconds[probe])}", flush=True)
         if probe:
@@ -459,7 +459,7 @@ def paper_run(device: torch.device, paper: PaperParameters, loaded: Mapping[str,
     if model_override is not None:
         recipe_overrides["model"] = dict(model_override)
     run_overrides = {"keep_gradients": shortened_keep(paper.gradient_training.get("keep_gradients", "all"), epochs),
-                     "checkpoint_dir": str(scratch / "checkpoints")}
+                     "checkpoint_dir": str(scratch / "checkpoints"), "gradients_dir": str(scratch / "gradients")}
     config = paper.config(recipe_overrides, run_overrides)
     recipe = recipe_of(config)
     run = GradientProbeRun(config, data, named_model_factory(config), "random", probe=True)
@@ -470,10 +470,9 @@ def paper_run(device: torch.device, paper: PaperParameters, loaded: Mapping[str,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    spilled = spilled_bytes = 0
-    for gradient in run.run():  # the Kedro node writes these to disk; here they are counted and dropped
-        spilled += 1
-        spilled_bytes += gradient.gradient.numel() * gradient.gradient.element_size()
+    run.run()  # the run writes its kept gradients to the scratch folder, as in a kedro run
+    files = list((scratch / "gradients").rglob("*.pt"))
+    spilled, spilled_bytes = len(files), len(files) * run.num_params * SPILL_DTYPES[config.spill_dtype].itemsize
     wall = time.perf_counter() - started
     history = run.results.history
     columns = ["epoch", "learning_rate", "train_loss", "train_accuracy", "test_loss", "test_accuracy",

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from best_minibatch.data.cifar import read_image_dataset
-from best_minibatch.training.gradient_training import GradientProbeRun, TrainingConfig, TrainingData
+from best_minibatch.gradient_training import GradientProbeRun, TrainingConfig, TrainingData
 
 dataset = read_image_dataset("data/01_raw/cifar10-sample.zip")
 train = dataset.index[dataset.index["split"] == "train"].sort_values("row")
@@ -34,8 +34,7 @@ for r in (0, 5, 10, 20):
     config = TrainingConfig.from_params({"checkpoint_dir": None, "keep_gradients": "none", "null_batches": r},
                                         recipe)
     probe_run = GradientProbeRun(config, data, config.recipe.model_factory(), "random")
-    for _ in probe_run.run():
-        pass
+    probe_run.run()
     history = probe_run.results.history
     rows.append((r, statistics.median(history["seconds"].iloc[1:]), probe_run.results.null_distances))
 base = rows[0][1]

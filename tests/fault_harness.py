@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from best_minibatch.data.tensor_io import save_tensors_atomically
-from best_minibatch.training.gradient_training import GradientProbeRun, TrainingConfig, TrainingData
+from best_minibatch.gradient_training import GradientProbeRun, TrainingConfig, TrainingData
 
 EPOCHS = 4
 KEEP_CHECKPOINTS = 2
@@ -120,10 +120,15 @@ def train(work: Path, out: Path, data_path: Path, gradients_dir: Path | None, fa
     fill_at = tuple(int(x) for x in fill_at.split(":")) if fill_at else None
     data = TrainingData(**torch.load(data_path, weights_only=True))
     run = GradientProbeRun(config(work, gradients_dir), data, tiny_model, "intensity")
-    for spilled in run.run():
-        if (spilled.epoch, spilled.batch) == fill_at:
+    write = run.gradients.write
+
+    def write_after_filling(epoch: int, batch: int, gradient: torch.Tensor) -> int:
+        if (epoch, batch) == fill_at:
             fill_disk(gradients_dir)
-        save_tensors_atomically(spilled.gradient, gradients_dir / (run.partition_id(spilled.epoch, spilled.batch) + ".pt"))
+        return write(epoch, batch, gradient)
+
+    run.gradients.write = write_after_filling
+    run.run()
     out.mkdir(parents=True, exist_ok=True)
     run.results.distances.to_parquet(out / "distances.parquet")
     run.results.history.drop(columns="seconds").to_parquet(out / "history.parquet")

@@ -50,7 +50,7 @@ def source_files() -> dict[str, str]:
     (r"set_num_threads\(", {"training/runtime.py"}),
     (r"from rich.progress import", {"training/loop.py"}),
     (r"cuda\.is_available\(", {"training/runtime.py"}),
-    (r"def resolved_device\(", {"training/recipe.py", "training/gradient_training.py"}),
+    (r"def resolved_device\(", {"training/recipe.py", "gradient_training/config.py"}),
 ])
 def test_training_concepts_live_in_one_place(pattern, allowed):
     found = {name for name, text in source_files().items() if re.search(pattern, text)}
@@ -59,7 +59,7 @@ def test_training_concepts_live_in_one_place(pattern, allowed):
 
 def test_both_experiments_train_through_the_one_loop_and_probe():
     files = source_files()
-    for experiment in ("training/gradient_training.py", "selection/experiment.py"):
+    for experiment in ("gradient_training/run.py", "selection/experiment.py"):
         assert "train_epochs(" in files[experiment], experiment
         assert "GradientProbe" in files[experiment], experiment
 
@@ -67,7 +67,7 @@ def test_both_experiments_train_through_the_one_loop_and_probe():
 def test_parameters_are_checked_in_one_style():
     """Every typed config reads its section through config.Section (unknown keys refused, closest suggested)."""
     files = source_files()
-    for module in ("training/recipe.py", "training/gradient_training.py", "selection/config.py", "validation.py"):
+    for module in ("training/recipe.py", "gradient_training/config.py", "selection/config.py", "validation.py"):
         assert "Section(" in files[module], module
     # No section keeps a parser of its own for unknown keys.
     assert not any("unknown parameter" in text for name, text in files.items() if name != "config.py")

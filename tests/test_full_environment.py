@@ -18,7 +18,7 @@ from kedro.framework.startup import bootstrap_project
 
 from best_minibatch import selection, validation
 from best_minibatch.batches.orderings import all_orderings
-from best_minibatch.training import gradient_training
+from best_minibatch.gradient_training import checks as gradient_training
 from tests.conftest import PROJECT_ROOT, copy_project
 from tests.lpips_support import stored_lpips_weights  # noqa: F401 (fixture)
 

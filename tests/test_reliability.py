@@ -27,14 +27,14 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
 from best_minibatch.data.tensor_io import PARTIAL_SUFFIX, DiskFullError, load_tensors, save_tensors_atomically
-from best_minibatch.training.checkpoints import CheckpointError, RunStore, config_hash
-from best_minibatch.training.gradient_training import (
+from best_minibatch.gradient_training import (
     GradientProbeRun,
     TrainingConfig,
     TrainingConfigError,
     check_buffer_memory,
     run_identity,
 )
+from best_minibatch.gradient_training.store import CheckpointError, RunStore, config_hash
 from best_minibatch.training.models import build_model, count_parameters
 from best_minibatch.validation import RunCheckError
 from tests import fault_harness
@@ -280,10 +280,9 @@ def test_disk_full_error_names_folder_and_size(tmp_path, monkeypatch):
 
 
 def spill_run(config, data) -> GradientProbeRun:
-    """A run whose kept gradients are written to disk the way the catalog writes them."""
+    """A finished run: its kept gradients on disk, written by the run itself."""
     run = GradientProbeRun(config, data, tiny_model, "intensity")
-    for spilled in run.run():
-        save_tensors_atomically(spilled.gradient, run.gradient_path(spilled.epoch, spilled.batch))
+    run.run()
     return run
 
 
@@ -595,16 +594,16 @@ def test_two_runs_leave_two_versions_and_load_versions_reproduces_the_first_figu
 
 
 def test_in_memory_input_of_a_partial_run_is_named_before_any_work(fresh_project, monkeypatch):
-    """`kedro run --nodes=random.publish_probe_results` alone: its input lives only during a run."""
+    """`kedro run --pipeline=visualize --nodes=write_report` alone: the figures it embeds live only during a run."""
     monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
     monkeypatch.chdir(fresh_project)
     bootstrap_project(fresh_project)
     before = files_under(fresh_project / "data")
-    with pytest.raises(RunCheckError, match=r"Input 'random.probe_results' is kept in memory only, so it does not "
-                                            r"exist yet. It lives only during a run: include node "
-                                            r"'random.train_with_gradient_probe' in this run."):
+    with pytest.raises(RunCheckError, match=r"Input 'figures_distance_heatmaps_for_report' is kept in memory only, so "
+                                            r"it does not exist yet. It lives only during a run: include node "
+                                            r"'plot_distance_heatmaps' in this run."):
         with KedroSession.create(project_path=fresh_project) as session:
-            session.run(pipeline_names=["gradient_training"], node_names=["random.publish_probe_results"])
+            session.run(pipeline_names=["visualize"], node_names=["write_report"])
     assert files_under(fresh_project / "data") == before
 
 

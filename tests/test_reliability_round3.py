@@ -100,7 +100,7 @@ def test_a_paper_run_whose_dataset_is_still_to_be_downloaded_is_checked_on_cifar
     """Before: `download: true` with an absent path counted no images, so the memory and time checks were skipped."""
     from best_minibatch import validation
     from best_minibatch.data.cifar import CIFAR10_TRAIN_IMAGES
-    from best_minibatch.training import gradient_training
+    from best_minibatch.gradient_training import checks as gradient_training
 
     absent = tmp_path / "not-downloaded-yet" / "cifar-10-batches-py"
     source = {"path": str(absent), "download": True}
@@ -118,8 +118,8 @@ def test_a_paper_run_whose_dataset_is_still_to_be_downloaded_is_checked_on_cifar
 def test_null_batches_has_an_upper_bound_and_is_in_the_time_estimate(monkeypatch):
     """Before: null_batches=10000 was accepted as 'about 0.00 hours'; R random batches per epoch were not counted."""
     from best_minibatch import validation
-    from best_minibatch.training import gradient_training
-    from best_minibatch.training.gradient_training import TrainingConfig, estimate_hours
+    from best_minibatch.gradient_training import TrainingConfig, estimate_hours
+    from best_minibatch.gradient_training import checks as gradient_training
 
     parameters = _parameters(gradient_training={"null_batches": 10_000})
     facts = validation.RunFacts(n_train=5_000, trained_orderings=("intensity",))
@@ -636,8 +636,8 @@ def test_node_and_epoch_lines_stay_out_of_the_terminal_and_a_piped_terminal_is_w
         assert terminal.console.width == logs.PIPED_WIDTH  # a pipe, not a terminal: wide
         logging.getLogger("best_minibatch.runner").info("Completed node: %s", "intensity.train_with_gradient_probe")
         logging.getLogger("kedro.runner.sequential_runner").info("Completed %d out of %d tasks", 3, 51)
-        logging.getLogger("best_minibatch.training.gradient_training.epochs").info("intensity epoch 1/6 ...")
-        logging.getLogger("best_minibatch.training.gradient_training").info("intensity: 6 epochs done")
+        logging.getLogger("best_minibatch.gradient_training.run.epochs").info("intensity epoch 1/6 ...")
+        logging.getLogger("best_minibatch.gradient_training.run").info("intensity: 6 epochs done")
         for handler in root.handlers:
             handler.flush()
         shown, kept = piped.getvalue(), path.read_text()

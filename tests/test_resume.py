@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from best_minibatch.data.tensor_io import save_tensors_atomically
-from best_minibatch.training.gradient_training import GradientProbeRun, TrainingConfig, TrainingData
+from best_minibatch.gradient_training import GradientProbeRun, TrainingConfig, TrainingData
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -48,9 +48,7 @@ def tiny_model():
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10))
 
 run = GradientProbeRun(config, data, tiny_model, "intensity")
-for spilled in run.run():
-    path = Path(config.gradients_dir) / (run.partition_id(spilled.epoch, spilled.batch) + ".pt")
-    save_tensors_atomically(spilled.gradient, path)
+run.run()
 out.mkdir(parents=True, exist_ok=True)
 run.results.distances.to_parquet(out / "distances.parquet")
 save_tensors_atomically(run.results.model_state, out / "model.pt")

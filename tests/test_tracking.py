@@ -30,8 +30,8 @@ from mlflow.tracking import MlflowClient
 from best_minibatch import tracking
 from best_minibatch.batches.orderings import all_orderings
 from best_minibatch.data.tensor_io import load_tensors
+from best_minibatch.gradient_training import seed_model_states
 from best_minibatch.selection.statistics import time_to_target
-from best_minibatch.training.gradient_training import seed_model_states
 from tests.conftest import PROJECT_ROOT, QUICK_RUN_PARAMS, copy_project, run_session
 from tests.test_kedro_viz import free_port, start_group, stop_group, wait_for
 

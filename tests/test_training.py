@@ -1,4 +1,4 @@
-"""The gradient-probe training loop (``best_minibatch.training.gradient_training``) on a tiny model and real images."""
+"""The gradient-probe training loop (``best_minibatch.gradient_training``) on a tiny model and real images."""
 
 from __future__ import annotations
 
@@ -16,12 +16,10 @@ from torch import nn
 from best_minibatch.analysis.statistics import per_example_gradient_trace
 from best_minibatch.data.images import to_model_input
 from best_minibatch.data.tensor_io import load_tensors
-from best_minibatch.training.checkpoints import RunConflictError
-from best_minibatch.training.gradient_training import (
+from best_minibatch.gradient_training import (
     DISTANCE_COLUMNS,
     HISTORY_COLUMNS,
     DiskSpaceError,
-    DivergenceError,
     GradientProbeRun,
     TrainingConfig,
     TrainingConfigError,
@@ -30,8 +28,9 @@ from best_minibatch.training.gradient_training import (
     epoch_order,
     run_identity,
 )
+from best_minibatch.gradient_training.store import CheckpointError, RunConflictError
+from best_minibatch.training.loop import DivergenceError
 from best_minibatch.training.probing import GradientVarianceTrace, batch_gradient
-from best_minibatch.training.resume import Progress
 
 NUM_TRAIN, BATCH, NUM_TEST = 240, 20, 60
 
@@ -82,10 +81,16 @@ def make_config(tmp_path: Path, **params) -> TrainingConfig:
 Finished = namedtuple("Finished", "run spilled")
 
 
+def spilled_gradients(run: GradientProbeRun) -> dict[tuple[int, int], torch.Tensor]:
+    """Every gradient the run wrote, by (epoch, batch), read back from its files."""
+    return {(epoch, batch): load_tensors(run.gradient_path(epoch, batch))
+            for epoch in sorted(run.kept_epochs) for batch in range(run.data.num_batches)}
+
+
 def run_to_end(config: TrainingConfig, data: TrainingData, probe: bool = True) -> Finished:
     run = GradientProbeRun(config, data, tiny_model, "intensity", probe=probe)
-    spilled = {(s.epoch, s.batch): s.gradient for s in run.run()}
-    return Finished(run, spilled)
+    run.run()
+    return Finished(run, spilled_gradients(run))
 
 
 # --------------------------------------------------------------------------- correctness
@@ -233,7 +238,9 @@ def test_each_seed_starts_from_its_own_weights_on_the_same_batches(tmp_path, tin
     the model built after ``torch.manual_seed(seed)`` on the data's fixed batch k, and they differ between seeds."""
     config = make_config(tmp_path, seeds=[0, 4], keep_gradients=[1], null_batches=2)
     runs = {seed: GradientProbeRun(config, tiny_data, tiny_model, "intensity", seed=seed) for seed in (0, 4)}
-    spilled = {seed: {(s.epoch, s.batch): s.gradient for s in run.run()} for seed, run in runs.items()}
+    for run in runs.values():
+        run.run()
+    spilled = {seed: spilled_gradients(run) for seed, run in runs.items()}
     for seed in (0, 4):
         torch.manual_seed(seed)
         initial = tiny_model().train()
@@ -327,7 +334,7 @@ def test_divergence_stops_with_epoch_and_batch_and_keeps_the_last_checkpoint(tmp
                          keep_gradients="none")
     run = GradientProbeRun(config, tiny_data, tiny_model, "intensity")
     with pytest.raises(DivergenceError, match=r"epoch 2, batch \d+.*not finite.*checkpoint \(epoch 1\)"):
-        list(run.run())
+        run.run()
     assert run.store.checkpoint_epochs() == [1]
     assert run.results is None, "no table full of NaN is published"
     kept = run.store.read_checkpoint(1, run.digest)  # intact, and its numbers are finite
@@ -345,7 +352,7 @@ def test_too_little_free_space_for_a_kept_epoch_stops_cleanly(tmp_path, tiny_dat
     with pytest.raises(DiskSpaceError, match=r"Epoch 2 of 'intensity' needs 124.0 KiB in '[^']*gradients[^']*' and "
                                              r"'[^']*checkpoints[^']*' \(kept gradients 48.0 KiB, checkpoint 76.0 KiB\)"
                                              r", but only 97.7 KiB are free.*checkpoint of epoch 1 is kept"):
-        list(run.run())
+        run.run()
     assert run.store.checkpoint_epochs() == [1]
 
 
@@ -455,8 +462,7 @@ def test_same_parameter_null_matches_the_sampling_theory_of_a_linear_model(tmp_p
         "training": {"model": {"name": "small_cnn"}, "phases": [{"epochs": epochs, "lr": 1e-12}], "momentum": 0.0,
                      "weight_decay": 0.0, "cpu_threads": 1, "progress_bar": False}})
     run = GradientProbeRun(config, data, linear, "random")
-    for _ in run.run():
-        pass
+    run.run()
     squared = run.results.null_distances["distance"].to_numpy() ** 2
     model = linear()
     inputs = to_model_input(images)
@@ -539,10 +545,15 @@ def test_shuffled_run_resumes_bit_for_bit(tmp_path, tiny_data):
     assert all(torch.equal(resumed.spilled[key], first.spilled[key]) for key in first.spilled)
 
 
-def test_checkpoints_from_before_batch_order_read_as_the_fixed_order():
-    progress = Progress()
-    progress.distances = {c: [] for c in progress.distances}
-    progress.distances.update(epoch=[1, 1], batch=[0, 1], position=[0, 1])
-    state = progress.to_state()
-    del state["distances"]["position"]
-    assert Progress.from_state(state).distances["position"] == [0, 1]
+def test_a_checkpoint_written_by_an_earlier_version_is_refused_naming_what_it_lacks(tmp_path, tiny_data):
+    """No compatibility code for the project's own old checkpoints (docs/architecture.md): one that lacks a
+    column of today's progress (here ``position``, added with batch_order) is refused with the fix."""
+    run = run_to_end(make_config(tmp_path, keep_gradients="none"), tiny_data).run
+    path = run.store.checkpoint_path(3)
+    state = load_tensors(path)
+    del state["distances"]["position"], state["content_checksum"]
+    run.store.save_checkpoint(3, {k: v for k, v in state.items() if k not in ("format", "config_hash", "epoch")},
+                              run.digest)
+    with pytest.raises(CheckpointError, match=r"written by an earlier version of the project \(it lacks "
+                                              r"distances\.position\)\. Delete the run folder"):
+        run.store.read_checkpoint(3, run.digest)

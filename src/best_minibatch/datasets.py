@@ -4,13 +4,15 @@
 (:mod:`best_minibatch.data.tensor_io`: ``torch.save`` files loaded with
 ``weights_only=True``, written atomically, disk-full errors that name the
 folder). It is used for the image tensors, the distance matrices, the trained
-models and, as the inner dataset of a ``PartitionedDataset``, for the spilled
-gradients. ``OptionalDataset`` reads another dataset as ``None`` until it exists.
+models and, as the inner dataset of ``SpilledGradientsDataset`` (a
+``PartitionedDataset``), for the spilled gradients, which the training run writes
+itself. ``OptionalDataset`` reads another dataset as ``None`` until it exists.
 """
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+import os
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
@@ -23,6 +25,7 @@ from kedro.io.core import (
     get_filepath_str,
     get_protocol_and_path,
 )
+from kedro_datasets.partitions import PartitionedDataset
 
 from best_minibatch.data.tensor_io import Tensors, load_tensors, save_tensors_atomically
 
@@ -111,3 +114,36 @@ class OptionalDataset(AbstractDataset[Any, Any]):
 
     def _describe(self) -> dict[str, Any]:
         return {"dataset": self._dataset._describe()}
+
+
+class SpilledGradientsDataset(PartitionedDataset):
+    """The spilled gradients: a ``PartitionedDataset`` of :class:`TensorDataset` files that the run writes.
+
+    ``gradient_training`` writes each kept gradient as soon as it is computed, in its run
+    folder (``best_minibatch.gradient_training.store.GradientFiles``: one writer under
+    every runner, so a sequential and a Dask run write the same files the same way). The
+    node then saves ``{partition_id: path written}`` here, and saving checks, without
+    writing, that each partition is the file this dataset reads under that id and that
+    it exists: a ``gradients_dir`` that differs from this dataset's ``path`` fails here,
+    naming both. Loading is ``PartitionedDataset``'s: ``{partition_id: load function}``.
+    """
+
+    def save(self, data: dict[str, Any]) -> None:
+        problems = []
+        for partition_id, written in sorted(data.items()):
+            expected = Path(self._partition_to_path(partition_id))
+            if not isinstance(written, (str, os.PathLike)):
+                problems.append(f"'{partition_id}': expected the path its run wrote, got {type(written).__name__}")
+            elif Path(written).absolute() != expected.absolute():
+                problems.append(f"'{partition_id}' was written to '{written}', but this dataset reads it from "
+                                f"'{expected}'")
+            elif not expected.is_file():
+                problems.append(f"'{partition_id}' is missing at '{expected}'")
+        if problems:
+            raise DatasetError(
+                f"Spilled gradients under '{self._path}' do not match what the training wrote: "
+                + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+                + ". Keep gradient_training.gradients_dir equal to this dataset's path (both read the runtime "
+                "parameter gradients_dir) and run the same command again; training resumes from its checkpoints."
+            )
+        self._invalidate_caches()

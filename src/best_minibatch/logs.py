@@ -53,7 +53,7 @@ class TerminalFilter(logging.Filter):
     out of the terminal: the project's own lines name every stage and training."""
 
     QUIET = ("kedro.io.data_catalog", "kedro.runner", "kedro.pipeline.node",
-             "best_minibatch.training.gradient_training.epochs")
+             "best_minibatch.gradient_training.run.epochs")
     #: The runners' per-node messages, whichever runner logs them (the project's Dask runner too).
     NODE_MESSAGES = ("Running node: %s", "Completed node: %s", "Completed %d out of %d tasks")
 

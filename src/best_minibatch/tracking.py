@@ -71,7 +71,7 @@ CURVE_METRICS = ("val_accuracy", "val_loss", "train_loss")
 RESULT_METRICS = ("final_val_accuracy", "test_accuracy", "test_loss", "steps", "seconds", "probe_seconds",
                   "total_seconds")
 #: The logger and message of gradient_training that say a training was found by its hash.
-TRAINING_LOGGER = "best_minibatch.training.gradient_training"
+TRAINING_LOGGER = "best_minibatch.gradient_training"
 _FOUND = re.compile(r"^(?P<label>.+?): run '(?P<run_name>[^']+)' found in .*, "
                     r"(?P<what>complete; reusing its results|resuming after epoch (?P<epoch>\d+))$")
 _METRICS_PER_CALL = 1000  # MLflow's log_batch limit
@@ -285,7 +285,7 @@ class RunTracking:
         import tempfile
 
         from best_minibatch.data.tensor_io import save_tensors_atomically
-        from best_minibatch.training.gradient_training import seed_model_states
+        from best_minibatch.gradient_training import seed_model_states
 
         for seed, state in sorted(seed_model_states(flat).items()):
             training = self._trainings.get((ordering, seed))

@@ -168,7 +168,7 @@ def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any]
 
 
 def _check_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.training.gradient_training import named_model_factory
+    from best_minibatch.gradient_training import named_model_factory
     from best_minibatch.training.recipe import TrainingRecipe
 
     recipe = TrainingRecipe.from_params(params)
@@ -188,15 +188,14 @@ def _check_batch_size_rule(batch_size: int | None, key: str, parameters: Mapping
 
 def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
     from best_minibatch.batches.orderings import all_orderings
-    from best_minibatch.training.gradient_training import (
-        TrainingConfig,
+    from best_minibatch.gradient_training.checks import (  # the module's names at call time (tests patch them)
         check_buffer_memory,
         check_disk_cap,
         check_expected_time,
         check_null_batches,
         check_run_folder,
-        named_model_factory,
     )
+    from best_minibatch.gradient_training.config import TrainingConfig, named_model_factory
 
     trace = params.get("trace_check") if isinstance(params, Mapping) else None
     unknown = [o for o in trace if o not in all_orderings()] if isinstance(trace, (list, tuple)) else []

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from best_minibatch.analysis import statistics
-from best_minibatch.training.gradient_training import epoch_order
+from best_minibatch.gradient_training import epoch_order
 
 
 @dataclass(frozen=True)

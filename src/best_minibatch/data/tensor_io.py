@@ -28,6 +28,8 @@ Tensors = torch.Tensor | dict[str, Any]
 
 #: Suffix of the temporary files of atomic writes; a file with it was never completed.
 PARTIAL_SUFFIX = ".partial"
+#: Bytes in a GiB (sizes in messages and caps are binary).
+GIB = 2**30
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -104,6 +106,22 @@ def save_tensors_atomically(data: Tensors, path: str | os.PathLike) -> None:
                 "written under that name. Free space there (or point the output elsewhere) and run the "
                 "same command again; a training run resumes from its last complete epoch.",
             ) from cause
+        raise
+
+
+def write_text_atomically(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (a reader never sees half of it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
         raise
 
 

@@ -7,7 +7,7 @@ batches; the oracle probes at the epoch start through the same probe). The loop
 sets each phase's learning rate, takes the optimizer steps, calls the hook, checks
 that the loss stays finite, and evaluates ``recipe.evaluations_per_epoch`` times
 per epoch on the data the caller gives. Resuming, checkpoints and disk checks
-belong to the caller (``gradient_training.py`` and ``resume.py``), not to the loop.
+belong to the caller (``best_minibatch.gradient_training``), not to the loop.
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
-"""Nodes of ``gradient_training``: thin wrappers around ``best_minibatch.training.gradient_training``."""
+"""Nodes of ``gradient_training``: thin wrappers around ``best_minibatch.gradient_training``."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
 import torch
 
 from best_minibatch import parallel
-from best_minibatch.training.gradient_training import (
+from best_minibatch.gradient_training import (
     GradientProbeRun,
     OrderingResults,
     ProbeResults,
@@ -22,9 +21,6 @@ from best_minibatch.training.gradient_training import (
 )
 
 logger = logging.getLogger(__name__)
-
-#: What ``probe_results`` holds while training runs; Kedro keeps only the last chunk, the results.
-PENDING = "training in progress"
 
 
 def prepare_seed_runs(
@@ -73,23 +69,14 @@ def prepare_seed_runs(
     return runs
 
 
-def train_seed(run: GradientProbeRun) -> Iterator[tuple[dict[str, torch.Tensor], ProbeResults | str]]:
+def train_seed(run: GradientProbeRun) -> ProbeResults:
     """One (ordering, seed) run to its end, resuming from its last checkpoint (or reusing a finished run).
 
-    Yields ``({partition_id: gradient}, PENDING)`` for every kept mini-batch gradient as
-    it is computed, then ``({}, ProbeResults)`` once. The unit of work a scheduler can
-    hand out: it needs nothing but the run.
+    The unit of work a scheduler can hand out: it needs nothing but the run, and the run
+    writes its own kept gradients (the one writer under every runner).
     """
     _log_start(run)
-    for spilled in run.run():
-        yield {run.partition_id(spilled.epoch, spilled.batch): spilled.gradient}, PENDING
-    yield {}, run.results
-
-
-def _train_seed_writing_gradients(run: GradientProbeRun) -> ProbeResults:
-    """One (ordering, seed) run as a task of the cluster: :func:`train_seed`'s log line, then the training."""
-    _log_start(run)
-    return run.run_writing_gradients()
+    return run.run()
 
 
 @parallel.hands_out_work
@@ -102,41 +89,26 @@ def train_with_gradient_probe(
     params: dict[str, Any],
     *,
     ordering: str,
-) -> Iterator[tuple[dict[str, torch.Tensor], OrderingResults | str]]:
-    """Train one ordering with the gradient probe (Algorithm 1) once per seed, one seed after another.
+) -> tuple[dict[str, str], pd.DataFrame, torch.Tensor, pd.DataFrame, dict[str, torch.Tensor], pd.DataFrame]:
+    """Train one ordering with the gradient probe (Algorithm 1) once per seed; its published outputs.
 
-    Yields ``({partition_id: gradient}, PENDING)`` for every kept mini-batch gradient
-    as it is computed (Kedro writes it to ``batch_gradients`` before training goes
-    on), then ``({}, OrderingResults)`` once. Every check of every seed's run runs
-    before the first yield.
+    Every check of every seed's run runs before the first trains. Under the Dask runner each
+    seed is a task of its own (on its own GPU); otherwise the seeds train one after another.
+    Returns the spilled gradients written (``{partition_id: path}``, checked by
+    ``{ordering}.batch_gradients``), then distances, distance matrix (S x E x K), history,
+    models (one flat dict keyed ``seed=<S>/<state-dict key>``) and null distances; the
+    tables have a ``seed`` column.
     """
     runs = prepare_seed_runs(batch_assignments, image_index, train_images, test_images, training, params, ordering)
     if parallel.is_handing_out():
-        # Under the Dask runner every seed is a task of its own (on its own GPU); each writes its kept
-        # gradients to the files this node's partitioned dataset would write (GradientProbeRun.run_writing_gradients).
-        finished = parallel.map_tasks(_train_seed_writing_gradients, runs, label=f"gradient_training-{ordering}")
-        yield {}, OrderingResults.from_runs(ordering, finished)
-        return
-    finished: list[ProbeResults] = []
-    for run in runs:
-        for chunk, result in train_seed(run):
-            if isinstance(result, ProbeResults):
-                finished.append(result)
-            else:
-                yield chunk, result
-    yield {}, OrderingResults.from_runs(ordering, finished)
-
-
-def publish_probe_results(
-    probe_results: OrderingResults | str,
-) -> tuple[pd.DataFrame, torch.Tensor, pd.DataFrame, dict[str, torch.Tensor], pd.DataFrame]:
-    """Split an ordering's finished runs into its versioned outputs: distances, distance matrix (S x E x K),
-    history, models (one flat dict keyed ``seed=<S>/<state-dict key>``), null distances; the tables have a
-    ``seed`` column."""
-    if not isinstance(probe_results, OrderingResults):
-        raise RuntimeError("train_with_gradient_probe ended without results; see the error it raised above.")
-    return (probe_results.distances, probe_results.distance_matrix, probe_results.history,
-            flat_model_states(probe_results.model_states), probe_results.null_distances)
+        finished = parallel.map_tasks(train_seed, runs, label=f"gradient_training-{ordering}")
+    else:
+        finished = [train_seed(run) for run in runs]
+    results = OrderingResults.from_runs(ordering, finished)
+    written = {run.partition_id(epoch, batch): str(run.gradient_path(epoch, batch))
+               for run in runs for epoch in sorted(run.kept_epochs) for batch in range(run.data.num_batches)}
+    return (written, results.distances, results.distance_matrix, results.history,
+            flat_model_states(results.model_states), results.null_distances)
 
 
 def _log_start(run: GradientProbeRun) -> None:

@@ -7,7 +7,7 @@ from kedro.pipeline import Pipeline, node
 from best_minibatch.parallel import GPU_TAG
 from best_minibatch.pipelines.orderings import per_ordering
 
-from .nodes import publish_probe_results, train_with_gradient_probe
+from .nodes import train_with_gradient_probe
 
 SHARED_INPUTS = {"image_index", "train_images", "test_images"}
 
@@ -19,15 +19,10 @@ def _ordering_template(ordering: str) -> Pipeline:
                 update_wrapper(partial(train_with_gradient_probe, ordering=ordering), train_with_gradient_probe),
                 inputs=["batch_assignments", "image_index", "train_images", "test_images",
                         "params:training", "params:gradient_training"],
-                outputs=["batch_gradients", "probe_results"],
+                outputs=["batch_gradients", "gradient_distances", "distance_matrix", "training_history",
+                         "trained_model", "null_distances"],
                 name="train_with_gradient_probe",
                 tags=[GPU_TAG],  # each seed's training needs a GPU of its own (docs/scaling.md)
-            ),
-            node(
-                publish_probe_results,
-                inputs="probe_results",
-                outputs=["gradient_distances", "distance_matrix", "training_history", "trained_model", "null_distances"],
-                name="publish_probe_results",
             ),
         ]
     )

@@ -1,4 +1,4 @@
-"""One training run's folder: its identity, its checkpoints, its scratch space.
+"""One run's folders: its identity, its checkpoints, its spilled gradients, the resume decision.
 
 Knows nothing of Kedro. A run is named either explicitly or by a short hash of
 everything that determines its results (:func:`config_hash`), and lives in
@@ -11,6 +11,10 @@ everything that determines its results (:func:`config_hash`), and lives in
   in the project's tensor format, written atomically), the newest few kept;
 * ``scratch/``: temporary gradient files of the epoch in progress.
 
+Its spilled gradients go to ``<gradients_root>/<run_name>/<ordering>/epoch=EEE/batch=KKKK.pt``
+(:class:`GradientFiles`, the one writer of those files under every runner; the
+catalog's partitioned dataset ``{ordering}.batch_gradients`` declares and reads them).
+
 Every file is written under a temporary name and renamed, so a killed run never
 leaves a half-written file under a real name (leftover temporary files are
 removed when the run resumes). Each checkpoint carries a CRC-32 of its own
@@ -18,7 +22,7 @@ content and of every gradient file spilled up to its epoch, so a file damaged
 after it was written (truncated, overwritten, a flipped bit) is recognised when
 the run resumes instead of being read as valid: a damaged checkpoint is set
 aside and the run resumes from the newest intact one, recomputing the epochs
-after it (see ``gradient_training.GradientProbeRun``).
+after it (:meth:`RunStore.resume_point`).
 """
 
 from __future__ import annotations
@@ -28,21 +32,27 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from best_minibatch.data.tensor_io import PARTIAL_SUFFIX, load_tensors, save_tensors_atomically
+from best_minibatch.data.tensor_io import (
+    PARTIAL_SUFFIX,
+    load_tensors,
+    save_tensors_atomically,
+    write_text_atomically,
+)
+from best_minibatch.gradient_training.tables import Progress
 
 logger = logging.getLogger(__name__)
 
-#: 2 adds ``content_checksum`` and the gradient files' checksums; format 1 is still read.
+#: The one checkpoint format read: a content checksum, the gradient files' checksums, and every column of
+#: :class:`~best_minibatch.gradient_training.tables.Progress`. Checkpoints of the project's earlier formats
+#: (before 2026-12) are refused with the fix (docs/architecture.md: no compatibility code for old files).
 CHECKPOINT_FORMAT = 2
-_READABLE_FORMATS = (1, 2)
 #: A checkpoint found damaged when resuming is renamed with this suffix (kept for inspection).
 DAMAGED_SUFFIX = ".damaged"
 _CHECKPOINT_NAME = re.compile(r"^epoch=(\d{3,})\.pt$")
@@ -106,26 +116,66 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_text_atomically(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+class GradientFiles:
+    """A run's spilled gradients, ``<folder>/epoch=EEE/batch=KKKK.pt``: one flat tensor each, in the spill dtype.
+
+    The one writer of these files under every runner (the sequential runner and the
+    Dask workers alike); ``{ordering}.batch_gradients`` in the catalog is the
+    partitioned dataset over the same folder that declares and reads them
+    (docs/gradient_spill_format.md).
+    """
+
+    def __init__(self, folder: str | os.PathLike, num_params: int, dtype: torch.dtype) -> None:
+        self.folder = Path(folder)
+        self.num_params, self.dtype = num_params, dtype
+
+    def path(self, epoch: int, batch: int) -> Path:
+        return self.folder / f"epoch={epoch:03d}" / f"batch={batch:04d}.pt"
+
+    def write(self, epoch: int, batch: int, gradient: torch.Tensor) -> int:
+        """Write one kept gradient atomically; return its CRC-32 (the next checkpoint records it)."""
+        save_tensors_atomically(gradient, self.path(epoch, batch))
+        return tensor_checksum(gradient)
+
+    def problem(self, path: Path, expected_checksum: int | None) -> str | None:
+        """Why a spilled gradient file cannot be trusted (``None``: it holds what was spilled)."""
+        if not path.exists():
+            return "missing"
+        try:
+            tensor = load_tensors(path)
+        except Exception as error:  # load_tensors names truncated and corrupt files
+            return f"unreadable: {error}"
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != (self.num_params,) or tensor.dtype != self.dtype:
+            shape = (f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
+                     else type(tensor).__name__)
+            return f"holds {shape}, expected {self.dtype} ({self.num_params},)"
+        if expected_checksum is not None and tensor_checksum(tensor) != expected_checksum:
+            return "its values differ from the gradient that was spilled (checksum mismatch)"
+        return None
+
+    def damaged(self, epochs: Iterable[int], num_batches: int, checksums: dict[str, Any],
+                verified: dict[tuple[Path, int | None], str | None]) -> list[tuple[Path, str]]:
+        """The files of ``epochs`` that are missing or differ from what was spilled (``checksums`` by
+        ``"EEE"``, as a checkpoint records them; ``verified`` caches answers across checkpoints)."""
+        bad = []
+        for epoch in epochs:
+            recorded = checksums.get(f"{epoch:03d}")
+            for batch in range(num_batches):
+                path = self.path(epoch, batch)
+                key = (path, int(recorded[batch]) if recorded is not None else None)
+                if key not in verified:
+                    verified[key] = self.problem(*key)
+                if verified[key] is not None:
+                    bad.append((path, verified[key]))
+        return bad
 
 
 class RunStore:
     """The folder of one run of one ordering, and the gradients folder it spills into.
 
     ``gradients_dir`` is the run's spilled-gradient folder
-    (``<gradients_root>/<run_name>/<ordering>``); it is only inspected here, never
-    written (gradients are written through the Kedro catalog).
+    (``<gradients_root>/<run_name>/<ordering>``, :class:`GradientFiles`): a folder that
+    holds gradients but no run manifest is refused, and its leftovers are cleaned on resume.
     """
 
     def __init__(self, checkpoint_root: str | os.PathLike, run_name: str, ordering: str,
@@ -236,7 +286,7 @@ class RunStore:
         if not isinstance(state, dict):
             raise DamagedCheckpointError(path, "it does not hold a dict")
         problems = []
-        if state.get("format") not in _READABLE_FORMATS:
+        if state.get("format") != CHECKPOINT_FORMAT:
             problems.append(f"format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
         if state.get("config_hash") != digest:
             problems.append("it belongs to another configuration")
@@ -247,11 +297,16 @@ class RunStore:
                 f"Checkpoint '{path}' does not belong to this run ({'; '.join(problems)}). Delete it, or "
                 "delete the run folder to start over."
             )
-        if state["format"] >= 2:
-            recorded = state.pop("content_checksum", None)
-            if recorded != content_checksum(state):
-                raise DamagedCheckpointError(path, "its content does not match its checksum (the file was "
-                                                   "damaged after it was written)")
+        recorded = state.pop("content_checksum", None)
+        if recorded != content_checksum(state):
+            raise DamagedCheckpointError(path, "its content does not match its checksum (the file was "
+                                               "damaged after it was written)")
+        if missing := Progress.missing_keys(state):
+            raise CheckpointError(
+                f"Checkpoint '{path}' was written by an earlier version of the project (it lacks "
+                f"{', '.join(missing[:4])}). Delete the run folder '{self.folder}' and its gradients to train "
+                "the run again, or finish it with the version that started it."
+            )
         return state
 
     def intact_checkpoints(self, digest: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -278,6 +333,46 @@ class RunStore:
                 os.replace(path, target)
                 moved.append(target)
         return moved
+
+    # ------------------------------------------------------------------ resume
+
+    def resume_point(self, digest: str, gradients: GradientFiles, kept_epochs: Iterable[int], num_batches: int,
+                     label: str) -> tuple[int, dict[str, Any] | None]:
+        """``(epochs done, their checkpoint's state)`` to resume from: ``(0, None)`` for a fresh start.
+
+        A checkpoint is usable when it is intact (readable, content matching its checksum)
+        and every gradient file it records (the kept epochs up to it) exists and matches
+        the checksum recorded when it was computed. Otherwise the run falls back to an
+        older usable checkpoint and recomputes the epochs after it (which rewrites their
+        files); if none is left, it stops naming the damaged files.
+        """
+        self.remove_partial_files()
+        newest, chosen, bad_files, verified = None, None, [], {}
+        for epoch, state in self.intact_checkpoints(digest):
+            newest = epoch if newest is None else newest
+            bad = gradients.damaged([e for e in sorted(kept_epochs) if e <= epoch], num_batches,
+                                    state["gradient_checksums"], verified)
+            if not bad:
+                chosen = epoch, state
+                break
+            bad_files.extend(b for b in bad if b not in bad_files)
+        damaged = [f"checkpoint '{path}' ({reason})" for path, reason in self.damaged]
+        damaged += [f"spilled gradient '{path}' ({reason})" for path, reason in bad_files]
+        listed = "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        if chosen is None:
+            if not damaged:
+                return 0, None
+            raise CheckpointError(
+                f"Run '{self.run_name}' of '{self.ordering}' cannot resume: {listed}. No older intact checkpoint is "
+                f"left to recompute from. Restore the file(s), or delete '{self.folder}' and "
+                f"'{gradients.folder}' to start the run over."
+            )
+        done, state = chosen
+        if damaged:
+            self.set_aside_checkpoints_after(done)
+            logger.warning("%s: %s. Resuming from the intact checkpoint of epoch %d and recomputing epochs %d..%d.",
+                           label, listed, done, done + 1, max(newest or done, done + 1))
+        return done, state
 
 
 class DamagedCheckpointError(CheckpointError):
