@@ -32,7 +32,7 @@ weights: setup
 # on a 2-core machine, same outputs bit for bit (docs/scaling.md, `make benchmark-runners`).
 run: setup
 	$(WEIGHTS) --best-effort
-	$(BIN)/kedro run --runner=best_minibatch.runner.DaskRunner
+	$(BIN)/kedro run --runner=best_minibatch.kedro_glue.runner.DaskRunner
 
 test: setup lint
 	bash scripts/install_test_tools.sh

@@ -9,7 +9,7 @@ results to reuse:
   the outputs of one default run made first (not timed), copied afresh for every
   measured run.
 
-For each, the sequential runner and ``--runner=best_minibatch.runner.DaskRunner`` with a
+For each, the sequential runner and ``--runner=best_minibatch.kedro_glue.runner.DaskRunner`` with a
 ``local`` cluster of two worker processes (a ``conf/local/dask.yml`` in the copy) take
 turns, ``--rounds`` times each, and the median wall-clock seconds (from starting
 ``kedro run`` to its exit, cluster start and stop included) and their ratio are
@@ -42,7 +42,7 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path("data/01_raw/cifar10-sample.zip")
-DASK_RUNNER = "best_minibatch.runner.DaskRunner"
+DASK_RUNNER = "best_minibatch.kedro_glue.runner.DaskRunner"
 
 
 def copy_project(destination: Path, overlay: Path | None, workers: int) -> Path:

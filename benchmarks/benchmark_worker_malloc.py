@@ -4,7 +4,7 @@ and in a Dask worker with Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``, side 
 Why it exists: Dask's nannies set ``MALLOC_TRIM_THRESHOLD_`` in every worker
 (``distributed.nanny.pre-spawn-environ``) so that freed memory goes back to the system.
 Setting it at all switches off glibc's dynamic mmap threshold, so each large tensor a
-training step allocates is mapped and unmapped afresh. ``best_minibatch.cluster`` starts
+training step allocates is mapped and unmapped afresh. ``best_minibatch.services.cluster`` starts
 its workers without it (``WORKER_ENVIRON_UNSET``); this script shows what that is worth.
 
 The work: ``--steps`` SGD steps of the project's small CNN (width 8, the base model) on a
@@ -50,7 +50,7 @@ def in_worker(steps: int, rounds: int, dask_default: bool) -> tuple[float, str |
     import dask
     from distributed import Client, LocalCluster
 
-    from best_minibatch.cluster import WORKER_ENVIRON_UNSET, Cluster, ClusterConfig
+    from best_minibatch.services.cluster import WORKER_ENVIRON_UNSET, Cluster, ClusterConfig
 
     if dask_default:  # a plain LocalCluster with Dask's own setting (distributed.yaml), whatever the user's config
         with dask.config.set({key: 65536 for key in WORKER_ENVIRON_UNSET}), \

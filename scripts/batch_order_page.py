@@ -38,7 +38,7 @@ from full_results_page import (  # noqa: E402
 )
 
 from best_minibatch.analysis.statistics import position_effects  # noqa: E402
-from best_minibatch.run_manifest import Manifest  # noqa: E402
+from best_minibatch.services.run_manifest import Manifest  # noqa: E402
 
 PAGE = PROJECT_ROOT / "docs" / "results" / "full_cifar10_batch_order.md"
 #: The orderings of the two runs this page compares (before the class-stratified orderings existed).

@@ -30,7 +30,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
 from best_minibatch.analysis.statistics import claim_answers  # noqa: E402
-from best_minibatch.run_manifest import Manifest, ManifestStore  # noqa: E402
+from best_minibatch.services.run_manifest import Manifest, ManifestStore  # noqa: E402
 
 PAGE = PROJECT_ROOT / "docs" / "results" / "full_cifar10.md"
 FIGURES = PAGE.with_suffix("")  # docs/results/full_cifar10/

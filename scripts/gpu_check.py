@@ -511,7 +511,7 @@ def paper_run_on_cluster(kind: str, trainings: int, paper: PaperParameters, load
     its own checkpoint folder. Reports each training's seconds and the whole wall-clock
     against the single training of ``paper_run``.
     """
-    from best_minibatch.cluster import Cluster, ClusterConfig
+    from best_minibatch.services.cluster import Cluster, ClusterConfig
 
     config = ClusterConfig.from_params({"cluster": kind, "local": {"n_workers": trainings}})
     print(f"  {trainings} trainings at once on a '{kind}' Dask cluster ...", flush=True)

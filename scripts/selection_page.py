@@ -35,15 +35,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
 from best_minibatch import selection  # noqa: E402
-from best_minibatch.run_manifest import Manifest, ManifestStore  # noqa: E402
 from best_minibatch.selection import statistics as T  # noqa: E402
+from best_minibatch.services.run_manifest import Manifest, ManifestStore  # noqa: E402
 
 PAGE = PROJECT_ROOT / "docs" / "results" / "full_cifar10_selection.md"
 MANIFESTS = Path("data") / "runs" / "run_manifest.json"  # relative to the project root
 BASE_DOC = PROJECT_ROOT / "docs" / "batch_selection.md"
 BEGIN, END = "<!-- conclusion: written by hand, kept on regeneration -->", "<!-- end of conclusion -->"
 SUMMARY = "batch_selection.summary"
-COMMAND = "kedro run --env full --pipelines=batch_selection --runner=best_minibatch.runner.DaskRunner"
+COMMAND = "kedro run --env full --pipelines=batch_selection --runner=best_minibatch.kedro_glue.runner.DaskRunner"
 
 #: The outside results issue 24 anchors the question to, with what each reports (in words, no figures).
 ANCHORS = (

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from best_minibatch import selection  # noqa: E402
 from best_minibatch.data.cifar import read_image_dataset  # noqa: E402
-from best_minibatch.training.runtime import training_environment  # noqa: E402
+from best_minibatch.training.recipe import training_environment  # noqa: E402
 
 
 def full_parameters() -> dict:

@@ -1,4 +1,4 @@
-"""The Dask runner (`kedro run --runner=best_minibatch.runner.DaskRunner`, docs/scaling.md).
+"""The Dask runner (`kedro run --runner=best_minibatch.kedro_glue.runner.DaskRunner`, docs/scaling.md).
 
 Whole runs on a two-worker LocalCluster against the sequential runner's outputs (the
 quick default run of ``finished_project``), a worker killed mid-training, the refusal
@@ -26,9 +26,9 @@ from kedro.pipeline import Pipeline, node
 from kedro_datasets.pickle import PickleDataset
 from mlflow import MlflowClient
 
-from best_minibatch import cluster as cl
-from best_minibatch import parallel
-from best_minibatch.runner import DaskRunner, InMemoryDatasetError, plan_groups
+from best_minibatch.kedro_glue.runner import DaskRunner, InMemoryDatasetError, plan_groups
+from best_minibatch.services import cluster as cl
+from best_minibatch.services import parallel
 from tests.conftest import PROJECT_ROOT, QUICK_RUN_PARAMS, copy_project
 
 TWO_WORKERS = {"cluster": "local", "local": {"n_workers": 2}}
@@ -202,7 +202,7 @@ def test_a_task_run_again_after_its_worker_was_lost_rewrites_only_this_runs_outp
     of the same dataset stays as it was."""
     from kedro.io import Version
 
-    from best_minibatch.runner import run_group
+    from best_minibatch.kedro_glue.runner import run_group
 
     earlier, this_run = "2026-01-01T00.00.00.000Z", "2026-12-03T18.40.35.195Z"
     folder = tmp_path / "scores.pkl"
@@ -307,7 +307,7 @@ def test_a_failing_node_stops_the_run_with_its_error_after_its_hooks(tmp_path):
     assert ("on_node_error", "fails") in hooks.calls and ("after_node_run", "ok") in hooks.calls
     assert not any(node_name == "never" for _, node_name in hooks.calls)
     # A project error whose class cannot be rebuilt from its message still reads as the project's own error.
-    from best_minibatch.runner import RemoteNodeError
+    from best_minibatch.kedro_glue.runner import RemoteNodeError
 
     with pytest.raises(RemoteNodeError, match="Parameter section.key: cannot work. Fix it."):
         DaskRunner(config={"local": {"n_workers": 1}}).run(
@@ -384,7 +384,7 @@ def add_here(item, shared):
 
 def test_the_gpu_tag_asks_for_nothing_where_no_worker_offers_a_gpu():
     config = cl.ClusterConfig.from_params(TWO_WORKERS)
-    from best_minibatch.runner import usable_mapping
+    from best_minibatch.kedro_glue.runner import usable_mapping
 
     mapping, notes = usable_mapping(config.tag_resources, config.offered_resources())
     assert mapping == {} and "run on any worker" in notes[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from best_minibatch.datasets import OptionalDataset
+from best_minibatch.kedro_glue.datasets import OptionalDataset
 
 
 def test_optional_dataset_reads_none_until_saved_then_the_newest_version(tmp_path):

@@ -16,9 +16,10 @@ import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from best_minibatch import selection, validation
+from best_minibatch import selection
 from best_minibatch.batches.orderings import all_orderings
 from best_minibatch.gradient_training import checks as gradient_training
+from best_minibatch.kedro_glue import run_checks
 from tests.conftest import PROJECT_ROOT, copy_project
 from tests.lpips_support import stored_lpips_weights  # noqa: F401 (fixture)
 
@@ -59,11 +60,11 @@ def test_the_full_environment_is_the_paper_geometry_and_passes_every_run_check(f
     previous = Path.cwd()
     os.chdir(PROJECT_ROOT)  # the source path is relative to the project root
     try:
-        n_train = validation.count_training_images(params["ingest_cifar"]["source"])
+        n_train = run_checks.count_training_images(params["ingest_cifar"]["source"])
         assert n_train == 50_000
         assert n_train // 256 == 195 and n_train % 256 == 80
         # Every section's checks, with the run's own facts (the disk cap of the kept gradients too).
-        problems = validation.run_problems(params, params.keys(), validation.RunFacts(n_train=n_train,
+        problems = run_checks.run_problems(params, params.keys(), run_checks.RunFacts(n_train=n_train,
                                                                                        trained_orderings=ORDERINGS))
     finally:
         os.chdir(previous)
@@ -108,9 +109,9 @@ def test_the_full_batch_selection_is_the_issue_setup_and_passes_every_run_check(
     previous = Path.cwd()
     os.chdir(PROJECT_ROOT)
     try:
-        n_train = validation.count_training_images(params["ingest_cifar"]["source"])
-        problems = validation.run_problems(params, ["batch_selection", "training", "sort_batches"],
-                                           validation.RunFacts(n_train=n_train))
+        n_train = run_checks.count_training_images(params["ingest_cifar"]["source"])
+        problems = run_checks.run_problems(params, ["batch_selection", "training", "sort_batches"],
+                                           run_checks.RunFacts(n_train=n_train))
     finally:
         os.chdir(previous)
     assert n_train == 50_000 and problems == []

@@ -19,9 +19,9 @@ import torch
 import torchvision
 
 from best_minibatch.data.tensor_io import save_tensors_atomically
+from best_minibatch.kedro_glue.run_checks import RunFacts, run_problems
 from best_minibatch.metrics import lpips_weights as W
 from best_minibatch.metrics.scoring import METRICS, score_images
-from best_minibatch.validation import RunFacts, run_problems
 from tests.lpips_support import stored_lpips_weights  # noqa: F401 - a fixture
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ import pytest
 
 from best_minibatch import cli
 from best_minibatch.data.cifar import DatasetInputError, count_training_images, read_image_dataset
-from best_minibatch.run_manifest import RunInputsError
-from best_minibatch.validation import RunCheckError
+from best_minibatch.kedro_glue.run_checks import RunCheckError
+from best_minibatch.services.run_manifest import RunInputsError
 from tests.conftest import FULL_DATA_REQUIRED, PROJECT_ROOT, SAMPLE_ZIP, copy_project, full_data_or_skip
 from tests.test_cifar import _write_canonical_release
 

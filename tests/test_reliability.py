@@ -35,8 +35,8 @@ from best_minibatch.gradient_training import (
     run_identity,
 )
 from best_minibatch.gradient_training.store import CheckpointError, RunStore, config_hash
+from best_minibatch.kedro_glue.run_checks import RunCheckError
 from best_minibatch.training.models import build_model, count_parameters
-from best_minibatch.validation import RunCheckError
 from tests import fault_harness
 from tests.conftest import copy_project
 from tests.test_training import make_config, tiny_data, tiny_model  # noqa: F401 (tiny_data is a fixture)

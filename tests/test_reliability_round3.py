@@ -98,32 +98,32 @@ TRAINING_SECTIONS = {"ingest_cifar", "sort_batches", "training", "gradient_train
 
 def test_a_paper_run_whose_dataset_is_still_to_be_downloaded_is_checked_on_cifar10s_known_size(tmp_path, monkeypatch):
     """Before: `download: true` with an absent path counted no images, so the memory and time checks were skipped."""
-    from best_minibatch import validation
     from best_minibatch.data.cifar import CIFAR10_TRAIN_IMAGES
     from best_minibatch.gradient_training import checks as gradient_training
+    from best_minibatch.kedro_glue import run_checks
 
     absent = tmp_path / "not-downloaded-yet" / "cifar-10-batches-py"
     source = {"path": str(absent), "download": True}
-    assert validation.count_training_images(source) == CIFAR10_TRAIN_IMAGES == 50_000
+    assert run_checks.count_training_images(source) == CIFAR10_TRAIN_IMAGES == 50_000
     assert not absent.parent.exists(), "counting must not download"
 
     # A CPU machine with less memory than the paper's in-memory buffer: refused on the memory check.
     monkeypatch.setattr(gradient_training, "available_memory", lambda device: 8 * 2**30)
     parameters = _parameters("paper", ingest_cifar={"source": source})
-    facts = validation.RunFacts(n_train=validation.count_training_images(source), trained_orderings=("intensity",))
-    problems = validation.run_problems(parameters, TRAINING_SECTIONS, facts)
+    facts = run_checks.RunFacts(n_train=run_checks.count_training_images(source), trained_orderings=("intensity",))
+    problems = run_checks.run_problems(parameters, TRAINING_SECTIONS, facts)
     assert any("gradient_buffer.memory_cap_gb" in p and "195 batches" in p for p in problems), problems
 
 
 def test_null_batches_has_an_upper_bound_and_is_in_the_time_estimate(monkeypatch):
     """Before: null_batches=10000 was accepted as 'about 0.00 hours'; R random batches per epoch were not counted."""
-    from best_minibatch import validation
     from best_minibatch.gradient_training import TrainingConfig, estimate_hours
     from best_minibatch.gradient_training import checks as gradient_training
+    from best_minibatch.kedro_glue import run_checks
 
     parameters = _parameters(gradient_training={"null_batches": 10_000})
-    facts = validation.RunFacts(n_train=5_000, trained_orderings=("intensity",))
-    problems = validation.run_problems(parameters, TRAINING_SECTIONS, facts)
+    facts = run_checks.RunFacts(n_train=5_000, trained_orderings=("intensity",))
+    problems = run_checks.run_problems(parameters, TRAINING_SECTIONS, facts)
     assert any(p.startswith("Parameter gradient_training.null_batches: 10000 random batches per epoch")
                and "at most 50" in p for p in problems), problems
 
@@ -138,12 +138,12 @@ def test_null_batches_has_an_upper_bound_and_is_in_the_time_estimate(monkeypatch
 
 def test_every_problem_of_one_section_is_reported_together():
     """Before: seeds [0, 0], null_batches -1 and an unknown ordering: only the seeds were reported."""
-    from best_minibatch import validation
+    from best_minibatch.kedro_glue import run_checks
 
     parameters = _parameters(gradient_training={"seeds": [0, 0], "null_batches": -1, "trace_check": ["rnd"],
                                                 "spill_dtyp": "float16"})
-    facts = validation.RunFacts(n_train=5_000, trained_orderings=("intensity",))
-    problems = validation.run_problems(parameters, TRAINING_SECTIONS, facts)
+    facts = run_checks.RunFacts(n_train=5_000, trained_orderings=("intensity",))
+    problems = run_checks.run_problems(parameters, TRAINING_SECTIONS, facts)
     for expected in ("gradient_training.seeds", "gradient_training.null_batches", "gradient_training.trace_check",
                      "gradient_training.spill_dtyp"):
         assert sum(expected in p for p in problems) == 1, (expected, problems)
@@ -170,7 +170,7 @@ def test_a_run_started_in_a_subfolder_resolves_every_path_against_the_project_ro
     assert not (project / "conf" / "data").exists(), "nothing is written under the folder the run was started in"
     assert any((project / "data" / "02_intermediate").iterdir())
     # A refused run gives the working directory back too.
-    from best_minibatch.validation import RunCheckError
+    from best_minibatch.kedro_glue.run_checks import RunCheckError
 
     with pytest.raises(RunCheckError, match="sort_batches.batch_size"):
         with KedroSession.create(project_path=project, runtime_params={"sort_batches": {"batch_size": 0}}) as session:
@@ -186,7 +186,7 @@ def test_a_run_started_in_a_subfolder_resolves_every_path_against_the_project_ro
                          ids=["list", "string", "number", "null", "datasets-a-list", "entry-a-number"])
 def test_a_manifest_of_valid_json_that_is_not_a_manifest_is_named(tmp_path, body):
     """Before: valid JSON that is not an object blocked every run with a raw TypeError naming no file."""
-    from best_minibatch.run_manifest import ManifestStore, RunInputsError
+    from best_minibatch.services.run_manifest import ManifestStore, RunInputsError
 
     store = ManifestStore(tmp_path / "runs")
     path = store.path("2024-01-01T00.00.00.000Z")
@@ -198,7 +198,7 @@ def test_a_manifest_of_valid_json_that_is_not_a_manifest_is_named(tmp_path, body
 
 
 def test_a_lock_file_of_valid_json_that_is_not_an_object_still_gives_the_lock_message(tmp_path):
-    from best_minibatch.run_manifest import _locked_message
+    from best_minibatch.services.run_manifest import _locked_message
 
     message = _locked_message(tmp_path / "runs" / "run.lock", "[\"pid\"]")
     assert message.startswith(f"Another kedro run is using the data folder '{tmp_path}'")
@@ -237,7 +237,7 @@ def test_a_read_only_data_folder_is_refused_before_any_work_naming_it(read_only_
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    from best_minibatch.validation import RunCheckError
+    from best_minibatch.kedro_glue.run_checks import RunCheckError
 
     project = read_only_data
     monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
@@ -278,7 +278,7 @@ def _node_that_hands_out(marker: str, on_the_nodes_worker: bool) -> list:
     """Stands for batch_selection's node: runs on one worker and hands its (policy, seed) items out."""
     from distributed import get_worker
 
-    from best_minibatch import parallel
+    from best_minibatch.services import parallel
 
     here = get_worker().address
     items = [(index, np.full(250_000, index, dtype=np.float32), here, marker, on_the_nodes_worker)
@@ -292,7 +292,7 @@ def test_a_worker_killed_while_handed_out_tasks_run_loses_no_result(tmp_path, on
     """A real SIGKILL of a worker: Dask reruns the killed task (or, when the node's own worker died, the node, which
     hands every item out again). This passed before the round's fixes too; it guards the real kill, the tests below
     the two ways it failed."""
-    from best_minibatch.cluster import Cluster, ClusterConfig
+    from best_minibatch.services.cluster import Cluster, ClusterConfig
 
     marker = tmp_path / "killed-once"
     with Cluster(ClusterConfig.from_params({"local": {"n_workers": 2}})) as cluster:
@@ -311,7 +311,7 @@ def _slow_sum(item):
 
 
 def _node_with_slow_items() -> list:
-    from best_minibatch import parallel
+    from best_minibatch.services import parallel
 
     items = [(index, np.full(1_000, index, dtype=np.float32)) for index in range(4)]
     with parallel.handing_out():
@@ -325,7 +325,7 @@ def test_a_handed_out_task_the_scheduler_drops_is_resubmitted_not_the_whole_node
 
     from distributed import Future
 
-    from best_minibatch.cluster import Cluster, ClusterConfig
+    from best_minibatch.services.cluster import Cluster, ClusterConfig
 
     with Cluster(ClusterConfig.from_params({"local": {"n_workers": 2}})) as cluster:
         client = cluster.client
@@ -357,7 +357,7 @@ def test_a_failing_node_with_large_inputs_shows_its_own_error_not_a_long_error_m
     from kedro.io import DataCatalog, MemoryDataset
     from kedro.pipeline import Pipeline, node
 
-    from best_minibatch.runner import DaskRunner
+    from best_minibatch.kedro_glue.runner import DaskRunner
 
     pipeline = Pipeline([node(_many_numbers, "a", "numbers", name="makes"),
                          node(_fails_on_them, "numbers", "c", name="fails")])
@@ -374,7 +374,7 @@ def test_a_corrupt_parquet_input_is_refused_before_any_work_naming_the_file(tmp_
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    from best_minibatch.validation import RunCheckError
+    from best_minibatch.kedro_glue.run_checks import RunCheckError
     from tests.conftest import copy_project
 
     project = copy_project(tmp_path / "project")
@@ -404,7 +404,7 @@ def test_dask_yml_mistakes_name_the_file_that_holds_them_and_all_of_them(tmp_pat
 
     from kedro.config import OmegaConfigLoader
 
-    from best_minibatch import runner
+    from best_minibatch.kedro_glue import runner
     from best_minibatch.settings import CONFIG_LOADER_ARGS
 
     conf = tmp_path / "conf"
@@ -491,7 +491,7 @@ _CLUSTER_SCRIPT = """
 import logging
 logging.basicConfig(level=logging.INFO)
 
-from best_minibatch.cluster import Cluster, ClusterConfig
+from best_minibatch.services.cluster import Cluster, ClusterConfig
 
 def train():
     import torch
@@ -562,7 +562,7 @@ def test_per_dataset_load_and_save_lines_stay_out_of_the_terminal_and_go_to_the_
     import io
     import logging
 
-    from best_minibatch import logs
+    from best_minibatch.services import logs
 
     terminal_stream = io.StringIO()
     terminal = logging.StreamHandler(terminal_stream)
@@ -571,7 +571,7 @@ def test_per_dataset_load_and_save_lines_stay_out_of_the_terminal_and_go_to_the_
         assert logs.install(tmp_path) == path and len(root.handlers) == 2  # once per process
         logging.getLogger("kedro.io.data_catalog").info("Loading data from image_index (ParquetDataset)...")
         logging.getLogger("kedro.io.data_catalog").warning("a dataset warning")
-        logging.getLogger("best_minibatch.hooks").info("Run checks passed")
+        logging.getLogger("best_minibatch.kedro_glue.hooks").info("Run checks passed")
         for handler in root.handlers:
             handler.flush()
         shown, kept = terminal_stream.getvalue(), path.read_text()
@@ -591,8 +591,8 @@ def test_a_workers_load_and_save_lines_reach_the_log_file_once(tmp_path):
     """The file is written by the process that runs kedro: a worker forwards its records and writes none itself."""
     import logging
 
-    from best_minibatch import logs
-    from best_minibatch.cluster import Cluster, ClusterConfig
+    from best_minibatch.services import logs
+    from best_minibatch.services.cluster import Cluster, ClusterConfig
 
     root = logging.getLogger()
     saved = list(root.handlers), root.level
@@ -627,14 +627,14 @@ def test_node_and_epoch_lines_stay_out_of_the_terminal_and_a_piped_terminal_is_w
     from rich.console import Console
     from rich.logging import RichHandler
 
-    from best_minibatch import logs
+    from best_minibatch.services import logs
 
     piped = io.StringIO()
     terminal = RichHandler(console=Console(file=piped))
     with only_terminal(terminal) as root:
         path = logs.install(tmp_path)
         assert terminal.console.width == logs.PIPED_WIDTH  # a pipe, not a terminal: wide
-        logging.getLogger("best_minibatch.runner").info("Completed node: %s", "intensity.train_with_gradient_probe")
+        logging.getLogger("best_minibatch.kedro_glue.runner").info("Completed node: %s", "intensity.train_with_gradient_probe")
         logging.getLogger("kedro.runner.sequential_runner").info("Completed %d out of %d tasks", 3, 51)
         logging.getLogger("best_minibatch.gradient_training.run.epochs").info("intensity epoch 1/6 ...")
         logging.getLogger("best_minibatch.gradient_training.run").info("intensity: 6 epochs done")

@@ -1,6 +1,6 @@
 """Runs never read another run's outputs: run manifests, pinned versions, one run at a time.
 
-The Kedro-free rules of ``best_minibatch.run_manifest`` first (synthetic manifests), then
+The Kedro-free rules of ``best_minibatch.services.run_manifest`` first (synthetic manifests), then
 whole-project runs on copies of a finished quick run: a failed run, an exploratory run with
 another batch size and a concurrent run, each followed by a run of a separate pipeline.
 """
@@ -23,7 +23,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from best_minibatch import run_manifest as rm
+from best_minibatch.services import run_manifest as rm
 from tests.conftest import QUICK_RUN_PARAMS
 
 KEDRO = Path(sys.executable).with_name("kedro")
@@ -172,7 +172,7 @@ def test_parameters_that_change_no_result_are_ignored():
 
 LOCK_HOLDER = """
 import sys, time
-from best_minibatch.run_manifest import RunLock, holder_record
+from best_minibatch.services.run_manifest import RunLock, holder_record
 RunLock(sys.argv[1]).acquire(holder_record("T1", "kedro run --params sort_batches.batch_size=100"))
 print("locked", flush=True)
 time.sleep(600)

@@ -27,10 +27,10 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from mlflow.tracking import MlflowClient
 
-from best_minibatch import tracking
 from best_minibatch.batches.orderings import all_orderings
 from best_minibatch.data.tensor_io import load_tensors
 from best_minibatch.gradient_training import seed_model_states
+from best_minibatch.kedro_glue import tracking
 from best_minibatch.selection.statistics import time_to_target
 from tests.conftest import PROJECT_ROOT, QUICK_RUN_PARAMS, copy_project, run_session
 from tests.test_kedro_viz import free_port, start_group, stop_group, wait_for
@@ -352,7 +352,7 @@ class Records(logging.Handler):
 def warnings_logged():
     """Every WARNING of the tracking hook, the plugin, MLflow and its database layer, and Python warnings."""
     handler = Records()
-    names = ["best_minibatch.tracking", "kedro_mlflow", "mlflow", "alembic", "sqlalchemy", "py.warnings"]
+    names = ["best_minibatch.kedro_glue.tracking", "kedro_mlflow", "mlflow", "alembic", "sqlalchemy", "py.warnings"]
     for name in names:
         logging.getLogger(name).addHandler(handler)
     yield handler.records

@@ -7,7 +7,7 @@ refuses unknown keys (suggesting the closest known one) and checks each value's
 type and range. Every problem is a :class:`ConfigError` naming the parameter's
 full path and the fix, so a message reads the same whichever section it comes
 from. Checks that span sections (the batch size both experiments must share)
-live in :mod:`best_minibatch.hooks`, which builds every section before a run.
+live in :mod:`best_minibatch.kedro_glue.hooks`, which builds every section before a run.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ import warnings
 
 from kedro.config import OmegaConfigLoader
 
-from best_minibatch.hooks import ProjectRoot, RunChecks, RunLog
-from best_minibatch.run_hooks import RunRecord
-from best_minibatch.runner import DaskConfig
-from best_minibatch.tracking import RunTracking
+from best_minibatch.kedro_glue.hooks import ProjectRoot, RunChecks, RunLog
+from best_minibatch.kedro_glue.run_hooks import RunRecord
+from best_minibatch.kedro_glue.runner import DaskConfig
+from best_minibatch.kedro_glue.tracking import RunTracking
 
 # Every parameter and input of a run is checked before its first node (docs/reliability.md).
 # RunRecord pins every input to the last completed run's versions (first of all hooks) and its
@@ -15,7 +15,7 @@ from best_minibatch.tracking import RunTracking
 # docs/data_flow.md, "Which versions a run reads". RunTracking records the run in MLflow
 # (docs/tracking.md); the last hook registered of those marked trylast is the last called, so
 # the MLflow run starts once the run holds the lock.
-# DaskConfig hands conf/<env>/dask.yml to `--runner=best_minibatch.runner.DaskRunner` (docs/scaling.md).
+# DaskConfig hands conf/<env>/dask.yml to `--runner=best_minibatch.kedro_glue.runner.DaskRunner` (docs/scaling.md).
 _RUN_RECORD = RunRecord()
 # ProjectRoot (registered last, tryfirst: the first hook called) makes the project root the working directory,
 # so parameters' relative paths resolve there wherever kedro was started (docs/reliability.md).

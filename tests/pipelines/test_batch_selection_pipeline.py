@@ -16,7 +16,7 @@ from kedro.runner import SequentialRunner
 from best_minibatch import selection as S
 from best_minibatch.metrics.scoring import METRICS, score_images
 from best_minibatch.pipelines.batch_selection import create_pipeline
-from best_minibatch.run_manifest import COMPLETED, Entry, Manifest, ManifestStore
+from best_minibatch.services.run_manifest import COMPLETED, Entry, Manifest, ManifestStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_PER_CLASS, TEST_PER_CLASS = 40, 10

@@ -15,8 +15,8 @@ from kedro.runner import SequentialRunner
 from kedro_datasets.partitions import PartitionedDataset
 
 from best_minibatch.batches.orderings import all_orderings
-from best_minibatch.datasets import TensorDataset
 from best_minibatch.gradient_training import DISTANCE_COLUMNS, HISTORY_COLUMNS, seed_model_states
+from best_minibatch.kedro_glue.datasets import TensorDataset
 from best_minibatch.metrics.scoring import METRICS
 from best_minibatch.pipelines.gradient_training import create_pipeline
 from best_minibatch.training.models import build_model

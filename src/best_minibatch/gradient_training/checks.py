@@ -32,8 +32,7 @@ from best_minibatch.gradient_training.store import RunStore
 from best_minibatch.training.algorithm1 import GradientProbe
 from best_minibatch.training.loop import train_epochs
 from best_minibatch.training.probing import EpochGradients
-from best_minibatch.training.recipe import TrainingRecipe
-from best_minibatch.training.runtime import training_environment
+from best_minibatch.training.recipe import TrainingRecipe, training_environment
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from best_minibatch.gradient_training.tables import (
     history_frame,
     null_frame,
 )
-from best_minibatch.parallel import exclusive
+from best_minibatch.services.parallel import exclusive
 from best_minibatch.training.algorithm1 import GradientProbe
 from best_minibatch.training.loop import DivergenceError, EpochResult, LoopState, evaluate, train_epochs
 from best_minibatch.training.probing import (
@@ -51,8 +51,7 @@ from best_minibatch.training.probing import (
     GradientVarianceTrace,
     NonFiniteGradientError,
 )
-from best_minibatch.training.recipe import EpochPlan
-from best_minibatch.training.runtime import training_environment
+from best_minibatch.training.recipe import EpochPlan, training_environment
 
 logger = logging.getLogger(__name__)
 #: One line per epoch: in the log file (and in a terminal's progress bar), not in the terminal's log lines.
@@ -183,7 +182,7 @@ class GradientProbeRun:
     def run(self) -> ProbeResults:
         """Train every remaining epoch (resuming from the last checkpoint); return the results.
 
-        One run at a time trains in a run folder (:func:`best_minibatch.parallel.exclusive`),
+        One run at a time trains in a run folder (:func:`best_minibatch.services.parallel.exclusive`),
         whichever runner or process starts it.
         """
         recipe = self.config.recipe

@@ -33,7 +33,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from best_minibatch import parallel
 from best_minibatch.data.images import augment, batch_generator, to_model_input
 from best_minibatch.selection.config import (
     CLASS_BALANCED,
@@ -47,6 +46,7 @@ from best_minibatch.selection.config import (
 )
 from best_minibatch.selection.policies import BatchPolicy, build_policy
 from best_minibatch.selection.pools import subset_ids
+from best_minibatch.services import parallel
 from best_minibatch.training.algorithm1 import GradientProbe
 from best_minibatch.training.loop import (
     DivergenceError,
@@ -57,8 +57,7 @@ from best_minibatch.training.loop import (
     train_epochs,
 )
 from best_minibatch.training.probing import EpochGradients
-from best_minibatch.training.recipe import EpochPlan, TrainingRecipe
-from best_minibatch.training.runtime import training_environment
+from best_minibatch.training.recipe import EpochPlan, TrainingRecipe, training_environment
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +344,7 @@ def run_experiment(
     For a seed every policy starts from the same initial weights
     (``torch.manual_seed(seed)`` before ``model_factory()``), so results pair by seed.
     Each run is a pure function of its :class:`SelectionRun`; under the Dask runner
-    every run is a task of its own (``best_minibatch.parallel``), elsewhere they run
+    every run is a task of its own (``best_minibatch.services.parallel``), elsewhere they run
     here one after another. The tables are assembled in run order either way.
     ``data`` may live on the CPU: each run moves it to the recipe's device.
     ``upfront_seconds`` maps a policy to its selection cost paid before training

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from best_minibatch.config import ConfigError, Section, deep_merge
 from best_minibatch.training.models import MODELS, build_model
-from best_minibatch.training.runtime import DEVICES, resolve_device
+from best_minibatch.training.runtime import DEVICES, cpu_threads, deterministic_algorithms, gpu_slot, resolve_device
 
 RECIPE_KEYS = ("model", "phases", "momentum", "weight_decay", "augment", "batch_size", "device", "bf16_autocast",
                "deterministic", "cpu_threads", "eval_batch_size", "evaluations_per_epoch", "progress_bar")
@@ -185,3 +185,14 @@ def _phases(section: Section) -> tuple[tuple[int, float], ...]:
                                  + "; ".join(str(p).removeprefix("Parameter ") for p in problems),
                                  "Fix each of them.", section.where)
     return tuple(parsed)
+
+
+@contextlib.contextmanager
+def training_environment(recipe: TrainingRecipe) -> Iterator[None]:
+    """The one device and thread setup every experiment trains under (the recipe's determinism and threads).
+
+    On a CUDA device the training also gets a GPU of its own (:func:`~best_minibatch.training.runtime.gpu_slot`).
+    """
+    device = recipe.resolved_device()
+    with gpu_slot(device), deterministic_algorithms(recipe.deterministic, device), cpu_threads(recipe.cpu_threads):
+        yield

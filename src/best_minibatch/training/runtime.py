@@ -6,12 +6,8 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:  # recipe imports this module
-    from best_minibatch.training.recipe import TrainingRecipe
 
 
 @contextlib.contextmanager
@@ -49,17 +45,6 @@ def cpu_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def training_environment(recipe: TrainingRecipe) -> Iterator[None]:
-    """The one device and thread setup every experiment trains under (the recipe's determinism and threads).
-
-    On a CUDA device the training also gets a GPU of its own (:func:`gpu_slot`).
-    """
-    device = recipe.resolved_device()
-    with gpu_slot(device), deterministic_algorithms(recipe.deterministic, device), cpu_threads(recipe.cpu_threads):
-        yield
 
 
 _FREE_GPUS: list[int] | None = None

@@ -14,9 +14,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from best_minibatch import parallel, selection
+from best_minibatch import selection
 from best_minibatch.pipelines.orderings import by_ordering
 from best_minibatch.selection import statistics as selection_stats
+from best_minibatch.services import parallel
 
 logger = logging.getLogger(__name__)
 

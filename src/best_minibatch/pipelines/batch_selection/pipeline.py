@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from best_minibatch.parallel import GPU_TAG
 from best_minibatch.pipelines.orderings import per_ordering_inputs
+from best_minibatch.services.parallel import GPU_TAG
 
 from .nodes import prepare_policies, run_selection_experiment, summarise_selection
 

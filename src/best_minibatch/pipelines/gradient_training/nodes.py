@@ -8,7 +8,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from best_minibatch import parallel
 from best_minibatch.gradient_training import (
     GradientProbeRun,
     OrderingResults,
@@ -19,6 +18,7 @@ from best_minibatch.gradient_training import (
     flat_model_states,
     named_model_factory,
 )
+from best_minibatch.services import parallel
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Pipeline, node
 
-from best_minibatch.parallel import GPU_TAG
 from best_minibatch.pipelines.orderings import per_ordering
+from best_minibatch.services.parallel import GPU_TAG
 
 from .nodes import train_with_gradient_probe
 

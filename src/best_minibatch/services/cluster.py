@@ -1,6 +1,6 @@
 """The Dask cluster a run uses, from ``conf/<env>/dask.yml``: started, connected, and closed again.
 
-Knows nothing of Kedro (``best_minibatch.runner.DaskRunner`` reads the file through
+Knows nothing of Kedro (``best_minibatch.kedro_glue.runner.DaskRunner`` reads the file through
 Kedro's config loader and hands the mapping to :meth:`ClusterConfig.from_params`;
 ``scripts/gpu_check.py`` uses it without Kedro). Four kinds (docs/scaling.md):
 

@@ -5,7 +5,7 @@ Knows nothing of Kedro. Two nodes of the project hold many independent trainings
 ``batch_selection``'s ``run_selection_experiment`` (one run per policy and seed).
 They call :func:`map_tasks`, which
 
-* under the project's Dask runner (``best_minibatch.runner.DaskRunner``, which runs
+* under the project's Dask runner (``best_minibatch.kedro_glue.runner.DaskRunner``, which runs
   the node inside :func:`handing_out`) submits one task per item to the same
   cluster, each asking for the worker resources of the node's tags (a GPU), and
   waits for them outside the worker's thread pool (``worker_client`` secedes), so

@@ -36,7 +36,7 @@ class TensorDataset(AbstractVersionedDataset[Tensors, Tensors]):
     Example catalog entry::
 
         train_images:
-          type: best_minibatch.datasets.TensorDataset
+          type: best_minibatch.kedro_glue.datasets.TensorDataset
           filepath: data/02_intermediate/train_images.pt
           versioned: true
     """
@@ -92,7 +92,7 @@ class OptionalDataset(AbstractDataset[Any, Any]):
     has written it. Example::
 
         batch_selection.report_fragment_html:
-          type: best_minibatch.datasets.OptionalDataset
+          type: best_minibatch.kedro_glue.datasets.OptionalDataset
           dataset:
             type: text.TextDataset
             filepath: data/08_reporting/batch_selection/report_fragment.html

@@ -1,6 +1,6 @@
 """Run manifests: every run reads the outputs of one completed, consistent run, and one run at a time.
 
-Knows nothing of Kedro (the hooks in :mod:`best_minibatch.run_hooks` feed it). The
+Knows nothing of Kedro (the hooks in :mod:`best_minibatch.kedro_glue.run_hooks` feed it). The
 project's tables are versioned: each ``kedro run`` saves under its own timestamp, the
 run id. Without more, a later run loads the *newest* file of each dataset, which may
 come from a run that failed half-way, from an exploratory run with other parameters,

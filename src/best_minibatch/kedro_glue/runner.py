@@ -1,8 +1,8 @@
-"""``kedro run --runner=best_minibatch.runner.DaskRunner``: the pipeline's nodes as tasks of a Dask cluster.
+"""``kedro run --runner=best_minibatch.kedro_glue.runner.DaskRunner``: the pipeline's nodes as tasks of a Dask cluster.
 
 Kedro glue on the pattern of Kedro's deployment guide for ``dask.distributed`` (a
 custom ``AbstractRunner`` that submits nodes to a ``distributed.Client``); the
-cluster itself comes from ``conf/<env>/dask.yml`` through :mod:`best_minibatch.cluster`
+cluster itself comes from ``conf/<env>/dask.yml`` through :mod:`best_minibatch.services.cluster`
 (``local`` by default; ``--runner-params cluster=cuda`` picks another kind for one
 run). What it adds to the guide's pattern, and why (docs/scaling.md):
 
@@ -12,9 +12,9 @@ run). What it adds to the guide's pattern, and why (docs/scaling.md):
   memory) is refused before any work, naming the datasets. Every other dataset is a
   file the next task reads, as under the sequential runner. The driver submits a
   task once the tasks it depends on have finished.
-* **Nodes that hand work out.** A node marked :func:`best_minibatch.parallel.hands_out_work`
+* **Nodes that hand work out.** A node marked :func:`best_minibatch.services.parallel.hands_out_work`
   (gradient_training per ordering, batch_selection's experiment) runs with
-  :func:`best_minibatch.parallel.handing_out`: its trainings become tasks of the same
+  :func:`best_minibatch.services.parallel.handing_out`: its trainings become tasks of the same
   cluster, one per (ordering, seed) and per (policy, seed).
 * **Resources.** A node's tags map to Dask worker resources (``tag_resources`` in
   dask.yml: ``gpu`` -> ``GPU: 1``), asked for only where some worker offers them. A
@@ -51,9 +51,9 @@ from kedro.pipeline.node import Node
 from kedro.runner import AbstractRunner
 from kedro.runner.task import Task
 
-from best_minibatch import parallel
-from best_minibatch.cluster import WHERE, Cluster, ClusterConfig
 from best_minibatch.config import every_problem
+from best_minibatch.services import parallel
+from best_minibatch.services.cluster import WHERE, Cluster, ClusterConfig
 
 logger = logging.getLogger(__name__)
 

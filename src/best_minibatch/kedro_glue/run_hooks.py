@@ -1,17 +1,17 @@
 """Kedro hooks that make every run read one completed, consistent run's outputs, one run at a time.
 
 :class:`RunRecord` (registered in ``settings.py`` beside ``RunChecks``) feeds Kedro's
-view of a run to :mod:`best_minibatch.run_manifest`:
+view of a run to :mod:`best_minibatch.services.run_manifest`:
 
 * ``before_pipeline_run`` (first of all hooks): picks the version of every versioned
   input -- the last completed run's, or the run named with ``--load-versions
   run_manifest:<run id>`` -- and pins it in the catalog; pins every versioned output to
   the run's own version, so a node reads exactly what this run saved, never a newer
-  file of a run beside it. Refuses with :class:`~best_minibatch.run_manifest.RunInputsError`
+  file of a run beside it. Refuses with :class:`~best_minibatch.services.run_manifest.RunInputsError`
   when the inputs do not belong together or to this run's parameters.
 * ``before_pipeline_run`` of :attr:`RunRecord.lock_hook` (last of all hooks, once every
   check has passed): takes the data folder's lock, refusing with
-  :class:`~best_minibatch.run_manifest.RunLockedError` while another run holds it, and
+  :class:`~best_minibatch.services.run_manifest.RunLockedError` while another run holds it, and
   writes the manifest ``running``.
 * ``after_pipeline_run`` / ``on_pipeline_error``: the manifest becomes ``completed``
   (with the state it leaves) or ``failed`` (with the error); the lock is released.
@@ -37,8 +37,8 @@ from kedro.framework.hooks import hook_impl
 from kedro.io.core import AbstractVersionedDataset, Version
 from kedro.pipeline import Pipeline
 
-from best_minibatch import run_manifest as rm
-from best_minibatch.datasets import OptionalDataset
+from best_minibatch.kedro_glue.datasets import OptionalDataset
+from best_minibatch.services import run_manifest as rm
 
 logger = logging.getLogger(__name__)
 

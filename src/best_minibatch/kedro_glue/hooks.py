@@ -3,7 +3,7 @@
 A mistake in a parameter of a late pipeline (a typo in ``gradient_training``, a
 batch size larger than the training set) would otherwise surface hours into a run,
 after earlier pipelines have written their outputs. :class:`RunChecks` runs the
-checks of :mod:`best_minibatch.validation` on the parameters the run's nodes read,
+checks of :mod:`best_minibatch.kedro_glue.run_checks` on the parameters the run's nodes read,
 and checks that every input the run does not make itself already exists (Kedro
 would only fail when it reaches the node that loads it). Registered in
 ``settings.py``.
@@ -19,7 +19,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
-from best_minibatch import validation
+from best_minibatch.kedro_glue import run_checks
 
 logger = logging.getLogger(__name__)
 
@@ -86,24 +86,24 @@ class ProjectRoot:
 class RunLog:
     """Every session logs to ``<project>/logs/info.log``; the terminal leaves out per-dataset load/save lines.
 
-    ``best_minibatch.logs.install``: Kedro's ``logging.yml`` admits no project classes, so the
+    ``best_minibatch.services.logs.install``: Kedro's ``logging.yml`` admits no project classes, so the
     file handler and the terminal filter are added here, once per process.
     """
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
-        from best_minibatch import logs
+        from best_minibatch.services import logs
 
         logs.install(context.project_path)
 
 
 def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
-    """Raise :class:`validation.RunCheckError` listing every problem of this run of ``pipeline``."""
+    """Raise :class:`run_checks.RunCheckError` listing every problem of this run of ``pipeline``."""
     parameters = catalog.load("parameters") if catalog.get("parameters") is not None else {}
     sections = parameter_sections(pipeline, parameters)
     problems = (missing_input_problems(pipeline, catalog) + unreadable_input_problems(pipeline, catalog)
                 + unwritable_folder_problems(pipeline, catalog))
-    facts = validation.RunFacts(trained_orderings=trained_orderings(pipeline))
+    facts = run_checks.RunFacts(trained_orderings=trained_orderings(pipeline))
     if sections & _NEED_TRAIN_COUNT and not any(p.startswith("Input 'image_index'") for p in problems):
         facts.n_train = _training_image_count(pipeline, catalog, parameters)
     counted = set(facts.trained_orderings)
@@ -117,9 +117,9 @@ def check_pipeline_run(pipeline: Pipeline, catalog: Any) -> None:
             batches = catalog.load(name)
             if len(batches):
                 facts.num_batches[ordering] = int(batches["batch"].max()) + 1
-    problems = validation.run_problems(parameters, sections, facts) + problems
+    problems = run_checks.run_problems(parameters, sections, facts) + problems
     if problems:
-        raise validation.RunCheckError(problems)
+        raise run_checks.RunCheckError(problems)
     logger.info("Run checks passed: parameters %s and %d input(s)", ", ".join(sorted(sections)) or "(none)",
                 len(_data_inputs(pipeline)))
 
@@ -152,7 +152,7 @@ def _exists(catalog: Any, name: str) -> bool:
 
 def missing_input_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
     """A message for every input the run reads but neither makes nor finds."""
-    from best_minibatch.datasets import OptionalDataset
+    from best_minibatch.kedro_glue.datasets import OptionalDataset
 
     problems = []
     for name in _data_inputs(pipeline):
@@ -210,7 +210,7 @@ def unwritable_folder_problems(pipeline: Pipeline, catalog: Any) -> list[str]:
     Each output's nearest existing folder is checked with ``os.access`` (a read-only mount or a folder
     without write permission fails it), so the run is refused before it writes anything.
     """
-    from best_minibatch.run_manifest import MANIFEST_DATASET
+    from best_minibatch.services.run_manifest import MANIFEST_DATASET
 
     blocked: dict[Path, list[str]] = {}
     for name in sorted(pipeline.all_outputs() | {MANIFEST_DATASET}):
@@ -264,7 +264,7 @@ def _training_image_count(pipeline: Pipeline, catalog: Any, parameters: dict[str
     """Training images the run will use: from the raw source when ingest runs too, else from ``image_index``."""
     if "image_index" in pipeline.all_outputs():
         try:
-            return validation.count_training_images((parameters.get("ingest_cifar") or {}).get("source") or {})
+            return run_checks.count_training_images((parameters.get("ingest_cifar") or {}).get("source") or {})
         except Exception:  # reported by the ingest_cifar check
             return None
     if _exists(catalog, "image_index"):
