@@ -6,8 +6,10 @@ classmethod that reads its YAML mapping through a :class:`Section`, which
 refuses unknown keys (suggesting the closest known one) and checks each value's
 type and range. Every problem is a :class:`ConfigError` naming the parameter's
 full path and the fix, so a message reads the same whichever section it comes
-from. Checks that span sections (the batch size both experiments must share)
-live in :mod:`best_minibatch.hooks`, which builds every section before a run.
+from; :func:`every_problem` lists every problem of a section at once. Checks that
+span sections (the batch size both experiments must share) live in
+:mod:`best_minibatch.validation`, which the run checks (``hooks.RunChecks``) call to
+build every section a run reads before its first node.
 """
 
 from __future__ import annotations
@@ -111,6 +113,28 @@ class Section:
         if not isinstance(value, bool):
             raise self.error(name, f"must be true or false, got {value!r}", fix)
         return value
+
+    def text(self, name: str, default: Any, fix: str, *, optional: bool = False) -> str | None:
+        """A non-empty string (``optional``: or null)."""
+        value = self.params.get(name, default)
+        if optional and value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.error(name, f"must be a non-empty text{' or null' if optional else ''}, got {value!r}", fix)
+        return value
+
+    def required(self, name: str, fix: str) -> None:
+        """Refuse a section without ``name`` (read it with a typed read afterwards)."""
+        if name not in self.params:
+            raise self.error(name, "is missing", fix)
+
+    def seeds(self, name: str, default: Any, fix: str) -> tuple[int, ...]:
+        """A non-empty list of distinct non-negative integers (the one reader of every ``seeds`` list)."""
+        seeds = self.params.get(name, default)
+        if (not isinstance(seeds, (list, tuple)) or not seeds
+                or any(not is_int(s) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds)):
+            raise self.error(name, f"expected a non-empty list of distinct non-negative integers, got {seeds!r}", fix)
+        return tuple(int(s) for s in seeds)
 
     def choice(self, name: str, default: Any, choices: Iterable[Any]) -> Any:
         value = self.params.get(name, default)
