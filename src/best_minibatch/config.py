@@ -161,19 +161,23 @@ def every_problem(build: Callable[[Any], Any], params: Any, path: str, also: Ite
 
     A section's config stops at its first bad key. Each time it does, the key it names
     (:attr:`ConfigError.key`, under ``path``) is taken out -- it falls back to its default --
-    and the section is built again with every other key as given, until it builds or the
-    problem names no key that was given. Every message is listed once, joined by
+    and the section is built again with every other key as given, until it builds, the
+    problem names no key that was given, or it names a key taken out (a required one). Every message is listed once, joined by
     ``"\n  - "`` (the run checks list them one per line); ``also`` adds problems found
     outside ``build``. The error raised is of the first problem's class.
     """
     problems = list(also)
     remaining = _copy_mappings(params)
     first: ValueError | None = None
+    removed: set[str] = set()
     for _ in range(_count_keys(params) + 1):
         try:
             config = build(remaining)
         except ValueError as error:  # a ConfigError names its key; any other problem ends the search
+            if first is not None and getattr(error, "key", None) in removed:
+                break  # a required key taken out is missing now: no problem of the user's
             first = first or error
+            removed.add(getattr(error, "key", None))
             problems.extend(p for p in str(error).split("\n  - ") if p not in problems)
             if not isinstance(error, ConfigError) or not _remove(remaining, error.key, path):
                 break
