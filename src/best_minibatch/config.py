@@ -162,31 +162,20 @@ def every_problem(build: Callable[[Any], Any], params: Any, path: str, also: Ite
     A section's config stops at its first bad key. Each time it does, the key it names
     (:attr:`ConfigError.key`, under ``path``) is taken out -- it falls back to its default --
     and the section is built again with every other key as given, until it builds, the
-    problem names no key that was given, or it names a key taken out (a required one). Every message is listed once, joined by
-    ``"\n  - "`` (the run checks list them one per line); ``also`` adds problems found
-    outside ``build``. The error raised is of the first problem's class.
+    problem names no key that was given, or it names a key taken out (a required one).
+    Every message is listed once, joined by ``"\n  - "`` (the run checks list them one per
+    line); ``also`` adds problems found outside ``build``. The error raised is of the first
+    problem's class.
     """
+    config, errors = _build_without_bad_keys(build, params, path)
     problems = list(also)
-    remaining = _copy_mappings(params)
-    first: ValueError | None = None
-    removed: set[str] = set()
-    for _ in range(_count_keys(params) + 1):
-        try:
-            config = build(remaining)
-        except ValueError as error:  # a ConfigError names its key; any other problem ends the search
-            if first is not None and getattr(error, "key", None) in removed:
-                break  # a required key taken out is missing now: no problem of the user's
-            first = first or error
-            removed.add(getattr(error, "key", None))
-            problems.extend(p for p in str(error).split("\n  - ") if p not in problems)
-            if not isinstance(error, ConfigError) or not _remove(remaining, error.key, path):
-                break
-        else:
-            if not problems:
-                return config
-            break
-    if first is None:
+    for error in errors:
+        problems.extend(p for p in str(error).split("\n  - ") if p not in problems)
+    if not problems:
+        return config
+    if not errors:
         raise ValueError("\n  - ".join(problems))
+    first = errors[0]
     if [str(first)] == problems:
         raise first
     # The first error's class (a caller may catch it) and attributes, every problem in its message.
@@ -194,6 +183,33 @@ def every_problem(build: Callable[[Any], Any], params: Any, path: str, also: Ite
     combined.__dict__.update(first.__dict__)
     combined.args = ("\n  - ".join(problems),)
     raise combined from first
+
+
+def despite_bad_keys(build: Callable[[Any], Any], params: Any, path: str) -> Any:
+    """``build(params)`` with its bad keys at their defaults (None when it cannot be built so).
+
+    For checks of other sections that read this one: its own check reports the bad keys,
+    and a good ``batch_size`` is still read when ``tie_seed`` is bad.
+    """
+    return _build_without_bad_keys(build, params, path)[0]
+
+
+def _build_without_bad_keys(build: Callable[[Any], Any], params: Any, path: str) -> tuple[Any, list[ValueError]]:
+    """The config built once every bad key is taken out (None: it cannot be), and the errors on the way."""
+    remaining = _copy_mappings(params)
+    errors: list[ValueError] = []
+    removed: set[str | None] = set()
+    for _ in range(_count_keys(params) + 1):
+        try:
+            return build(remaining), errors
+        except ValueError as error:  # a ConfigError names its key; any other problem ends the search
+            if errors and getattr(error, "key", None) in removed:
+                break  # a required key taken out is missing now: no problem of the user's
+            errors.append(error)
+            removed.add(getattr(error, "key", None))
+            if not isinstance(error, ConfigError) or not _remove(remaining, error.key, path):
+                break
+    return None, errors
 
 
 def _copy_mappings(params: Any) -> Any:

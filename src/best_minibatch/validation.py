@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from best_minibatch.config import every_problem
+from best_minibatch.config import despite_bad_keys, every_problem
 
 logger = logging.getLogger(__name__)
 
@@ -242,13 +242,11 @@ def _orderings_that_train(orderings: Iterable[str], parameters: Mapping[str, Any
 
 
 def _sort_batches(parameters: Mapping[str, Any]) -> Any:
-    """The run's ``sort_batches`` config, or None when it does not build (its own check reports why)."""
+    """The run's ``sort_batches`` config, its bad keys at their defaults (its own check reports them); None
+    when it cannot be built (``batch_size`` bad or missing)."""
     from best_minibatch.batches.batching import SortBatchesConfig
 
-    try:
-        return SortBatchesConfig.from_params(parameters.get("sort_batches"))
-    except ValueError:
-        return None
+    return despite_bad_keys(SortBatchesConfig.from_params, parameters.get("sort_batches"), "sort_batches")
 
 
 def _sort_batch_size(parameters: Mapping[str, Any]) -> int | None:
