@@ -179,3 +179,15 @@ def test_a_required_key_taken_out_is_not_reported_as_missing_as_well():
     message = str(raised.value)
     assert "sort_batches.tie_seed: must be" in message and "sort_batches.batch_size: must be" in message
     assert "is missing" not in message and message.count("\n  - ") == 1
+
+
+def test_control_batchings_are_checked_against_the_seeds_read_by_their_one_reader(base):
+    """sort_batches reads gradient_training.seeds through TrainingConfig (Section.seeds), not as a raw list."""
+    changed = {**base, "sort_batches": {**base["sort_batches"], "control_batchings": 2},
+               "gradient_training": {**base["gradient_training"], "seeds": [0, 1, 2]}}
+    problems = run_problems(changed, ["sort_batches"], RunFacts())
+    assert problems == ["Parameter sort_batches.control_batchings=2 is less than the 3 gradient_training.seeds: each "
+                        "seed trains its own random batching. Set it to at least 3."]
+    # Bad seeds are gradient_training's own problem: sort_batches' check neither fails on them nor repeats them.
+    changed["gradient_training"]["seeds"] = [0, 0, 1]
+    assert run_problems(changed, ["sort_batches"], RunFacts()) == []

@@ -151,8 +151,12 @@ def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any]
 
     config = build_reporting_every_key(SortBatchesConfig.from_params, params, "sort_batches")
     batch_size = config.batch_size
-    seeds = (parameters.get("gradient_training") or {}).get("seeds")
-    if config.control_batchings > 1 and isinstance(seeds, list) and config.control_batchings < len(seeds):
+    from best_minibatch.training.gradient_training import TrainingConfig
+
+    training = despite_bad_keys(lambda p: TrainingConfig.from_params(p, parameters.get("training")),
+                                parameters.get("gradient_training"), "gradient_training")
+    seeds = training.seeds if training is not None else ()
+    if config.control_batchings > 1 and config.control_batchings < len(seeds):
         raise ValueError(
             f"Parameter sort_batches.control_batchings={config.control_batchings} is less than the "
             f"{len(seeds)} gradient_training.seeds: each seed trains its own random batching. Set it to at least "

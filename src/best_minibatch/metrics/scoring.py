@@ -241,7 +241,7 @@ def edges_options(section: Section) -> dict[str, Any]:
     if aperture not in (3, 5, 7):
         raise section.error("aperture_size", f"must be 3, 5 or 7, got {aperture}", "Use 3 (OpenCV's default).")
     blur = section.integer("blur_kernel_size", None, 0, "Use 0 (no blur) or an odd size such as 3.")
-    if blur % 2 == 0 and blur:
+    if blur and blur % 2 == 0:
         raise section.error("blur_kernel_size", f"must be 0 (no blur) or odd, got {blur}", "Use e.g. 3 or 5.")
     return {
         "low_threshold": low,
