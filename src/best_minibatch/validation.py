@@ -122,7 +122,7 @@ def count_training_images(source: Mapping[str, Any]) -> int:
 
 
 def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.metrics.scoring import METRICS, all_metric_options, metric_availability
+    from best_minibatch.metrics.scoring import METRICS, all_metric_options, metric_availability, metric_options
     from best_minibatch.training.runtime import resolve_device
 
     problems: list[str] = []
@@ -133,7 +133,7 @@ def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any
     for name, metric in METRICS.items():
         try:
             unavailable = metric_availability(name, params)  # raises for a strict metric that cannot run
-            options = metric.resolve_options((params or {}).get(name))
+            options = metric_options(name, params)
             if metric.unavailable_reason is not None and unavailable is None and "device" in options:
                 try:
                     resolve_device(options["device"])
