@@ -191,3 +191,21 @@ def test_control_batchings_are_checked_against_the_seeds_read_by_their_one_reade
     # Bad seeds are gradient_training's own problem: sort_batches' check neither fails on them nor repeats them.
     changed["gradient_training"]["seeds"] = [0, 0, 1]
     assert run_problems(changed, ["sort_batches"], RunFacts()) == []
+
+
+@pytest.mark.parametrize("section", ["score_metrics", "sort_batches", "distance_analysis", "visualize"])
+def test_a_section_that_is_not_a_mapping_is_one_listed_problem(base, section):
+    problems = run_problems({**base, section: 3}, [section], RunFacts())
+    assert problems[0].startswith(f"Parameter {section}: expected a mapping, got 3. Write it as a YAML mapping."), problems
+    assert len(problems) == 1, problems
+
+
+def test_the_nodes_read_the_analysis_and_visualize_sections_through_their_configs():
+    from best_minibatch.pipelines.distance_analysis import nodes as analysis_nodes
+    from best_minibatch.pipelines.visualize import nodes as visualize_nodes
+
+    with pytest.raises(ConfigError, match=r"^Parameter distance_analysis\.n_best_worst: must be a positive integer"):
+        analysis_nodes.select_best_and_worst_batches(None, {"n_best_worst": 0})
+    with pytest.raises(ConfigError, match=r"^Parameter visualize\.report_png_dpi: must be an integer of at least 10"):
+        visualize_nodes._outputs({}, {"report_png_dpi": 5})
+    assert visualize_nodes._outputs({}, {"report_png_dpi": 20}) == ({}, {}, {})
