@@ -803,13 +803,16 @@ def test_noise_units_on_a_tiny_model_sorted_by_gradient_direction():
 
 
 def test_parameters_default_and_are_checked():
-    assert analysis.check_parameters({"alpha": 0.01})["n_permutations"] == 20000
-    with pytest.raises(analysis.AnalysisInputError, match="distance_analysis.alpha must be a number strictly between"):
-        analysis.check_parameters({"alpha": 1.5})
-    with pytest.raises(analysis.AnalysisInputError, match="distance_analysis.n_permutations must be an integer of at least 100"):
-        analysis.check_parameters({"n_permutations": 10})
-    with pytest.raises(analysis.AnalysisInputError, match="Unknown distance_analysis parameters \\['alfa'\\]"):
-        analysis.check_parameters({"alfa": 0.05})
+    config = analysis.AnalysisConfig.from_params({"alpha": 0.01})
+    assert (config.alpha, config.n_permutations) == (0.01, 20000)
+    with pytest.raises(analysis.AnalysisInputError, match=r"distance_analysis.alpha: must be a number in \(0, 0.5\)"):
+        analysis.AnalysisConfig.from_params({"alpha": 1.5})
+    with pytest.raises(analysis.AnalysisInputError,
+                       match="distance_analysis.n_permutations: must be an integer of at least 100"):
+        analysis.AnalysisConfig.from_params({"n_permutations": 10})
+    with pytest.raises(analysis.AnalysisInputError, match="distance_analysis.alfa: unknown parameter.*Did you mean "
+                                                          "'alpha'"):
+        analysis.AnalysisConfig.from_params({"alfa": 0.05})
 
 
 # --------------------------------------------------------------------------- place in the epoch

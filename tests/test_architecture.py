@@ -129,7 +129,14 @@ def test_both_experiments_train_through_the_one_loop_and_probe():
 def test_parameters_are_checked_in_one_style():
     """Every typed config reads its section through config.Section (unknown keys refused, closest suggested)."""
     files = source_files()
-    for module in ("training/recipe.py", "gradient_training/config.py", "selection/config.py", "kedro_glue/run_checks.py"):
+    for module in ("training/recipe.py", "gradient_training/config.py", "selection/config.py",
+                   "batches/batching.py", "data/cifar.py", "analysis/statistics.py", "analysis/report.py",
+                   "metrics/options.py", "kedro_glue/run_checks.py"):
         assert "Section(" in files[module], module
     # No section keeps a parser of its own for unknown keys.
     assert not any("unknown parameter" in text for name, text in files.items() if name != "config.py")
+    # The other styles are gone: per-key helpers, a dict-returning checker, loose per-key parsers.
+    for pattern in (r"def require_(int|number|bool)\(", r"def check_parameters\(", r"def \w+_from_params\(",
+                    r"def perceptual_settings\("):
+        found = sorted(name for name, text in files.items() if re.search(pattern, text))
+        assert not found, f"{pattern!r} in {found}"

@@ -12,7 +12,7 @@ from scipy.stats import entropy
 from best_minibatch.batches.batching import (
     ASSIGNMENT_COLUMNS,
     BatchingError,
-    batch_size_from_params,
+    SortBatchesConfig,
     class_entropy,
     sort_into_batches,
     tie_keys,
@@ -164,8 +164,8 @@ def test_skipped_metric_gives_empty_tables_with_all_columns(caplog):
 
 @pytest.mark.parametrize("size", [0, -3, 2.5, True, "100"])
 def test_bad_batch_size_names_the_parameter(size):
-    with pytest.raises(BatchingError, match=r"sort_batches\.batch_size"):
-        batch_size_from_params({"batch_size": size})
+    with pytest.raises(BatchingError, match=r"Parameter sort_batches\.batch_size: must be a positive integer"):
+        SortBatchesConfig.from_params({"batch_size": size})
 
 
 def test_batch_size_larger_than_the_training_set_is_an_error():

@@ -122,8 +122,8 @@ def test_a_refusal_prints_its_message_alone_and_the_traceback_only_when_asked(tm
     assert "Traceback" not in refused.stderr
     message = refused.stderr.strip().splitlines()
     assert message[:2] == ["The run was stopped before any work: 1 problem(s) found.",
-                           "  - sort_batches.batch_size must be a positive integer, got 0; fix it in "
-                           "conf/<env>/parameters_sort_batches.yml."]
+                           "  - Parameter sort_batches.batch_size: must be a positive integer, got 0. Use e.g. 256 "
+                           "(the paper's) or 100 (the base run's). (conf/<env>/parameters_sort_batches.yml)"]
     assert message[-1] == (f"(RunCheckError. The full traceback is in {project / 'logs/errors.log'}; run again "
                            "with --verbose to print it.)")
     log = (project / "logs/errors.log").read_text()
@@ -132,7 +132,7 @@ def test_a_refusal_prints_its_message_alone_and_the_traceback_only_when_asked(tm
 
     verbose = kedro_run(project, "--params=sort_batches.batch_size=0", "--verbose")
     assert verbose.returncode == 1 and "Traceback" in verbose.stdout + verbose.stderr
-    assert "sort_batches.batch_size must be a positive integer" in verbose.stdout + verbose.stderr
+    assert "sort_batches.batch_size: must be a positive integer" in verbose.stdout + verbose.stderr
 
     kedros = kedro_run(project, "--pipelines=gradient_training", "--namespaces=sharp")  # Kedro's own refusal
     assert kedros.returncode == 1 and "╭" not in kedros.stdout + kedros.stderr

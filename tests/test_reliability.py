@@ -389,8 +389,8 @@ def refused_run(project: Path, monkeypatch, pipeline: str | None = None, namespa
     ("params", "expected"),
     [
         pytest.param({"score_metrics": {"sharpness": {}}},
-                     "score_metrics.sharpness is not a registered metric (known: intensity, color, edges, perceptual, "
-                     "random). Remove it from conf/<env>/parameters_score_metrics.yml", id="unknown-metric"),
+                     "Parameter score_metrics.sharpness: unknown parameter. Known parameters: color, edges, intensity, "
+                     "perceptual, random. (conf/<env>/parameters_score_metrics.yml)", id="unknown-metric"),
         pytest.param({"training": {"model": {"name": "vgg16"}}},
                      "Parameter training.model.name: unknown value 'vgg16'. Use one of dpn92, resnet18, small_cnn.",
                      id="unknown-model"),
@@ -398,8 +398,8 @@ def refused_run(project: Path, monkeypatch, pipeline: str | None = None, namespa
                      "Parameter sort_batches.batch_size=6000 exceeds the 5000 training images, so not one full batch "
                      "fits. Lower sort_batches.batch_size", id="batch-larger-than-training-set"),
         pytest.param({"sort_batches": {"batch_size": 0}},
-                     "sort_batches.batch_size must be a positive integer, got 0; fix it in "
-                     "conf/<env>/parameters_sort_batches.yml", id="batch-size-not-positive"),
+                     "Parameter sort_batches.batch_size: must be a positive integer, got 0. Use e.g. 256",
+                     id="batch-size-not-positive"),
         pytest.param({"training": {"phases": []}},
                      "Parameter training.phases: expected a non-empty list of {epochs, lr}, got []. Write e.g. ",
                      id="phases-empty"),
@@ -463,7 +463,7 @@ def test_several_problems_are_reported_together(fresh_project, monkeypatch):
                           training={"model": {"name": "vgg16"}},
                           score_metrics={"edges": {"aperture_size": 4}})
     assert "3 problem(s) found" in message
-    assert "score_metrics.edges.aperture_size must be 3, 5 or 7, got 4." in message
+    assert "Parameter score_metrics.edges.aperture_size: must be 3, 5 or 7, got 4." in message
 
 
 def test_run_name_of_another_configuration_stops_before_any_work(fresh_project, monkeypatch, tmp_path):

@@ -6,8 +6,10 @@ classmethod that reads its YAML mapping through a :class:`Section`, which
 refuses unknown keys (suggesting the closest known one) and checks each value's
 type and range. Every problem is a :class:`ConfigError` naming the parameter's
 full path and the fix, so a message reads the same whichever section it comes
-from. Checks that span sections (the batch size both experiments must share)
-live in :mod:`best_minibatch.kedro_glue.hooks`, which builds every section before a run.
+from; :func:`every_problem` lists every problem of a section at once. Checks that
+span sections (the batch size both experiments must share) live in
+:mod:`best_minibatch.kedro_glue.run_checks`, which the run checks (``kedro_glue.hooks.RunChecks``)
+call to build every section a run reads before its first node.
 """
 
 from __future__ import annotations
@@ -112,6 +114,28 @@ class Section:
             raise self.error(name, f"must be true or false, got {value!r}", fix)
         return value
 
+    def text(self, name: str, default: Any, fix: str, *, optional: bool = False) -> str | None:
+        """A non-empty string (``optional``: or null)."""
+        value = self.params.get(name, default)
+        if optional and value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.error(name, f"must be a non-empty text{' or null' if optional else ''}, got {value!r}", fix)
+        return value
+
+    def required(self, name: str, fix: str) -> None:
+        """Refuse a section without ``name`` (read it with a typed read afterwards)."""
+        if name not in self.params:
+            raise self.error(name, "is missing", fix)
+
+    def seeds(self, name: str, default: Any, fix: str) -> tuple[int, ...]:
+        """A non-empty list of distinct non-negative integers (the one reader of every ``seeds`` list)."""
+        seeds = self.params.get(name, default)
+        if (not isinstance(seeds, (list, tuple)) or not seeds
+                or any(not is_int(s) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds)):
+            raise self.error(name, f"expected a non-empty list of distinct non-negative integers, got {seeds!r}", fix)
+        return tuple(int(s) for s in seeds)
+
     def choice(self, name: str, default: Any, choices: Iterable[Any]) -> Any:
         value = self.params.get(name, default)
         choices = tuple(choices)
@@ -137,28 +161,21 @@ def every_problem(build: Callable[[Any], Any], params: Any, path: str, also: Ite
 
     A section's config stops at its first bad key. Each time it does, the key it names
     (:attr:`ConfigError.key`, under ``path``) is taken out -- it falls back to its default --
-    and the section is built again with every other key as given, until it builds or the
-    problem names no key that was given. Every message is listed once, joined by
-    ``"\n  - "`` (the run checks list them one per line); ``also`` adds problems found
-    outside ``build``. The error raised is of the first problem's class.
+    and the section is built again with every other key as given, until it builds, the
+    problem names no key that was given, or it names a key taken out (a required one).
+    Every message is listed once, joined by ``"\n  - "`` (the run checks list them one per
+    line); ``also`` adds problems found outside ``build``. The error raised is of the first
+    problem's class.
     """
+    config, errors = _build_without_bad_keys(build, params, path)
     problems = list(also)
-    remaining = _copy_mappings(params)
-    first: ValueError | None = None
-    for _ in range(_count_keys(params) + 1):
-        try:
-            config = build(remaining)
-        except ValueError as error:  # a ConfigError names its key; any other problem ends the search
-            first = first or error
-            problems.extend(p for p in str(error).split("\n  - ") if p not in problems)
-            if not isinstance(error, ConfigError) or not _remove(remaining, error.key, path):
-                break
-        else:
-            if not problems:
-                return config
-            break
-    if first is None:
+    for error in errors:
+        problems.extend(p for p in str(error).split("\n  - ") if p not in problems)
+    if not problems:
+        return config
+    if not errors:
         raise ValueError("\n  - ".join(problems))
+    first = errors[0]
     if [str(first)] == problems:
         raise first
     # The first error's class (a caller may catch it) and attributes, every problem in its message.
@@ -166,6 +183,33 @@ def every_problem(build: Callable[[Any], Any], params: Any, path: str, also: Ite
     combined.__dict__.update(first.__dict__)
     combined.args = ("\n  - ".join(problems),)
     raise combined from first
+
+
+def despite_bad_keys(build: Callable[[Any], Any], params: Any, path: str) -> Any:
+    """``build(params)`` with its bad keys at their defaults (None when it cannot be built so).
+
+    For checks of other sections that read this one: its own check reports the bad keys,
+    and a good ``batch_size`` is still read when ``tie_seed`` is bad.
+    """
+    return _build_without_bad_keys(build, params, path)[0]
+
+
+def _build_without_bad_keys(build: Callable[[Any], Any], params: Any, path: str) -> tuple[Any, list[ValueError]]:
+    """The config built once every bad key is taken out (None: it cannot be), and the errors on the way."""
+    remaining = _copy_mappings(params)
+    errors: list[ValueError] = []
+    removed: set[str | None] = set()
+    for _ in range(_count_keys(params) + 1):
+        try:
+            return build(remaining), errors
+        except ValueError as error:  # a ConfigError names its key; any other problem ends the search
+            if errors and getattr(error, "key", None) in removed:
+                break  # a required key taken out is missing now: no problem of the user's
+            errors.append(error)
+            removed.add(getattr(error, "key", None))
+            if not isinstance(error, ConfigError) or not _remove(remaining, error.key, path):
+                break
+    return None, errors
 
 
 def _copy_mappings(params: Any) -> Any:

@@ -94,8 +94,7 @@ def run_pipeline(inputs: dict, params: dict, folder: Path) -> DataCatalog:
         catalog[name] = MemoryDataset(value)
     catalog["params:batch_selection"] = MemoryDataset(params)
     catalog["params:training"] = MemoryDataset({})  # the shared recipe's defaults; PARAMS overrides them
-    catalog["params:sort_batches.batch_size"] = MemoryDataset(32)
-    catalog["params:sort_batches.tie_seed"] = MemoryDataset(0)
+    catalog["params:sort_batches"] = MemoryDataset({"batch_size": 32, "tie_seed": 0})
     SequentialRunner().run(create_pipeline(), catalog)
     return catalog
 

@@ -12,6 +12,7 @@ import base64
 import html
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,23 @@ from best_minibatch.analysis.statistics import (
     summarise_trace_check,
     with_seed,
 )
+from best_minibatch.config import Section
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """The ``visualize`` section, every key checked (conf/<env>/parameters_visualize.yml)."""
+
+    report_title: str = "Run report"
+    report_png_dpi: int = 110
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> VisualizeConfig:
+        section = Section(params, "visualize", ("report_title", "report_png_dpi"),
+                          where="conf/<env>/parameters_visualize.yml")
+        return cls(report_title=section.text("report_title", cls.report_title, "Use e.g. 'Run report'."),
+                   report_png_dpi=section.integer("report_png_dpi", cls.report_png_dpi, 10, "Use e.g. 110."))
+
 
 VERDICT_COLORS = {"supported": "#d9f2d9", "contradicted": "#f9d6d5", "undecided": "#eeeeee"}
 

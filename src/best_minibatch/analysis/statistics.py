@@ -25,10 +25,12 @@ Vocabulary:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,7 +39,7 @@ from scipy import stats
 from best_minibatch.analysis import inference
 from best_minibatch.analysis.inference import permutation_test
 from best_minibatch.batches.orderings import control_for, ordering_name, ordering_of
-from best_minibatch.config import closest
+from best_minibatch.config import ConfigError, Section
 
 #: The three measures of ``gradient_distances`` summarised per phase.
 DISTANCE_MEASURES = ("distance", "cosine_similarity", "relative_distance")
@@ -1208,43 +1210,39 @@ def ordering_status_table(
 
 # --------------------------------------------------------------------------- parameters
 
-DEFAULT_PARAMETERS = {
-    "null_ordering": "random",
-    "alpha": 0.05,
-    "n_permutations": 20000,
-    "n_bootstrap": 2000,
-    "confidence": 0.95,
-    "seed": 0,
-    "n_best_worst": 3,
-}
+class AnalysisConfigError(ConfigError, AnalysisInputError):
+    """A ``distance_analysis`` parameter that cannot work; names it (``distance_analysis.<key>``) and the fix."""
 
 
-def check_parameters(params: Mapping | None) -> dict:
-    """``distance_analysis`` parameters overlaid on :data:`DEFAULT_PARAMETERS`, each checked.
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """The ``distance_analysis`` section, every key checked (conf/<env>/parameters_distance_analysis.yml)."""
 
-    Unknown keys and out-of-range values raise :class:`AnalysisInputError` naming
-    ``distance_analysis.<key>`` and the accepted range.
-    """
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULT_PARAMETERS))
-    if unknown:
-        raise AnalysisInputError(
-            f"Unknown distance_analysis parameters {unknown}; the known ones are {sorted(DEFAULT_PARAMETERS)} "
-            f"(conf/base/parameters_distance_analysis.yml).{closest(unknown[0], DEFAULT_PARAMETERS)}"
+    null_ordering: str = "random"
+    alpha: float = 0.05
+    n_permutations: int = 20000
+    n_bootstrap: int = 2000
+    confidence: float = 0.95
+    seed: int = 0
+    n_best_worst: int = 3
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> AnalysisConfig:
+        section = Section(params, "distance_analysis", DEFAULT_PARAMETERS, AnalysisConfigError,
+                          "conf/<env>/parameters_distance_analysis.yml")
+        return cls(
+            null_ordering=section.text("null_ordering", cls.null_ordering,
+                                       "Name the ordering whose batches are random (the null control), e.g. random."),
+            alpha=section.number("alpha", cls.alpha, "Use e.g. 0.05.", low=0, high=0.5, low_open=True,
+                                 high_open=True),
+            n_permutations=section.integer("n_permutations", cls.n_permutations, 100, "Use e.g. 20000."),
+            n_bootstrap=section.integer("n_bootstrap", cls.n_bootstrap, 100, "Use e.g. 2000."),
+            confidence=section.number("confidence", cls.confidence, "Use e.g. 0.95.", low=0.5, high=1,
+                                      low_open=True, high_open=True),
+            seed=section.integer("seed", cls.seed, 0, "Use e.g. 0."),
+            n_best_worst=section.integer("n_best_worst", cls.n_best_worst, 1, "Use e.g. 3."),
         )
-    merged = {**DEFAULT_PARAMETERS, **params}
 
-    def bad(key: str, expected: str) -> AnalysisInputError:
-        return AnalysisInputError(f"distance_analysis.{key} must be {expected}, got {merged[key]!r}.")
 
-    if not isinstance(merged["null_ordering"], str) or not merged["null_ordering"]:
-        raise bad("null_ordering", "the name of the random ordering (a metric in best_minibatch.metrics.METRICS)")
-    for key, low, high in (("alpha", 0.0, 0.5), ("confidence", 0.5, 1.0)):
-        value = merged[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
-            raise bad(key, f"a number strictly between {low} and {high}")
-    for key, minimum in (("n_permutations", 100), ("n_bootstrap", 100), ("n_best_worst", 1), ("seed", 0)):
-        value = merged[key]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise bad(key, f"an integer of at least {minimum}")
-    return merged
+#: Every ``distance_analysis`` key with its default.
+DEFAULT_PARAMETERS = {field.name: field.default for field in dataclasses.fields(AnalysisConfig)}

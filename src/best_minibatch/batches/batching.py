@@ -52,6 +52,7 @@ class BatchingConfigError(ConfigError, BatchingError):
 
 #: Every key of the ``sort_batches`` section.
 SORT_BATCHES_KEYS = ("batch_size", "tie_seed", "stratify", "control_batchings")
+WHERE = "conf/<env>/parameters_sort_batches.yml"
 
 
 @dataclass(frozen=True)
@@ -65,37 +66,17 @@ class SortBatchesConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> SortBatchesConfig:
-        section = Section(params or {}, "sort_batches", SORT_BATCHES_KEYS, BatchingConfigError)
-        return cls(
-            batch_size=batch_size_from_params(params or {}),
-            tie_seed=tie_seed_from_params(params or {}),
-            stratify=section.boolean("stratify", cls.stratify),
-            control_batchings=section.integer(
-                "control_batchings", cls.control_batchings, 1,
-                "Use at least the number of gradient_training.seeds (each seed trains its own random batching)."),
-        )
-
-
-def tie_seed_from_params(params: Mapping[str, Any]) -> int:
-    """``sort_batches.tie_seed`` checked: a non-negative integer (default 0)."""
-    seed = params.get("tie_seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise BatchingError(f"sort_batches.tie_seed must be a non-negative integer, got {seed!r}; fix it in "
-                            "conf/<env>/parameters_sort_batches.yml.")
-    return int(seed)
-
-
-def batch_size_from_params(params: Mapping[str, Any]) -> int:
-    """``sort_batches.batch_size`` checked: a positive integer."""
-    if "batch_size" not in params:
-        raise BatchingError("sort_batches.batch_size is missing; set it in conf/<env>/parameters_sort_batches.yml.")
-    size = params["batch_size"]
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise BatchingError(
-            f"sort_batches.batch_size must be a positive integer, got {size!r}; "
-            "fix it in conf/<env>/parameters_sort_batches.yml."
-        )
-    return int(size)
+        section = Section(params, "sort_batches", SORT_BATCHES_KEYS, BatchingConfigError, WHERE)
+        tie_seed = section.integer("tie_seed", cls.tie_seed, 0, "Use e.g. 0.")
+        stratify = section.boolean("stratify", cls.stratify)
+        control_batchings = section.integer(
+            "control_batchings", cls.control_batchings, 1,
+            "Use at least the number of gradient_training.seeds (each seed trains its own random batching).")
+        # The required key last: config.every_problem takes a bad key out and reads the rest again.
+        section.required("batch_size", "Set it, e.g. 256 (the paper's) or 100 (the base run's).")
+        return cls(batch_size=section.integer("batch_size", None, 1, "Use e.g. 256 (the paper's) or 100 (the "
+                                              "base run's)."),
+                   tie_seed=tie_seed, stratify=stratify, control_batchings=control_batchings)
 
 
 def tie_keys(image_ids: np.ndarray, seed: int) -> np.ndarray:

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import tarfile
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
 
+from best_minibatch.config import Section
 from best_minibatch.data.safe_pickle import UnsafePickleError, load_numpy_pickle
 
 SPLITS = ("train", "test")
@@ -39,10 +41,38 @@ INDEX_COLUMNS = ["image_id", "split", "row", "label", "class_name", "source"]
 #: Training images of the release :func:`download_cifar_python` fetches (five batches of 10,000): what the
 #: checks before a run count when the dataset is still to be downloaded.
 CIFAR10_TRAIN_IMAGES = len(CANONICAL_TRAIN_BATCHES) * 10_000
+WHERE = "conf/<env>/parameters_ingest_cifar.yml"
 
 
 class DatasetInputError(ValueError):
     """A raw dataset that cannot be ingested; the message names the problem and the fix."""
+
+
+#: Layouts :func:`read_image_dataset` reads (``auto`` detects one of the others).
+LAYOUTS = ("auto", "image_folder", "cifar_python")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """The ``ingest_cifar`` section's ``source``, every key checked (conf/<env>/parameters_ingest_cifar.yml)."""
+
+    path: str
+    layout: str = "auto"
+    download: bool = False
+    download_root: str = "data/01_raw"
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> SourceConfig:
+        """``params``: the whole ``ingest_cifar`` section (``{"source": {...}}``)."""
+        ingest = Section(params, "ingest_cifar", ("source",), where=WHERE)
+        section = ingest.section("source", ("path", "layout", "download", "download_root"))
+        fix = "Set it to the raw dataset (a folder, zip, or cifar-10-python.tar.gz)."
+        layout = section.choice("layout", cls.layout, LAYOUTS)
+        download = section.boolean("download", cls.download)
+        download_root = section.text("download_root", cls.download_root,
+                                     "Name the folder the download goes to, e.g. data/01_raw.")
+        section.required("path", fix)  # last: config.every_problem takes a bad key out and reads the rest again
+        return cls(path=section.text("path", None, fix), layout=layout, download=download, download_root=download_root)
 
 
 @dataclass(frozen=True)

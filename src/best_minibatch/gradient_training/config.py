@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from best_minibatch.config import ConfigError, Section, is_int
+from best_minibatch.config import ConfigError, Section
 from best_minibatch.training.recipe import EpochPlan, TrainingRecipe
 
 PARAMS_NAME = "gradient_training"
@@ -88,7 +88,7 @@ class TrainingConfig:
                                 "Use e.g. [random] (the null ordering, which the analysis's trace check reads).")
         config = cls(
             recipe=recipe,
-            seeds=_seeds(section),
+            seeds=section.seeds("seeds", list(cls.seeds), "Use e.g. [0] or [0, 1, 2]; each ordering trains once per seed."),
             run_name=run_name,
             checkpoint_dir=section.get("checkpoint_dir", cls.checkpoint_dir),
             gradients_dir=section.get("gradients_dir", cls.gradients_dir),
@@ -168,15 +168,6 @@ class TrainingConfig:
             "kept_epochs": list(self.kept_epochs),
             "spill_dtype": self.spill_dtype,
         }
-
-
-def _seeds(section: Section) -> tuple[int, ...]:
-    seeds = section.get("seeds", list(TrainingConfig.seeds))
-    if (not isinstance(seeds, (list, tuple)) or not seeds
-            or any(not is_int(s) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds)):
-        raise section.error("seeds", f"expected a non-empty list of distinct non-negative integers, got {seeds!r}",
-                            "Use e.g. [0] or [0, 1, 2]; each ordering trains once per seed.")
-    return tuple(int(s) for s in seeds)
 
 
 def seed_run_name(run_name: str, seed: int) -> str:

@@ -2,23 +2,25 @@
 
 Knows nothing of Kedro. :func:`run_problems` takes the run's parameters, the
 parameter sections its nodes read, and what is already known about the data, and
-builds each section's typed config (each validates itself when built), adding the
-checks that span sections:
+builds each section's typed config in the one style of :mod:`best_minibatch.config`
+(each validates itself when built, and :func:`config.every_problem` lists every bad
+key of a section at once), adding the checks that span sections:
 
-* ``ingest_cifar``: the raw source exists and holds training images (``cifar``);
-* ``score_metrics``: metric names and options (``metrics.metric_availability``; a
-  metric that needs no weights also scores one blank image, which runs its own
-  option checks), a strict metric that cannot run, ``device: cuda`` without CUDA;
-* ``sort_batches``: ``batch_size`` a positive integer (``batching``) that fits the
+* ``ingest_cifar``: every key (``cifar.SourceConfig``), the raw source exists and
+  holds training images;
+* ``score_metrics``: metric names and every metric's options (``scoring.all_metric_options``,
+  each metric's registered options reader), a strict metric that cannot run,
+  ``device: cuda`` without CUDA;
+* ``sort_batches``: every key (``batching.SortBatchesConfig``), ``batch_size`` fits the
   training set;
 * ``training``: the shared recipe (``training.recipe.TrainingRecipe``), its model
   built once, and its batch size equal to ``sort_batches.batch_size``;
 * ``gradient_training``: every setting (``training.TrainingConfig``), the model's
   name and options (by building it once), the disk cap against the kept epochs'
   gradients, and an explicit ``run_name`` whose folders hold another run;
-* ``distance_analysis``: its settings (``analysis.check_parameters``) and that
+* ``distance_analysis``: every key (``statistics.AnalysisConfig``) and that
   ``null_ordering`` is a metric;
-* ``visualize``: the figure resolution;
+* ``visualize``: every key (``report.VisualizeConfig``);
 * ``batch_selection``: every setting (``selection.SelectionConfig``), its orderings
   and its batch size against the training set.
 
@@ -34,9 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from best_minibatch.config import Section, every_problem
+from best_minibatch.config import despite_bad_keys, every_problem
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +93,14 @@ def build_reporting_every_key(build: Callable[[Any], Any], params: Any, path: st
 
 
 def _check_ingest(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    section = Section(params, "ingest_cifar", ("source",))
-    section.section("source", ("path", "layout", "download", "download_root"))
+    from best_minibatch.data.cifar import SourceConfig
+
+    build_reporting_every_key(SourceConfig.from_params, params, "ingest_cifar")
     count_training_images(params.get("source") or {})
 
 
 def count_training_images(source: Mapping[str, Any]) -> int:
-    """Training images in the raw source named by ``ingest_cifar.source``.
+    """Training images in the raw source named by ``ingest_cifar.source`` (checked: ``cifar.SourceConfig``).
 
     Reads the archive's listing (or the release's label lists), not the images. A source still
     to be downloaded (``download: true``, path absent) counts the release the download fetches,
@@ -107,44 +108,40 @@ def count_training_images(source: Mapping[str, Any]) -> int:
     """
     from best_minibatch.data import cifar
 
-    if "path" not in source:
-        raise ValueError("Parameter ingest_cifar.source.path is missing. Set it to the raw dataset "
-                         "(a folder, zip, or cifar-10-python.tar.gz).")
-    path = Path(source["path"])
+    config = cifar.SourceConfig.from_params({"source": source})
+    path = Path(config.path)
     if not path.exists():
-        if source.get("download", False):
+        if config.download:
             return cifar.CIFAR10_TRAIN_IMAGES
         raise ValueError(
             f"Parameter ingest_cifar.source.path: raw dataset not found: '{path}'. Set it to an existing folder, "
             "zip, or cifar-10-python.tar.gz (relative paths start at the project root), or set "
             "ingest_cifar.source.download: true."
         )
-    layout = source.get("layout", "auto")
-    if layout not in ("auto", "image_folder", "cifar_python"):
-        raise ValueError(f"Parameter ingest_cifar.source.layout: unknown layout {layout!r}. "
-                         "Use auto, image_folder or cifar_python.")
-    return cifar.count_training_images(path, layout)
+    return cifar.count_training_images(path, config.layout)
 
 
 def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.metrics.scoring import METRICS, metric_availability, metric_options
+    from best_minibatch.metrics.scoring import METRICS, all_metric_options, metric_availability, metric_options
     from best_minibatch.training.runtime import resolve_device
 
-    problems = []
+    problems: list[str] = []
+    try:
+        build_reporting_every_key(all_metric_options, params, "score_metrics")
+    except ValueError as error:  # every bad option of every metric
+        problems.extend(str(error).split("\n  - "))
     for name, metric in METRICS.items():
         try:
-            unavailable = metric_availability(name, params)  # option checks; raises for a strict metric
+            unavailable = metric_availability(name, params)  # raises for a strict metric that cannot run
             options = metric_options(name, params)
-            if metric.unavailable_reason is None:
-                # The metric's own option checks run when it scores; one blank image costs nothing.
-                metric.score(np.zeros((1, 32, 32, 3), dtype=np.uint8), options)
-            elif unavailable is None and "device" in options:
+            if metric.unavailable_reason is not None and unavailable is None and "device" in options:
                 try:
                     resolve_device(options["device"])
                 except ValueError as error:
                     raise ValueError(f"Parameter score_metrics.{name}.device: {error}. Use cpu or auto.") from error
         except (ValueError, RuntimeError) as error:
-            problems.append(str(error))
+            if str(error) not in problems:  # a bad option, already listed
+                problems.append(str(error))
     if problems:
         raise ValueError("\n  - ".join(problems))
 
@@ -152,10 +149,14 @@ def _check_score_metrics(params: Mapping[str, Any], parameters: Mapping[str, Any
 def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
     from best_minibatch.batches.batching import SortBatchesConfig
 
-    config = SortBatchesConfig.from_params(params)
+    config = build_reporting_every_key(SortBatchesConfig.from_params, params, "sort_batches")
     batch_size = config.batch_size
-    seeds = (parameters.get("gradient_training") or {}).get("seeds")
-    if config.control_batchings > 1 and isinstance(seeds, list) and config.control_batchings < len(seeds):
+    from best_minibatch.training.gradient_training import TrainingConfig
+
+    training = despite_bad_keys(lambda p: TrainingConfig.from_params(p, parameters.get("training")),
+                                parameters.get("gradient_training"), "gradient_training")
+    seeds = training.seeds if training is not None else ()
+    if config.control_batchings > 1 and config.control_batchings < len(seeds):
         raise ValueError(
             f"Parameter sort_batches.control_batchings={config.control_batchings} is less than the "
             f"{len(seeds)} gradient_training.seeds: each seed trains its own random batching. Set it to at least "
@@ -179,8 +180,8 @@ def _check_training(params: Mapping[str, Any], parameters: Mapping[str, Any], fa
 def _check_batch_size_rule(batch_size: int | None, key: str, parameters: Mapping[str, Any]) -> None:
     """Both experiments train on sort_batches' batch size: gradient_training probes its batches and
     batch_selection's "learned" policy reads distances measured at that size."""
-    sort_size = (parameters.get("sort_batches") or {}).get("batch_size")
-    if batch_size is not None and batch_size != sort_size:
+    sort_size = _sort_batch_size(parameters)
+    if batch_size is not None and sort_size is not None and batch_size != sort_size:
         raise ValueError(f"Parameter {key}={batch_size} differs from sort_batches.batch_size={sort_size}: every "
                          "experiment trains on the batch size sort_batches cuts. Set it to null (follow "
                          "sort_batches) or change sort_batches.batch_size.")
@@ -207,12 +208,12 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
     model = named_model_factory(config)()
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_dtype = next(model.parameters()).dtype
-    batch_size = (parameters.get("sort_batches") or {}).get("batch_size")
+    batch_size = _sort_batch_size(parameters)
     problems = []
     trained = _orderings_that_train(facts.trained_orderings, parameters)
     for ordering in trained:
         num_batches = facts.num_batches.get(ordering)
-        if num_batches is None and facts.n_train is not None and isinstance(batch_size, int) and batch_size > 0:
+        if num_batches is None and facts.n_train is not None and batch_size is not None:
             num_batches = facts.n_train // batch_size  # the batches sort_batches will make in this run
         try:
             if num_batches:
@@ -223,11 +224,11 @@ def _check_gradient_training(params: Mapping[str, Any], parameters: Mapping[str,
         except (ValueError, RuntimeError) as error:
             if str(error) not in problems:
                 problems.append(str(error))
-    counts = [n for n in (facts.num_batches.get(o) or (facts.n_train // batch_size if facts.n_train and isinstance(
-        batch_size, int) and batch_size > 0 else None) for o in trained) if n]
+    counts = [n for n in (facts.num_batches.get(o) or (facts.n_train // batch_size if facts.n_train and batch_size
+                                                        else None) for o in trained) if n]
     if counts and not problems:
         try:
-            images = batch_size if isinstance(batch_size, int) and batch_size > 0 else facts.n_train // max(counts)
+            images = batch_size if batch_size is not None else facts.n_train // max(counts)
             check_expected_time(config, max(counts), images, len(trained))
         except ValueError as error:
             problems.append(str(error))
@@ -239,19 +240,32 @@ def _orderings_that_train(orderings: Iterable[str], parameters: Mapping[str, Any
     """The orderings of this run that train: a stratified one is off with ``sort_batches.stratify: false``."""
     from best_minibatch.batches.orderings import ordering_of
 
-    stratify = (parameters.get("sort_batches") or {}).get("stratify", True)
-    return tuple(o for o in orderings if stratify is not False or not ordering_of(o).stratified)
+    config = _sort_batches(parameters)
+    return tuple(o for o in orderings if config is None or config.stratify or not ordering_of(o).stratified)
+
+
+def _sort_batches(parameters: Mapping[str, Any]) -> Any:
+    """The run's ``sort_batches`` config, its bad keys at their defaults (its own check reports them); None
+    when it cannot be built (``batch_size`` bad or missing)."""
+    from best_minibatch.batches.batching import SortBatchesConfig
+
+    return despite_bad_keys(SortBatchesConfig.from_params, parameters.get("sort_batches"), "sort_batches")
+
+
+def _sort_batch_size(parameters: Mapping[str, Any]) -> int | None:
+    config = _sort_batches(parameters)
+    return None if config is None else config.batch_size
 
 
 def _check_distance_analysis(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    from best_minibatch.analysis.statistics import check_parameters
+    from best_minibatch.analysis.statistics import AnalysisConfig
     from best_minibatch.metrics.scoring import METRICS
 
-    checked = check_parameters(params)
+    config = build_reporting_every_key(AnalysisConfig.from_params, params, "distance_analysis")
     _check_enough_batches(parameters, facts)
-    if checked["null_ordering"] not in METRICS:
+    if config.null_ordering not in METRICS:
         raise ValueError(
-            f"Parameter distance_analysis.null_ordering: unknown ordering {checked['null_ordering']!r}. Use one of "
+            f"Parameter distance_analysis.null_ordering: unknown ordering {config.null_ordering!r}. Use one of "
             f"{', '.join(METRICS)} (random is the null control)."
         )
 
@@ -261,9 +275,9 @@ def _check_enough_batches(parameters: Mapping[str, Any], facts: RunFacts) -> Non
     from best_minibatch.analysis.statistics import minimum_batches
 
     needed = minimum_batches()
-    batch_size = (parameters.get("sort_batches") or {}).get("batch_size")
+    batch_size = _sort_batch_size(parameters)
     counts = dict(facts.num_batches)
-    if facts.n_train is not None and isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
+    if facts.n_train is not None and batch_size is not None:
         if batch_size <= facts.n_train:  # a batch larger than the training set is sort_batches' own error
             counts.setdefault("the orderings this run sorts", facts.n_train // batch_size)
     short = {name: count for name, count in counts.items() if count < needed}
@@ -281,20 +295,17 @@ def _check_enough_batches(parameters: Mapping[str, Any], facts: RunFacts) -> Non
 
 
 def _check_visualize(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
-    Section(params, "visualize", ("report_title", "report_png_dpi"))
-    dpi = params.get("report_png_dpi", 110)
-    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 10:
-        raise ValueError(f"Parameter visualize.report_png_dpi must be an integer of at least 10, got {dpi!r}. "
-                         "Use e.g. 110.")
+    from best_minibatch.analysis.report import VisualizeConfig
+
+    build_reporting_every_key(VisualizeConfig.from_params, params, "visualize")
 
 
 def _check_batch_selection(params: Mapping[str, Any], parameters: Mapping[str, Any], facts: RunFacts) -> None:
     from best_minibatch.metrics.scoring import METRICS
     from best_minibatch.selection.experiment import SelectionConfig
 
-    sort_size = (parameters.get("sort_batches") or {}).get("batch_size")
     config = build_reporting_every_key(lambda p: SelectionConfig.from_params(
-        p, parameters.get("training"), sort_size if isinstance(sort_size, int) else None), params, "batch_selection")
+        p, parameters.get("training"), _sort_batch_size(parameters)), params, "batch_selection")
     _check_batch_size_rule(config.batch_size, "batch_selection.training.batch_size", parameters)
     for key, ordering in (("fixed_random.ordering", config.fixed_ordering),
                           ("learned.ordering", config.learned_ordering),

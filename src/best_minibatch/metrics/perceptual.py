@@ -18,11 +18,13 @@ import pandas as pd
 
 from best_minibatch.metrics import lpips_weights
 from best_minibatch.metrics.lpips_weights import lpips_with_backbone
-from best_minibatch.metrics.options import MetricConfigError, require_bool, require_int
+from best_minibatch.metrics.options import MetricConfigError
 
 if TYPE_CHECKING:
     import lpips
     import torch
+
+    from best_minibatch.config import Section
 
 logger = logging.getLogger(__name__)
 
@@ -49,20 +51,22 @@ PERCEPTUAL_DEFAULTS = {
 }
 
 
-def perceptual_settings(options: Mapping[str, Any]) -> tuple[int, int | None, str]:
-    """Checked ``batch_size``, ``upsample_to`` and ``device`` (and ``strict``, ``download``) of the metric."""
-    batch_size = require_int(options, "perceptual", "batch_size", 1)
-    upsample_to = options["upsample_to"]
-    if upsample_to is not None:
-        upsample_to = require_int(options, "perceptual", "upsample_to", 32)
-    require_bool(options, "perceptual", "strict")
-    require_bool(options, "perceptual", "download")
-    device = str(options["device"])
-    if device not in ("cpu", "cuda", "auto"):
-        raise MetricConfigError(f"score_metrics.perceptual.device must be cpu, cuda or auto, got {device!r}.")
-    if options["cpu_threads"] is not None:
-        require_int(options, "perceptual", "cpu_threads", 1)
-    return batch_size, upsample_to, device
+def perceptual_options(section: Section) -> dict[str, Any]:
+    """``score_metrics.perceptual``, every option checked (bad options are errors even where the metric would
+    be skipped for want of weights)."""
+    return {
+        "backbone_weights": section.text("backbone_weights", None, "Set it to the AlexNet weights file "
+                                         "(alexnet-owt-7be5be79.pth), or null to look in the usual places.",
+                                         optional=True),
+        "download": section.boolean("download", None),
+        "strict": section.boolean("strict", None),
+        "upsample_to": section.integer("upsample_to", None, 32, "Use null (native 32x32, as in the paper) or e.g. "
+                                       "64.", optional=True),
+        "batch_size": section.integer("batch_size", None, 1, "Use e.g. 500."),
+        "device": section.choice("device", None, ("cpu", "cuda", "auto")),
+        "cpu_threads": section.integer("cpu_threads", None, 1, "Use null (torch's setting) or e.g. 1.",
+                                       optional=True),
+    }
 
 
 def weights_source(options: Mapping[str, Any]) -> lpips_weights.WeightsSource | None:
@@ -73,7 +77,6 @@ def weights_source(options: Mapping[str, Any]) -> lpips_weights.WeightsSource | 
 def perceptual_unavailable_reason(options: Mapping[str, Any]) -> str | None:
     """Why LPIPS cannot run (None: a source has proven weights). Bad options, a named file that is
     missing and a file that fails a proof check are errors, not reasons to skip."""
-    perceptual_settings(options)  # bad options are an error even where the metric would be skipped
     if weights_source(options) is not None:
         return None
     return lpips_weights.missing_weights_reason(bool(options["download"]))
@@ -150,8 +153,10 @@ def lpips_distances_to_reference(
 
 
 def perceptual_score(images: np.ndarray, options: Mapping[str, Any]) -> pd.DataFrame:
-    """LPIPS distance to the average image (pixel-wise mean over all scored images), computed in batches."""
-    batch_size, upsample_to, device = perceptual_settings(options)
+    """LPIPS distance to the average image (pixel-wise mean over all scored images), computed in batches.
+
+    ``options``: as :func:`perceptual_options` returns them (``scoring.metric_options``)."""
+    batch_size, upsample_to, device = options["batch_size"], options["upsample_to"], options["device"]
     resolve_device(device)
     source = weights_source(options)
     if source is None:  # scoring was asked for although no source has the weights

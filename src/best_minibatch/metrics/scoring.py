@@ -27,20 +27,27 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from best_minibatch.config import Section
 from best_minibatch.metrics import perceptual
-from best_minibatch.metrics.options import MetricConfigError, MetricUnavailableError
-from best_minibatch.metrics.options import require_int as _require_int
-from best_minibatch.metrics.options import require_number as _require_number
+from best_minibatch.metrics.options import (
+    MetricConfigError,
+    MetricOptionError,
+    MetricUnavailableError,
+    metrics_section,
+    options_section,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "Metric", "MetricConfigError", "MetricUnavailableError", "register_metric", "score_images",
-           "metric_options", "metric_availability", "combine_scores", "uninformative_reason"]
+__all__ = ["METRICS", "Metric", "MetricConfigError", "MetricOptionError", "MetricUnavailableError", "register_metric",
+           "score_images", "metric_options", "all_metric_options", "metric_availability", "combine_scores",
+           "uninformative_reason"]
 
 ScoreFunction = Callable[[np.ndarray, Mapping[str, Any]], pd.DataFrame]
 UnavailableReason = Callable[[Mapping[str, Any]], "str | None"]
 Provenance = Callable[[Mapping[str, Any]], "dict[str, Any] | None"]
 DegenerateExplanation = Callable[[np.ndarray], "str | None"]
+OptionsReader = Callable[[Section], "dict[str, Any]"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,9 @@ class Metric:
     # A null control: its scores carry no information about the images, so its orderings are the reference
     # every claim is gated on, and each training seed trains a batching of its own (docs/analysis.md).
     control: bool = False
+    # Reads every option from the metric's section (``score_metrics.<name>``, defaults filled in), each
+    # checked (``Section``'s typed reads); None: the options are taken as given.
+    read_options: OptionsReader | None = None
 
     @property
     def score_columns(self) -> tuple[str, ...]:
@@ -70,18 +80,9 @@ class Metric:
         return ("image_id", "score", *extra)
 
     def resolve_options(self, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The registered defaults overlaid with ``overrides``; unknown keys are an error."""
-        overrides = dict(overrides or {})
-        unknown = sorted(set(overrides) - set(self.defaults))
-        if unknown:
-            allowed = ", ".join(sorted(self.defaults)) or "(none)"
-            raise MetricConfigError(
-                f"Unknown parameter(s) score_metrics.{self.name}.{unknown[0]}"
-                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-                + f". The metric '{self.name}' accepts: {allowed}. Remove or rename it in "
-                "conf/<env>/parameters_score_metrics.yml."
-            )
-        return {**self.defaults, **overrides}
+        """The registered defaults overlaid with ``overrides``, each checked; unknown keys are an error."""
+        section = options_section(self.name, overrides, self.defaults)
+        return dict(self.read_options(section)) if self.read_options else dict(section.params)
 
     def empty_scores(self) -> pd.DataFrame:
         """A zero-row score table with this metric's columns and dtypes."""
@@ -107,6 +108,7 @@ def register_metric(
     provenance: Provenance | None = None,
     explain_degenerate: DegenerateExplanation | None = None,
     control: bool = False,
+    options: OptionsReader | None = None,
 ) -> Callable[[ScoreFunction], ScoreFunction]:
     """Decorator: register the decorated function as metric ``name`` (appended to :data:`METRICS`).
 
@@ -120,7 +122,9 @@ def register_metric(
     ``explain_degenerate``: optional, given the images returns why the metric may
     carry no information of its own on them; :func:`uninformative_reason` quotes it.
     ``control``: the metric is a null control (random scores): its orderings gate the claims and
-    each training seed trains its own batching of them.
+    each training seed trains its own batching of them. ``options``: reads and checks every option
+    from the metric's :class:`~best_minibatch.config.Section` (``score_metrics.<name>``, defaults
+    filled in) and returns them; the score function then gets them checked, before any work.
     """
 
     def decorator(function: ScoreFunction) -> ScoreFunction:
@@ -141,6 +145,7 @@ def register_metric(
             provenance=provenance,
             explain_degenerate=explain_degenerate,
             control=control,
+            read_options=options,
         )
         return function
 
@@ -225,30 +230,39 @@ EDGES_DEFAULTS = {
 }
 
 
+def edges_options(section: Section) -> dict[str, Any]:
+    """``score_metrics.edges``, every option checked."""
+    low = section.number("low_threshold", None, "Use e.g. 100 (OpenCV's customary value).", low=0)
+    high = section.number("high_threshold", None, "Use e.g. 200 (OpenCV's customary value).", low=0)
+    if low > high:
+        raise section.error("low_threshold", f"{low:g} exceeds high_threshold ({high:g})",
+                            "Swap them or lower low_threshold.")
+    aperture = section.integer("aperture_size", None, 3, "Use 3, 5 or 7 (the Sobel kernel size).")
+    if aperture not in (3, 5, 7):
+        raise section.error("aperture_size", f"must be 3, 5 or 7, got {aperture}", "Use 3 (OpenCV's default).")
+    blur = section.integer("blur_kernel_size", None, 0, "Use 0 (no blur) or an odd size such as 3.")
+    if blur and blur % 2 == 0:
+        raise section.error("blur_kernel_size", f"must be 0 (no blur) or odd, got {blur}", "Use e.g. 3 or 5.")
+    return {
+        "low_threshold": low,
+        "high_threshold": high,
+        "aperture_size": aperture,
+        "l2_gradient": section.boolean("l2_gradient", None),
+        "blur_kernel_size": blur,
+        "blur_sigma": section.number("blur_sigma", None, "Use 0 (derived from the kernel size) or e.g. 1.", low=0),
+    }
+
+
 @register_metric(
     "edges",
     description="M3: number of Canny edge pixels of the grayscale image.",
     defaults=EDGES_DEFAULTS,
+    options=edges_options,
 )
 def edges_score(images: np.ndarray, options: Mapping[str, Any]) -> pd.DataFrame:
     """Count of pixels Canny marks as edges on the grayscale image (the paper's sum over the Canny map / 255)."""
-    low = _require_number(options, "edges", "low_threshold", 0.0)
-    high = _require_number(options, "edges", "high_threshold", 0.0)
-    if low > high:
-        raise MetricConfigError(
-            f"score_metrics.edges.low_threshold ({low}) exceeds high_threshold ({high}); "
-            "swap them or lower low_threshold."
-        )
-    aperture = _require_int(options, "edges", "aperture_size", 3)
-    if aperture not in (3, 5, 7):
-        raise MetricConfigError(f"score_metrics.edges.aperture_size must be 3, 5 or 7, got {aperture}.")
-    blur = _require_int(options, "edges", "blur_kernel_size", 0)
-    if blur and blur % 2 == 0:
-        raise MetricConfigError(
-            f"score_metrics.edges.blur_kernel_size must be 0 (no blur) or odd, got {blur}."
-        )
-    sigma = _require_number(options, "edges", "blur_sigma", 0.0)
-    l2 = bool(options["l2_gradient"])
+    low, high, aperture = options["low_threshold"], options["high_threshold"], options["aperture_size"]
+    blur, sigma, l2 = options["blur_kernel_size"], options["blur_sigma"], options["l2_gradient"]
 
     n, h, w, _ = images.shape
     # One colour conversion for all images: stack them as one tall image.
@@ -273,6 +287,7 @@ register_metric(
     "perceptual",
     description="M4: LPIPS (AlexNet, v0.1) distance between each image and the training set's average image.",
     defaults=perceptual.PERCEPTUAL_DEFAULTS,
+    options=perceptual.perceptual_options,
     unavailable_reason=perceptual.perceptual_unavailable_reason,
     provenance=perceptual.perceptual_provenance,
 )(perceptual.perceptual_score)
@@ -286,29 +301,31 @@ register_metric(
     description="Null control: a seeded uniform random score in [0, 1) per image.",
     defaults={"seed": 0},
     control=True,
+    options=lambda section: {"seed": section.integer("seed", None, 0, "Use e.g. 0.")},
 )
 def random_score(images: np.ndarray, options: Mapping[str, Any]) -> pd.DataFrame:
     """Uniform [0, 1) scores from ``numpy.random.default_rng(seed)``, one per image in image order."""
-    seed = _require_int(options, "random", "seed", 0)
-    return pd.DataFrame({"score": np.random.default_rng(seed).random(len(images))})
+    return pd.DataFrame({"score": np.random.default_rng(options["seed"]).random(len(images))})
 
 
 # --------------------------------------------------------------------------- driver
 
 
 def metric_options(name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Options of metric ``name`` from the ``score_metrics`` parameters (defaults overlaid)."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(METRICS))
-    if unknown:
-        raise MetricConfigError(
-            f"score_metrics.{unknown[0]} is not a registered metric (known: {', '.join(METRICS)}). "
-            "Remove it from conf/<env>/parameters_score_metrics.yml or register the metric in "
-            "best_minibatch/metrics/scoring.py."
-        )
+    """Options of metric ``name`` from the ``score_metrics`` parameters (defaults overlaid), each checked.
+
+    The one reader of ``score_metrics``: its keys are the registered metrics, each metric's
+    options are read by its registered ``options`` reader.
+    """
+    section = metrics_section(params, METRICS)
     if name not in METRICS:
         raise MetricConfigError(f"Unknown metric '{name}'; registered metrics: {', '.join(METRICS)}.")
-    return METRICS[name].resolve_options(params.get(name))
+    return METRICS[name].resolve_options(section.get(name))
+
+
+def all_metric_options(params: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Every registered metric's checked options (``config.every_problem`` lists all the section's problems)."""
+    return {name: metric_options(name, params) for name in METRICS}
 
 
 def metric_availability(name: str, params: Mapping[str, Any] | None) -> str | None:

@@ -29,7 +29,6 @@ BASELINE = "shuffle"
 #: Trains on a random subset of the batches, as many as ``learned`` keeps: separates "fewer distinct
 #: images" from "worse batches" for the policies that train on a fraction of the batches.
 CONTROL = "random_subset"
-GIB = 2**30
 
 #: Batch groups the paper's advice can keep, by rank position ``(k + 0.5) / K`` along the sorted order.
 #: They are the groups ``distance_analysis`` tests the paper's claims on (``analysis.group_mask``).
@@ -113,12 +112,7 @@ class SelectionConfig:
                     sort_batch_size: int | None = None) -> SelectionConfig:
         """Parse and check the ``batch_selection`` section over the shared ``training`` recipe."""
         section = Section(params, PARAMS_NAME, KNOWN, SelectionConfigError, WHERE)
-        seeds = section.get("seeds")
-        if (not isinstance(seeds, (list, tuple)) or not seeds
-                or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
-                or len(set(seeds)) != len(seeds)):
-            raise section.error("seeds", f"expected a list of distinct non-negative integers, got {seeds!r}",
-                                "Use e.g. [0, 1, 2, 3, 4] (at least 5 for the issue's protocol).")
+        seeds = section.seeds("seeds", None, "Use e.g. [0, 1, 2, 3, 4] (at least 5 for the issue's protocol).")
         policies = _policies(section)
         validation = section.section("validation", ("fraction", "seed"))
         fraction = validation.number("fraction", 0.2, "Use e.g. 0.2 (a fifth of each class is held out).",
@@ -159,7 +153,7 @@ class SelectionConfig:
         oracle = section.section("oracle", ("keep_fraction", "candidates", "memory_cap_gb"))
         statistics = section.section("statistics", ("confidence", "alpha"))
         return cls(
-            seeds=tuple(int(s) for s in seeds), policies=policies,
+            seeds=seeds, policies=policies,
             validation_fraction=fraction, validation_seed=validation_seed, target_validation_accuracy=target,
             recipe=recipe, fixed_ordering=fixed_ordering, paper_first_phase=first, paper_later_phases=later,
             learned_ordering=learned_ordering, learned_measure=measure,

@@ -142,22 +142,44 @@ class TrainingRecipe:
 
 
 class _MergedSection(Section):
-    """The merged recipe, naming each key where the user wrote it (the override or the shared section)."""
+    """The merged recipe (or a mapping in it), naming each key where the user wrote it.
 
-    def __init__(self, params: Mapping[str, Any], shared_path: str, override_path: str,
-                 override: Mapping[str, Any], error_type: type[ConfigError], where: str | None) -> None:
-        super().__init__(params, shared_path, RECIPE_KEYS, error_type, where)
-        self.override_path, self.override = override_path, override
+    A key the experiment's override sets (``gradient_training.training.model.name``) is named
+    under the override; any other key, although merged with the override's, under the shared
+    ``training`` section: a bad shared ``training.model.name`` is not blamed on an override that
+    only sets ``model.small_cnn``.
+    """
+
+    def __init__(self, params: Any, shared_path: str, override_path: str, override: Any,
+                 error_type: type[ConfigError], where: str | None, known=RECIPE_KEYS) -> None:
+        self.override_path, self.override = override_path, override  # before the checks, which name keys
+        super().__init__(params, shared_path, known, error_type, where)
 
     def key(self, name: str) -> str:
-        top = name.split(".")[0].split("[")[0]
-        if self.override_path and top in self.override:
-            return f"{self.override_path}.{name}"
+        if self.override_path and _written(self.override, name):
+            return f"{self.override_path}.{name}" if name else self.override_path
         return super().key(name)
 
     def section(self, name: str, known) -> Section:
-        inner = Section(self.params.get(name), self.key(name), known, self.error_type, self.where)
-        return inner
+        override = self.override.get(name, _UNSET) if isinstance(self.override, Mapping) else _UNSET
+        return _MergedSection(self.params.get(name), super().key(name), f"{self.override_path}.{name}", override,
+                              self.error_type, self.where, known)
+
+
+_UNSET = object()
+
+
+def _written(override: Any, name: str) -> bool:
+    """Whether the override sets ``name`` (``a.b``, ``a[0].b``; ``""``: the override itself)."""
+    if override is _UNSET:
+        return False
+    for part in name.split(".") if name else ():
+        if not isinstance(override, Mapping) or part.split("[")[0] not in override:
+            return False
+        if "[" in part:  # a list is written whole
+            return True
+        override = override[part]
+    return True
 
 
 def _phases(section: Section) -> tuple[tuple[int, float], ...]:

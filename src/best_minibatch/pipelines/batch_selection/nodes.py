@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from best_minibatch import selection
+from best_minibatch.batches.batching import SortBatchesConfig
 from best_minibatch.pipelines.orderings import by_ordering
 from best_minibatch.selection import statistics as selection_stats
 from best_minibatch.services import parallel
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def prepare_policies(
     image_index: pd.DataFrame, batch_phase_stats: pd.DataFrame, params: dict[str, Any], training: dict[str, Any],
-    sort_batch_size: int, tie_seed: int, **tables: Any
+    sort_batches: dict[str, Any], **tables: Any
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Check every parameter, hold out the validation split, and build the static policies' batches.
 
@@ -34,7 +35,8 @@ def prepare_policies(
     (``{m}.image_scores`` through ``sort_batches``' sort-and-cut). All checks run
     here, before any output is saved.
     """
-    config = selection.SelectionConfig.from_params(params, training, sort_batch_size)
+    cut = SortBatchesConfig.from_params(sort_batches)
+    config = selection.SelectionConfig.from_params(params, training, cut.batch_size)
     split = selection.stratified_validation_split(image_index, config.validation_fraction, config.validation_seed)
     counts = split["subset"].value_counts()
     logger.info("batch_selection: %d training and %d validation images (stratified, seed %d)",
@@ -44,7 +46,7 @@ def prepare_policies(
     skipped = {m: (s or {}).get("reason") or "skipped" for m, s in statuses.items()
                if (s or {}).get("status") != "ok"}
     orderings = {
-        ordering: selection.ordering_batches(scores, ordering, train_ids, config.batch_size, tie_seed)
+        ordering: selection.ordering_batches(scores, ordering, train_ids, config.batch_size, cut.tie_seed)
         for ordering, scores in by_ordering(tables, "image_scores").items()
         if len(scores) and ordering not in skipped
     }
@@ -88,13 +90,14 @@ def run_selection_experiment(
     batch_pools: pd.DataFrame,
     params: dict[str, Any],
     training: dict[str, Any],
-    sort_batch_size: int,
+    sort_batches: dict[str, Any],
     **tables: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every seed x policy (each a task of its own under the Dask runner); the learning curves and the
     per-run results. ``training_history__<ordering>`` tables give learned's up-front cost (the seconds of the
     gradient_training run whose distances it uses)."""
-    config = selection.SelectionConfig.from_params(params, training, sort_batch_size)
+    config = selection.SelectionConfig.from_params(params, training,
+                                                   SortBatchesConfig.from_params(sort_batches).batch_size)
     upfront = selection.upfront_selection_seconds(config, by_ordering(tables, "training_history"))
     for policy, seconds in upfront.items():
         logger.info("batch_selection: %s is charged %.1f s up front (its selection's measured cost)", policy, seconds)
@@ -112,10 +115,11 @@ def summarise_selection(
     notes: list[str],
     params: dict[str, Any],
     training: dict[str, Any],
-    sort_batch_size: int,
+    sort_batches: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, str, str, plt.Figure, plt.Figure]:
     """Intervals, tests against shuffle, the one-sentence answer, the figure and the report fragments."""
-    config = selection.SelectionConfig.from_params(params, training, sort_batch_size)
+    config = selection.SelectionConfig.from_params(params, training,
+                                                   SortBatchesConfig.from_params(sort_batches).batch_size)
     summary = selection_stats.policy_summary(
         learning_curves, run_results, config.target_validation_accuracy, selection.BASELINE, config.confidence,
         config.alpha, policies=config.policies)

@@ -27,7 +27,7 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
 
         orderings = list(METRICS)
     params = "params:batch_selection"
-    recipe = {"training": "params:training", "sort_batch_size": "params:sort_batches.batch_size"}
+    recipe = {"training": "params:training", "sort_batches": "params:sort_batches"}
     per_ordering = {**per_ordering_inputs("image_scores", orderings), **per_ordering_inputs("metric_status", orderings)}
     histories = per_ordering_inputs("training_history", orderings)  # learned's up-front cost
     template = Pipeline(
@@ -35,7 +35,7 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
             node(
                 prepare_policies,
                 inputs={"image_index": "image_index", "batch_phase_stats": "batch_phase_stats", "params": params,
-                        "tie_seed": "params:sort_batches.tie_seed", **recipe, **per_ordering},
+                        **recipe, **per_ordering},
                 outputs=["validation_split", "batch_pools", "notes"],
                 name="prepare_policies",
             ),
@@ -62,5 +62,5 @@ def create_pipeline(orderings: Sequence[str] | None = None, **kwargs) -> Pipelin
         template,
         namespace=NAMESPACE,
         inputs={*SHARED_INPUTS, *per_ordering.values(), *histories.values()},
-        parameters={name: name for name in (params, *recipe.values(), "params:sort_batches.tie_seed")},
+        parameters={name: name for name in (params, *recipe.values())},
     )

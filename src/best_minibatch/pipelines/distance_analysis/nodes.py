@@ -33,8 +33,8 @@ def tabulate_orderings(**tables: Any) -> pd.DataFrame:
 def express_in_noise_units(params: dict[str, Any], **tables: pd.DataFrame) -> pd.DataFrame:
     """All orderings' distances in noise units: against each ordering's same-network null batches (and,
     as a secondary column, the null ordering's batches)."""
-    params = analysis.check_parameters(params)
-    return analysis.noise_unit_distances(by_ordering(tables, "gradient_distances"), params["null_ordering"],
+    config = analysis.AnalysisConfig.from_params(params)
+    return analysis.noise_unit_distances(by_ordering(tables, "gradient_distances"), config.null_ordering,
                                          by_ordering(tables, "null_distances"))
 
 
@@ -53,13 +53,13 @@ def evaluate_paper_claims(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Group comparisons of every ordering and phase (pooled test, each seed's difference), and the paper's
     claims with verdicts (supported only when the pooled test passes and every seed agrees in sign)."""
-    params = analysis.check_parameters(params)
+    config = analysis.AnalysisConfig.from_params(params)
     comparisons = analysis.compare_batch_groups(
-        batch_stats, n_permutations=params["n_permutations"], seed=params["seed"],
+        batch_stats, n_permutations=config.n_permutations, seed=config.seed,
         batch_stats_by_seed=batch_stats_by_seed,
     )
-    claims = analysis.claim_verdicts(comparisons, ordering_status, alpha=params["alpha"],
-                                     null_ordering=params["null_ordering"])
+    claims = analysis.claim_verdicts(comparisons, ordering_status, alpha=config.alpha,
+                                     null_ordering=config.null_ordering)
     for row in claims.itertuples():  # at DEBUG: every row is in claim_verdicts and the report; one line at INFO
         logger.debug("Claim %s, %s, phase %d: %s (rank-biserial %.3g, Holm p %.3g, seeds agreeing %s of %s; "
                      "control %s: %s)", row.claim_id, row.ordering, row.phase, row.verdict, row.rank_biserial,
@@ -76,9 +76,9 @@ def _count(value: float) -> str:
 
 def correlate_confounds(batch_stats: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
     """Spearman correlations of distance with the batch's metric value and class entropy, with intervals."""
-    params = analysis.check_parameters(params)
+    config = analysis.AnalysisConfig.from_params(params)
     return analysis.confound_correlations(
-        batch_stats, n_bootstrap=params["n_bootstrap"], seed=params["seed"], confidence=params["confidence"]
+        batch_stats, n_bootstrap=config.n_bootstrap, seed=config.seed, confidence=config.confidence
     )
 
 
@@ -89,16 +89,15 @@ def relate_distance_to_position(noise_units: pd.DataFrame) -> pd.DataFrame:
 
 def select_best_and_worst_batches(batch_stats: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
     """The best and worst batches per ordering and phase by mean noise-unit distance."""
-    params = analysis.check_parameters(params)
-    return analysis.best_and_worst_batches(batch_stats, n_per_side=params["n_best_worst"])
+    config = analysis.AnalysisConfig.from_params(params)
+    return analysis.best_and_worst_batches(batch_stats, n_per_side=config.n_best_worst)
 
 
 def check_gradient_noise_trace(
     noise_units: pd.DataFrame, params: dict[str, Any], **tables: pd.DataFrame
 ) -> pd.DataFrame:
     """Observed mean squared distance of the null ordering's batches against the sampling formula."""
-    params = analysis.check_parameters(params)
-    null = params["null_ordering"]
+    null = analysis.AnalysisConfig.from_params(params).null_ordering
     histories = by_ordering(tables, "training_history")
     if null not in histories:
         raise analysis.AnalysisInputError(

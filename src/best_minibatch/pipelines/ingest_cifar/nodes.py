@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from best_minibatch.data.cifar import download_cifar_python, read_image_dataset
+from best_minibatch.data.cifar import SourceConfig, download_cifar_python, read_image_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +21,11 @@ def ingest_images(source: dict[str, Any]) -> tuple[pd.DataFrame, torch.Tensor, t
     and ``download_root``. With ``download: true`` and a missing ``path`` the canonical
     release is fetched through torchvision into ``download_root``.
     """
-    path = Path(source["path"])
-    if not path.exists() and source.get("download", False):
-        path = download_cifar_python(Path(source.get("download_root", "data/01_raw")))
-    dataset = read_image_dataset(path, layout=source.get("layout", "auto"))
+    config = SourceConfig.from_params({"source": source})
+    path = Path(config.path)
+    if not path.exists() and config.download:
+        path = download_cifar_python(Path(config.download_root))
+    dataset = read_image_dataset(path, layout=config.layout)
     counts = dataset.index.groupby("split").size().to_dict()
     logger.info(
         "Ingested %s: %d training and %d test images of %d classes, %s each",

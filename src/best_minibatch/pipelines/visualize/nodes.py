@@ -16,7 +16,8 @@ import torch
 from matplotlib.figure import Figure
 
 from best_minibatch.analysis import figures, report
-from best_minibatch.analysis.statistics import check_parameters
+from best_minibatch.analysis.report import VisualizeConfig
+from best_minibatch.analysis.statistics import AnalysisConfig
 from best_minibatch.pipelines.orderings import by_ordering
 
 FigureOutputs = tuple[dict[str, Figure], dict[str, Figure], dict[str, bytes]]
@@ -24,7 +25,7 @@ FigureOutputs = tuple[dict[str, Figure], dict[str, Figure], dict[str, bytes]]
 
 def _outputs(drawn: dict[str, Figure], params: dict[str, Any]) -> FigureOutputs:
     """``(png-keyed figures, pdf-keyed figures, {stem: PNG bytes for the report})``."""
-    dpi = int(params.get("report_png_dpi", 110))
+    dpi = VisualizeConfig.from_params(params).report_png_dpi
     return (
         {f"{stem}.png": figure for stem, figure in drawn.items()},
         {f"{stem}.pdf": figure for stem, figure in drawn.items()},
@@ -33,7 +34,7 @@ def _outputs(drawn: dict[str, Figure], params: dict[str, Any]) -> FigureOutputs:
 
 
 def _null(analysis_params: dict[str, Any]) -> str:
-    return check_parameters(analysis_params)["null_ordering"]
+    return AnalysisConfig.from_params(analysis_params).null_ordering
 
 
 def plot_distance_heatmaps(
@@ -96,14 +97,14 @@ def write_report(
     **tables: Any,
 ) -> str:
     """The self-contained HTML report of the run (with batch_selection's answer once it has run)."""
-    analysis_params = check_parameters(parameters.get("distance_analysis"))
+    analysis_params = AnalysisConfig.from_params(parameters.get("distance_analysis"))
     histories = by_ordering(tables, "training_history")
     setup = report.run_setup(histories, by_ordering(tables, "batch_assignments"), image_index)
     pngs = by_ordering(tables, "figures")
     return report.render_report(
         setup=setup, ordering_status=ordering_status, claims=claims, comparisons=comparisons,
         confounds=confounds, best_worst=best_worst, trace_check=trace_check, histories=histories,
-        figures=pngs, parameters=parameters, null_ordering=analysis_params["null_ordering"],
-        alpha=analysis_params["alpha"], title=parameters.get("visualize", {}).get("report_title", "Run report"),
+        figures=pngs, parameters=parameters, null_ordering=analysis_params.null_ordering,
+        alpha=analysis_params.alpha, title=VisualizeConfig.from_params(parameters.get("visualize")).report_title,
         batch_selection_section=batch_selection_section, position_effects=position_effects,
     )
