@@ -34,11 +34,11 @@ import torch
 from torch import nn
 
 from best_minibatch.data.images import augment, batch_generator, to_model_input
+from best_minibatch.data.tensor_io import GIB
 from best_minibatch.selection.config import (
     CLASS_BALANCED,
     CONTROL,
     CURVE_COLUMNS,
-    GIB,
     RESULT_COLUMNS,
     SelectionConfig,
     SelectionDataError,
