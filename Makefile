@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export KEDRO_DISABLE_TELEMETRY := true
 export MPLBACKEND := Agg
 
-.PHONY: setup weights run test lint benchmark viz
+.PHONY: setup weights run test test-fast lint benchmark viz
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ test: setup lint
 	bash scripts/install_test_tools.sh
 	$(WEIGHTS)
 	$(BIN)/python -m pytest
+
+# The inner loop while developing: everything not marked slow (whole-project runs, full CIFAR-10, real
+# subprocess kills), about 3 minutes on a quiet 2-core machine. CI and `make test` still run everything.
+test-fast: setup lint
+	$(BIN)/python -m pytest -m "not slow"
 
 # The linter configured in pyproject.toml ([tool.ruff]); `make test` runs it first, so CI fails on a violation.
 lint: setup

@@ -13,10 +13,10 @@ from best_minibatch.analysis.statistics import DEFAULT_PARAMETERS, AnalysisConfi
 from best_minibatch.batches.batching import SortBatchesConfig
 from best_minibatch.config import ConfigError, Section, every_problem
 from best_minibatch.data.cifar import SourceConfig
+from best_minibatch.gradient_training import TrainingConfig, TrainingConfigError
 from best_minibatch.kedro_glue.run_checks import RunFacts, run_problems
 from best_minibatch.metrics.scoring import MetricConfigError, all_metric_options, metric_options
 from best_minibatch.selection.config import SelectionConfig, SelectionConfigError
-from best_minibatch.training.gradient_training import TrainingConfig, TrainingConfigError
 from best_minibatch.training.recipe import TrainingRecipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -151,7 +151,7 @@ def _check_sort_batches(params: Mapping[str, Any], parameters: Mapping[str, Any]
 
     config = build_reporting_every_key(SortBatchesConfig.from_params, params, "sort_batches")
     batch_size = config.batch_size
-    from best_minibatch.training.gradient_training import TrainingConfig
+    from best_minibatch.gradient_training.config import TrainingConfig
 
     training = despite_bad_keys(lambda p: TrainingConfig.from_params(p, parameters.get("training")),
                                 parameters.get("gradient_training"), "gradient_training")
