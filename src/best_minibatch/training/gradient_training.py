@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
 import tempfile
 import time
 import zlib
@@ -57,7 +56,7 @@ from best_minibatch.training.resume import (
     gradient_file_problem,
     torch_save_overhead,
 )
-from best_minibatch.training.runtime import training_environment
+from best_minibatch.training.runtime import available_memory, training_environment
 
 logger = logging.getLogger(__name__)
 #: One line per epoch: in the log file (and in a terminal's progress bar), not in the terminal's log lines.
@@ -518,6 +517,8 @@ def run_identity(config: TrainingConfig, ordering: str, num_params: int, param_d
         identity["null_batches"] = config.null_batches  # likewise
     if config.batch_order != "fixed":
         identity["batch_order"] = config.batch_order  # likewise
+    if probe and config.recipe.probe_chunk:
+        identity["probe_batched"] = True  # likewise (vmap's kernels round differently from the sequential probe's)
     return identity
 
 
@@ -549,20 +550,6 @@ def check_run_folder(config: TrainingConfig, ordering: str, num_params: int, par
                          config.keep_checkpoints)
         store.check_compatible(run_identity(config, ordering, num_params, param_dtype, None, seed=seed), None,
                                unknown=("data",))
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes the buffer's device can still give: free GPU memory, or the RAM the kernel calls available."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_buffer_memory(config: TrainingConfig, num_params: int, param_dtype: torch.dtype, num_batches: int,
@@ -623,7 +610,7 @@ def _time_probed_step(recipe: TrainingRecipe, device: torch.device, images: int,
         num_params = sum(p.numel() for p in net_normal.parameters())
         dtype = next(net_normal.parameters()).dtype
         probe = GradientProbe(net_normal, 1, lambda count: EpochGradients(count, num_params, dtype, device),
-                              recipe.autocast)
+                              recipe.autocast, chunk=recipe.probe_chunk)
         batch = (torch.randn(images, *image_shape, device=device), torch.randint(0, num_classes, (images,),
                                                                                    device=device))
         seconds, steps = math.inf, 0
@@ -694,7 +681,7 @@ class _SpillingProbe(GradientProbe):
             net_normal, run.data.num_batches,
             lambda count: EpochGradients(count, run.num_params, run.param_dtype, run.device if on_device else "cpu",
                                          config.buffer_memory_cap_gb * GIB, scratch),
-            config.recipe.autocast)
+            config.recipe.autocast, chunk=config.recipe.probe_chunk)
         self.run = run
         self.spill_dtype = SPILL_DTYPES[config.spill_dtype]
         self.variance: GradientVarianceTrace | None = None
@@ -709,15 +696,18 @@ class _SpillingProbe(GradientProbe):
         self.checksums = [0] * len(self.order)
 
     def after_step(self, plan: EpochPlan, k: int, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
-        gradient = self.gradient(inputs, targets)
+        computed = self.step_gradients(k, inputs, targets)  # the batched probe: queued steps' gradients, or none
         if self.variance is not None:
             self.variance.add(inputs, targets)
-        if plan.epoch in self.run.kept_epochs:
-            batch = int(self.order[k])
+        if plan.epoch not in self.run.kept_epochs:
+            return None
+        spills = []
+        for step, gradient in computed:
+            batch = int(self.order[step])
             spilled = gradient.to("cpu", self.spill_dtype, copy=True)
             self.checksums[batch] = tensor_checksum(spilled)
-            return SpilledGradient(plan.epoch, batch, spilled)
-        return None
+            spills.append(SpilledGradient(plan.epoch, batch, spilled))
+        return spills
 
     def measures(self) -> dict[str, Any]:
         """The epoch's measures by batch (the buffer holds them by step) and each batch's ``position`` (its step)."""
