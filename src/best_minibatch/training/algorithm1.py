@@ -53,7 +53,6 @@ from best_minibatch.training.recipe import PROBE_CHUNK_AUTO, EpochPlan
 BufferFactory = Callable[[int], EpochGradients]
 
 
-
 class GradientProbe(EpochHook):
     """``net_compare``: the gradient of each mini-batch at the epoch-start parameters, and the distances.
 
