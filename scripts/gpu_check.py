@@ -12,6 +12,9 @@ Steps (each one's failure is recorded in the JSON under its name, and the next s
    against plain training of the same batches, both through the project's training engine
    (``GradientProbeRun``) with the ``paper`` environment's settings; the first epoch of each
    (cuDNN autotuning) is not counted.
+   The same epochs with the batched probe (``training.probe_chunk: auto``) give
+   ``batched_ratio``; ``probe_pass`` times the probe pass alone (K gradients at one set of
+   parameters into the epoch's buffer), one batch at a time vs batched, in images/s.
 4. ``probe_memory``: peak GPU memory of that probed run (model, probe copy, momentum,
    activations and the epoch's float32 gradients kept on the GPU), and the same arithmetic
    for the paper's 195 batches.
@@ -65,8 +68,10 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 import best_minibatch  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch is imported)
+from best_minibatch.config import deep_merge  # noqa: E402
 from best_minibatch.data.cifar import read_image_dataset  # noqa: E402
 from best_minibatch.data.images import to_model_input  # noqa: E402
+from best_minibatch.data.tensor_io import write_text_atomically  # noqa: E402
 from best_minibatch.gradient_training import (  # noqa: E402
     SPILL_DTYPES,
     GradientProbeRun,
@@ -74,7 +79,9 @@ from best_minibatch.gradient_training import (  # noqa: E402
     TrainingData,
     named_model_factory,
 )
+from best_minibatch.training.algorithm1 import GradientProbe  # noqa: E402
 from best_minibatch.training.models import build_model  # noqa: E402
+from best_minibatch.training.probing import EpochGradients  # noqa: E402
 
 SAMPLE_ZIP = PROJECT_ROOT / "data" / "01_raw" / "cifar10-sample.zip"
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -111,20 +118,6 @@ def sizes_for(mode: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- configuration
 
 
-def soft_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``override`` over ``base`` key by key (mappings merge recursively, anything else replaces).
-
-    The same result as the project's Kedro setting ``merge_strategy: {parameters: soft}``.
-    """
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = soft_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise GpuCheckError(f"Configuration file not found: '{path}'. Run from a complete checkout of the "
@@ -157,13 +150,13 @@ class PaperParameters:
         """The recipe keys as the paper run sees them (before this check's overrides)."""
         if self.training is None:
             return self.gradient_training
-        return soft_merge(self.training, self.gradient_training.get("training") or {})
+        return deep_merge(self.training, self.gradient_training.get("training") or {})
 
     def config(self, recipe_overrides: Mapping[str, Any], run_overrides: Mapping[str, Any]) -> TrainingConfig:
         """A TrainingConfig of these parameters with this check's overrides (recipe and run keys apart)."""
         if self.training is None:
-            return TrainingConfig.from_params(soft_merge(self.gradient_training, {**recipe_overrides, **run_overrides}))
-        run = soft_merge(self.gradient_training, {**run_overrides, "training": dict(recipe_overrides)})
+            return TrainingConfig.from_params(deep_merge(self.gradient_training, {**recipe_overrides, **run_overrides}))
+        run = deep_merge(self.gradient_training, {**run_overrides, "training": dict(recipe_overrides)})
         return TrainingConfig.from_params(run, self.training)
 
 
@@ -178,7 +171,7 @@ def _merged_section(conf_dir: Path, filename: str, section: str) -> dict[str, An
     paper = _read_yaml(paper_path) if paper_path.exists() else {}
     if section not in base and section not in paper:
         return None
-    return soft_merge(base.get(section) or {}, paper.get(section) or {})
+    return deep_merge(base.get(section) or {}, paper.get(section) or {})
 
 
 def paper_parameters(conf_dir: Path, scratch: Path) -> PaperParameters:
@@ -381,19 +374,28 @@ def probe_ratio_and_memory(device: torch.device, paper: PaperParameters, model: 
                            "gradient_buffer": {"scratch_dir": str(scratch / "ratio-scratch")}})
     recipe = recipe_of(config)
     factory = named_model_factory(config)
-    seconds: dict[bool, list[float]] = {}
+    # The batched probe (training.probe_chunk: auto): the same run, the K gradients taken several at a time.
+    batched_config = paper.config({"model": dict(model), "phases": [{"epochs": epochs, "lr": lr}],
+                                   "device": device.type, "progress_bar": False, "probe_chunk": "auto"},
+                                  {"checkpoint_dir": None, "keep_gradients": "none",
+                                   "gradient_buffer": {"scratch_dir": str(scratch / "ratio-scratch")}})
+    seconds: dict[str, list[float]] = {}
     peak: dict[str, Any] = {}
-    for probe in (False, True):
-        print(f"  {'probed' if probe else 'plain'}: {epochs} epochs of {count} batches of {batch} ...", flush=True)
+    batched_distances = None
+    for kind, probe, run_config in (("plain", False, config), ("probed", True, config),
+                                    ("batched", True, batched_config)):
+        print(f"  {kind}: {epochs} epochs of {count} batches of {batch} ...", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        run = GradientProbeRun(config, data, factory, "random", probe=probe)
+        run = GradientProbeRun(run_config, data, factory, "random", probe=probe)
         run.run()  # keep_gradients: none, so nothing is written
-        seconds[probe] = run.results.history["seconds"].tolist()
-        print(f"    seconds per epoch: {', '.join(f'{s:.3f}' for s in seconds[probe])}", flush=True)
-        if probe:
+        seconds[kind] = run.results.history["seconds"].tolist()
+        print(f"    seconds per epoch: {', '.join(f'{s:.3f}' for s in seconds[kind])}", flush=True)
+        if kind == "batched":
+            batched_distances = run.results.distances
+        elif probe:
             num_params, itemsize = run.num_params, run.param_dtype.itemsize
             distances = run.results.distances
             if device.type == "cuda":
@@ -403,17 +405,25 @@ def probe_ratio_and_memory(device: torch.device, paper: PaperParameters, model: 
             else:
                 peak = {"peak_allocated_gib": None, "peak_reserved_gib": None,
                         "peak_host_rss_gib": _peak_rss_bytes() / GIB}
-    plain = statistics.mean(seconds[False][1:])
-    probed = statistics.mean(seconds[True][1:])
+    plain = statistics.mean(seconds["plain"][1:])
+    probed = statistics.mean(seconds["probed"][1:])
+    batched = statistics.mean(seconds["batched"][1:])
     images_per_epoch = count * batch
+    # Both probes at the same parameters each epoch: their distances agree to rounding (float32 here).
+    agreement = float(np.max(np.abs(batched_distances["distance"].to_numpy() - distances["distance"].to_numpy())
+                             / distances["distance"].to_numpy()))
     ratio = {
         "model": recipe.model, "batches": count, "batch_size": batch, "epochs": epochs,
         "counted_epochs": f"2..{epochs} (epoch 1 holds cuDNN autotuning and first-call costs)",
         "settings": {"augment": recipe.augment, "bf16_autocast": recipe.bf16_autocast,
                      "deterministic": recipe.deterministic, "test_evaluation": False},
-        "plain_epoch_seconds": seconds[False], "probe_epoch_seconds": seconds[True],
+        "plain_epoch_seconds": seconds["plain"], "probe_epoch_seconds": seconds["probed"],
         "plain_seconds": plain, "probe_seconds": probed, "ratio": probed / plain,
         "plain_images_per_s": images_per_epoch / plain, "probe_images_per_s": images_per_epoch / probed,
+        "batched_probe": "training.probe_chunk: auto (torch.func, the chunk chosen from free memory)",
+        "batched_probe_epoch_seconds": seconds["batched"], "batched_probe_seconds": batched,
+        "batched_ratio": batched / plain, "batched_probe_images_per_s": images_per_epoch / batched,
+        "batched_distance_max_relative_difference": agreement,
         "distance_rows": len(distances),
         "distances_finite": bool(np.isfinite(distances["distance"].to_numpy()).all()),
     }
@@ -429,6 +439,51 @@ def probe_ratio_and_memory(device: torch.device, paper: PaperParameters, model: 
         memory["paper_epoch_peak_allocated_gib_estimate"] = (peak["peak_allocated_gib"] * GIB + extra) / GIB
         memory["paper_epoch_buffer_gib"] = PAPER_BATCHES * num_params * itemsize / GIB
     return ratio, memory
+
+
+def probe_pass(device: torch.device, model_name: str, model_options: Mapping[str, Any], images: torch.Tensor,
+               labels: torch.Tensor, batch: int, sizes: Mapping[str, Any]) -> dict[str, Any]:
+    """Images/s of Algorithm 1's probe pass alone: K gradients at one set of parameters, into the epoch's buffer.
+
+    ``sequential``: one forward/backward per batch (the reference probe); ``batched``:
+    ``vmap(grad)`` over chunks of batches (``probe_chunk: auto``). Best of
+    ``throughput_repeats`` timed epochs after one warm-up epoch each; float32.
+    """
+    count = sizes["ratio_batches"]
+    rows = random_batches(count, batch, images.shape[0], seed=1)
+    batches = [(to_model_input(images[r]).to(device), labels[r].to(device)) for r in rows]
+    torch.manual_seed(0)
+    net_normal = build_model(model_name, 10, **model_options).to(device).train()
+    num_params = sum(p.numel() for p in net_normal.parameters())
+    out: dict[str, Any] = {"model": model_name, "num_params": num_params, "batches": count, "batch_size": batch,
+                           "measures": "net_compare's K gradients at the epoch-start parameters, appended to an "
+                                       "in-memory EpochGradients on the model's device, and the exact distances"}
+    distances = {}
+    for kind, chunk in (("sequential", 0), ("batched", "auto")):
+        probe = GradientProbe(net_normal, count, lambda n: EpochGradients(n, num_params, torch.float32, device),
+                              contextlib.nullcontext, chunk=chunk)
+        rates = []
+        for repeat in range(1 + sizes["throughput_repeats"]):
+            synchronize(device)
+            started = time.perf_counter()
+            probe.start_epoch(None, net_normal)
+            for k, (inputs, targets) in enumerate(batches):
+                probe.after_step(None, k, inputs, targets)
+            measures = probe.measures()
+            synchronize(device)
+            if repeat:  # the first epoch warms up (cuDNN autotuning, first-call costs)
+                rates.append(count * batch / (time.perf_counter() - started))
+        distances[kind] = measures["distance"]
+        out[f"{kind}_images_per_s_runs"] = rates
+        out[f"{kind}_images_per_s"] = max(rates)
+        if chunk:
+            out["batched_chunk"] = probe.batched.chunk
+        print(f"  {kind}: {max(rates):,.0f} images/s (best)", flush=True)
+        del probe
+    out["speedup"] = out["batched_images_per_s"] / out["sequential_images_per_s"]
+    out["distance_max_relative_difference"] = float(np.max(np.abs(distances["batched"] - distances["sequential"])
+                                                           / distances["sequential"]))
+    return out
 
 
 def _peak_rss_bytes() -> int:
@@ -604,16 +659,8 @@ def check_out_path(out: Path) -> Path:
 
 
 def write_json_atomically(report: Mapping[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=out.name + ".", suffix=".partial", dir=out.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(report, file, indent=2, default=_json_default, allow_nan=True)
-            file.write("\n")
-        os.replace(temp, out)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """The report as JSON, through the project's atomic writer (a reader never sees half a file)."""
+    write_text_atomically(json.dumps(report, indent=2, default=_json_default, allow_nan=True) + "\n", out)
 
 
 def _json_default(value: Any) -> Any:
@@ -687,6 +734,9 @@ def _check(argv: list[str] | None, scratch_root: Path) -> int:
         run_step(report, "throughput",
                  lambda: throughput(device, model_name, model_options, pool_images, pool_labels, sizes), device)
         ratio_batch = batch if mode == "cuda" else sizes["ratio_batch"]
+        run_step(report, "probe_pass",
+                 lambda: probe_pass(device, model_name, model_options, pool_images, pool_labels, ratio_batch, sizes),
+                 device)
         both = run_step(report, "probe_ratio",
                         lambda: probe_ratio_and_memory(device, paper, model, pool_images, pool_labels, ratio_batch,
                                                        sizes, scratch_root), device, store=False)

@@ -64,7 +64,7 @@ def test_cpu_mode_says_so_and_every_step_ran(cpu_report):
     assert report["device"]["type"] == "cpu"
     assert report["data"]["train_images"] == [5000, 32, 32, 3]
     assert report["data"]["test_images"] == [1000, 32, 32, 3]
-    for step in ("device", "data", "throughput", "probe_ratio", "paper_run", "time_estimate"):
+    for step in ("device", "data", "throughput", "probe_pass", "probe_ratio", "paper_run", "time_estimate"):
         assert step in report["step_seconds"]
 
 
@@ -100,6 +100,37 @@ def test_probe_ratio_and_memory(cpu_report):
     assert memory["buffer_gib"] == 20 * SMALL_CNN_WIDTH_8_PARAMS * 4 / GIB
     assert memory["peak_allocated_gib"] is None  # no GPU
     assert memory["peak_host_rss_gib"] > memory["buffer_gib"]
+
+
+def test_probe_pass_and_ratio_compare_the_batched_probe_with_the_sequential_one(cpu_report):
+    report = cpu_report[0]
+    assert "probe_pass" in report["step_seconds"]
+    probe = report["probe_pass"]
+    assert probe["model"] == "small_cnn" and probe["batches"] == 20 and probe["batch_size"] == 32
+    for kind in ("sequential", "batched"):
+        assert len(probe[f"{kind}_images_per_s_runs"]) == 3
+        assert probe[f"{kind}_images_per_s"] == max(probe[f"{kind}_images_per_s_runs"])
+    assert probe["speedup"] == pytest.approx(probe["batched_images_per_s"] / probe["sequential_images_per_s"])
+    assert 1 <= probe["batched_chunk"] <= 64
+    assert probe["distance_max_relative_difference"] < 1e-4  # the same distances, to float32 rounding
+    ratio = report["probe_ratio"]
+    assert len(ratio["batched_probe_epoch_seconds"]) == 3
+    assert ratio["batched_probe_seconds"] == pytest.approx(sum(ratio["batched_probe_epoch_seconds"][1:]) / 2)
+    assert ratio["batched_ratio"] == pytest.approx(ratio["batched_probe_seconds"] / ratio["plain_seconds"])
+    assert ratio["batched_probe_images_per_s"] == pytest.approx(20 * 32 / ratio["batched_probe_seconds"])
+    assert ratio["batched_distance_max_relative_difference"] < 1e-4
+
+
+def test_the_report_is_written_through_the_projects_atomic_writer_and_merge(gpu_check, monkeypatch, tmp_path):
+    from best_minibatch import config
+    from best_minibatch.training import checkpoints
+
+    assert gpu_check.deep_merge is config.deep_merge
+    assert gpu_check.write_text_atomically is checkpoints.write_text_atomically
+    written = []
+    monkeypatch.setattr(gpu_check, "write_text_atomically", lambda text, path: written.append((text, path)))
+    gpu_check.write_json_atomically({"a": float("nan"), "b": (1, 2)}, tmp_path / "r.json")
+    assert written == [('{\n  "a": NaN,\n  "b": [\n    1,\n    2\n  ]\n}\n', tmp_path / "r.json")]
 
 
 def test_paper_run_is_two_epochs_of_the_paper_parameters(cpu_report):

@@ -33,6 +33,7 @@ from best_minibatch.training.algorithm1 import GradientProbe
 from best_minibatch.training.loop import train_epochs
 from best_minibatch.training.probing import EpochGradients
 from best_minibatch.training.recipe import TrainingRecipe, training_environment
+from best_minibatch.training.runtime import available_memory
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +83,6 @@ def check_run_folder(config: TrainingConfig, ordering: str, num_params: int, par
                          config.keep_checkpoints)
         store.check_compatible(run_identity(config, ordering, num_params, param_dtype, None, seed=seed), None,
                                unknown=("data",))
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes the buffer's device can still give: free GPU memory, or the RAM the kernel calls available."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_buffer_memory(config: TrainingConfig, num_params: int, param_dtype: torch.dtype, num_batches: int,
@@ -156,7 +143,7 @@ def _time_probed_step(recipe: TrainingRecipe, device: torch.device, images: int,
         num_params = sum(p.numel() for p in net_normal.parameters())
         dtype = next(net_normal.parameters()).dtype
         probe = GradientProbe(net_normal, 1, lambda count: EpochGradients(count, num_params, dtype, device),
-                              recipe.autocast)
+                              recipe.autocast, chunk=recipe.probe_chunk)
         batch = (torch.randn(images, *image_shape, device=device), torch.randint(0, num_classes, (images,),
                                                                                    device=device))
         seconds, steps = math.inf, 0

@@ -197,6 +197,8 @@ def run_identity(config: TrainingConfig, ordering: str, num_params: int, param_d
         identity["null_batches"] = config.null_batches  # likewise
     if config.batch_order != "fixed":
         identity["batch_order"] = config.batch_order  # likewise
+    if probe and config.recipe.probe_chunk:
+        identity["probe_batched"] = True  # likewise (vmap's kernels round differently from the sequential probe's)
     return identity
 
 

@@ -69,7 +69,7 @@ class _SpillingProbe(GradientProbe):
             net_normal, run.data.num_batches,
             lambda count: EpochGradients(count, run.num_params, run.param_dtype, run.device if on_device else "cpu",
                                          config.buffer_memory_cap_gb * GIB, scratch),
-            config.recipe.autocast)
+            config.recipe.autocast, chunk=config.recipe.probe_chunk)
         self.run = run
         self.spill_dtype = run.gradients.dtype
         self.variance: GradientVarianceTrace | None = None
@@ -84,13 +84,14 @@ class _SpillingProbe(GradientProbe):
         self.checksums = [0] * len(self.order)
 
     def after_step(self, plan: EpochPlan, k: int, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        gradient = self.gradient(inputs, targets)
+        computed = self.step_gradients(k, inputs, targets)  # the batched probe: the queued steps' gradients, or none
         if self.variance is not None:
             self.variance.add(inputs, targets)
         if plan.epoch in self.run.kept_epochs:
-            batch = int(self.order[k])
-            spilled = gradient.to("cpu", self.spill_dtype, copy=True)
-            self.checksums[batch] = self.run.gradients.write(plan.epoch, batch, spilled)
+            for step, gradient in computed:
+                batch = int(self.order[step])
+                spilled = gradient.to("cpu", self.spill_dtype, copy=True)
+                self.checksums[batch] = self.run.gradients.write(plan.epoch, batch, spilled)
 
     def measures(self) -> dict[str, Any]:
         """The epoch's measures by batch (the buffer holds them by step) and each batch's ``position`` (its step)."""

@@ -39,7 +39,7 @@ class EpochHook:
         """Before the epoch's first step, at the epoch-start parameters."""
 
     def after_step(self, plan: EpochPlan, k: int, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
-        """After step ``k``'s update, with the inputs it trained on; a non-``None`` result is yielded."""
+        """After step ``k``'s update, with the inputs it trained on; a non-``None`` result is yielded (a list: each item)."""
         return None
 
     def end_epoch(self, plan: EpochPlan) -> None:
@@ -102,7 +102,7 @@ def train_epochs(
     label: str = "",
     state: LoopState | None = None,
 ) -> Iterator[Any]:
-    """Train ``model`` for ``plans``; yield what the hook's ``after_step`` returns.
+    """Train ``model`` for ``plans``; yield what the hook's ``after_step`` returns (a list's items one by one).
 
     ``batches(plan)`` gives the epoch's ``num_steps(plan)`` (inputs, targets) pairs,
     already on the model's device. ``evaluate(model)`` returns (loss, accuracy) and
@@ -142,7 +142,9 @@ def train_epochs(
                 correct += (outputs.detach().argmax(dim=1) == targets).sum()
                 state.step += 1
                 produced = hook.after_step(plan, k, inputs, targets)
-                if produced is not None:
+                if isinstance(produced, list):
+                    yield from produced
+                elif produced is not None:
                     yield produced
                 advance()
                 if k in evaluate_after:

@@ -22,8 +22,11 @@ from best_minibatch.config import ConfigError, Section, deep_merge
 from best_minibatch.training.models import MODELS, build_model
 from best_minibatch.training.runtime import DEVICES, cpu_threads, deterministic_algorithms, gpu_slot, resolve_device
 
+#: ``probe_chunk: auto``: the batched probe with its chunk chosen from free memory.
+PROBE_CHUNK_AUTO = "auto"
+
 RECIPE_KEYS = ("model", "phases", "momentum", "weight_decay", "augment", "batch_size", "device", "bf16_autocast",
-               "deterministic", "cpu_threads", "eval_batch_size", "evaluations_per_epoch", "progress_bar")
+               "deterministic", "cpu_threads", "eval_batch_size", "evaluations_per_epoch", "progress_bar", "probe_chunk")
 
 
 class EpochPlan(NamedTuple):
@@ -52,6 +55,7 @@ class TrainingRecipe:
     eval_batch_size: int = 500
     evaluations_per_epoch: int = 1
     progress_bar: bool = True
+    probe_chunk: int | str = 0  # 0: the sequential probe; auto or N: the batched probe (algorithm1.GradientProbe)
 
     @classmethod
     def from_params(cls, shared: Mapping[str, Any] | None, override: Mapping[str, Any] | None = None, *,
@@ -101,6 +105,10 @@ class TrainingRecipe:
             evaluations_per_epoch=section.integer("evaluations_per_epoch", cls.evaluations_per_epoch, 1,
                                                   "Use e.g. 1 or 2."),
             progress_bar=section.boolean("progress_bar", cls.progress_bar),
+            probe_chunk=(PROBE_CHUNK_AUTO if section.get("probe_chunk") == PROBE_CHUNK_AUTO else
+                         section.integer("probe_chunk", cls.probe_chunk, 0,
+                                         f"Use 0 (the sequential probe), {PROBE_CHUNK_AUTO} (batched, the chunk "
+                                         "chosen from free memory) or a number of batches per call, e.g. 8.")),
         )
 
     # ------------------------------------------------------------------ derived
