@@ -131,7 +131,7 @@ def test_parameters_are_checked_in_one_style():
     files = source_files()
     for module in ("training/recipe.py", "gradient_training/config.py", "selection/config.py",
                    "batches/batching.py", "data/cifar.py", "analysis/statistics.py", "analysis/report.py",
-                   "metrics/options.py", "kedro_glue/run_checks.py"):
+                   "metrics/options.py"):
         assert "Section(" in files[module], module
     # No section keeps a parser of its own for unknown keys.
     assert not any("unknown parameter" in text for name, text in files.items() if name != "config.py")

@@ -123,10 +123,10 @@ def test_probe_pass_and_ratio_compare_the_batched_probe_with_the_sequential_one(
 
 def test_the_report_is_written_through_the_projects_atomic_writer_and_merge(gpu_check, monkeypatch, tmp_path):
     from best_minibatch import config
-    from best_minibatch.training import checkpoints
+    from best_minibatch.data import tensor_io
 
     assert gpu_check.deep_merge is config.deep_merge
-    assert gpu_check.write_text_atomically is checkpoints.write_text_atomically
+    assert gpu_check.write_text_atomically is tensor_io.write_text_atomically
     written = []
     monkeypatch.setattr(gpu_check, "write_text_atomically", lambda text, path: written.append((text, path)))
     gpu_check.write_json_atomically({"a": float("nan"), "b": (1, 2)}, tmp_path / "r.json")

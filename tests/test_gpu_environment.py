@@ -14,10 +14,10 @@ import yaml
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from best_minibatch import validation
 from best_minibatch.batches.orderings import all_orderings
 from best_minibatch.gradient_training import TrainingConfig
 from best_minibatch.gradient_training import checks as gradient_training
+from best_minibatch.kedro_glue import run_checks
 from best_minibatch.training.models import build_model, count_parameters
 from tests.conftest import PROJECT_ROOT
 from tests.test_models import RESNET18_CIFAR_PARAMETERS
@@ -80,9 +80,9 @@ def test_the_gpu_environment_passes_every_run_check(params, full_cifar_zip, monk
     previous = Path.cwd()
     os.chdir(PROJECT_ROOT)  # the source path is relative to the project root
     try:
-        n_train = validation.count_training_images(params["ingest_cifar"]["source"])
-        problems = validation.run_problems(params, params.keys(),
-                                           validation.RunFacts(n_train=n_train, trained_orderings=tuple(all_orderings())))
+        n_train = run_checks.count_training_images(params["ingest_cifar"]["source"])
+        problems = run_checks.run_problems(params, params.keys(),
+                                           run_checks.RunFacts(n_train=n_train, trained_orderings=tuple(all_orderings())))
     finally:
         os.chdir(previous)
     assert n_train == 50_000 and n_train // 256 == 195
