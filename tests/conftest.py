@@ -97,6 +97,17 @@ def run_session(project: Path, env: str | None = None, pipeline: str | None = No
         os.chdir(previous)
 
 
+#: Fixtures that run a whole project, `make gpu-check` or a kedro-viz server: a test that uses one, directly or
+#: through another fixture, is marked slow (`make test-fast` leaves it out; `make test` and CI run it).
+SLOW_FIXTURES = {"finished_project", "dask_project", "cpu_report", "viz_server", "finished_run"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def finished_project(tmp_path_factory) -> Path:
     """A copy of the project after one quick default run (every pipeline, every ordering), tracked in

@@ -19,6 +19,8 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = sorted((PROJECT_ROOT / "benchmarks").glob("benchmark_*.py"))
 
+pytestmark = pytest.mark.slow  # every benchmark script, run in its tiny mode (~1.5 min together)
+
 
 def test_there_are_benchmarks():
     assert len(BENCHMARKS) >= 5

@@ -298,6 +298,7 @@ def fails_with_a_project_error(x):
     raise ConfigError("section.key", "cannot work", "Fix it.")
 
 
+@pytest.mark.slow  # a Dask cluster
 def test_a_failing_node_stops_the_run_with_its_error_after_its_hooks(tmp_path):
     pipeline = Pipeline([node(first, "a", "b", name="ok"), node(fails, "b", "c", name="fails"),
                          node(first, "c", "d", name="never")])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
@@ -117,6 +118,7 @@ def test_the_full_batch_selection_is_the_issue_setup_and_passes_every_run_check(
     assert n_train == 50_000 and problems == []
 
 
+@pytest.mark.slow  # an epoch at the full geometry on real images (~45 s)
 def test_one_epoch_of_the_full_environment_runs_on_a_subset_at_the_same_batch_size(tmp_path,
                                                                                     stored_lpips_weights):  # noqa: F811
     """The embedded sample (5,000 images: 19 batches of 256) through ingest, scoring, batching and

@@ -157,6 +157,7 @@ def test_viz_in_headless_chromium_shows_pipelines_and_a_training_node(viz_server
     assert screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
 
 
+@pytest.mark.slow  # kedro viz build
 def test_viz_build_makes_a_static_site_that_serves_over_http(tmp_path):
     project = copy_project(tmp_path / "project")
     built = run_group([str(KEDRO), "viz", "build"], timeout=600, cwd=project, env=viz_environment())

@@ -287,6 +287,7 @@ def _node_that_hands_out(marker: str, on_the_nodes_worker: bool) -> list:
         return parallel.map_tasks(_kill_own_worker_once, items, label="selection-run")
 
 
+@pytest.mark.slow  # a Dask cluster whose worker is killed
 @pytest.mark.parametrize("on_the_nodes_worker", [False, True], ids=["another-worker", "the-nodes-own-worker"])
 def test_a_worker_killed_while_handed_out_tasks_run_loses_no_result(tmp_path, on_the_nodes_worker):
     """A real SIGKILL of a worker: Dask reruns the killed task (or, when the node's own worker died, the node, which
@@ -318,6 +319,7 @@ def _node_with_slow_items() -> list:
         return parallel.map_tasks(_slow_sum, items, label="selection-lost")
 
 
+@pytest.mark.slow  # a Dask cluster
 def test_a_handed_out_task_the_scheduler_drops_is_resubmitted_not_the_whole_node_failed():
     """A task whose input data died with its worker is cancelled by the scheduler ('lost dependencies'): simulated
     by cancelling one task from outside. Before: the node, and with it the whole experiment, failed."""
@@ -462,6 +464,7 @@ def test_the_experiment_is_marked_as_model_training_so_the_ui_opens_on_runs(tmp_
 # --------------------------------------------------------------------------- case 12: a namespace named twice
 
 
+@pytest.mark.slow  # a Kedro run of one namespace
 def test_a_namespace_named_twice_is_run_once():
     """Before: `--namespaces=edges,edges` was refused with Kedro's message about node names."""
     import os

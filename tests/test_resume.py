@@ -96,6 +96,7 @@ def stop_started_runs():
         process.communicate(timeout=60)
 
 
+@pytest.mark.slow  # real subprocesses killed and rerun
 def test_rerun_after_sigkill_resumes_and_matches_an_uninterrupted_run(tmp_path, script_and_data):
     script, data = script_and_data
     reference = start(script, data, tmp_path / "reference", tmp_path / "reference_out")
