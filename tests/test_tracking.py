@@ -32,7 +32,8 @@ from mlflow.tracking import MlflowClient
 from best_minibatch.batches.orderings import all_orderings
 from best_minibatch.data.tensor_io import load_tensors
 from best_minibatch.gradient_training import seed_model_states
-from best_minibatch.kedro_glue import tracked, tracking
+from best_minibatch.kedro_glue import tracked as declarations
+from best_minibatch.kedro_glue import tracking
 from best_minibatch.selection.statistics import time_to_target
 from tests.conftest import PROJECT_ROOT, QUICK_RUN_PARAMS, copy_project, run_session
 from tests.test_kedro_viz import free_port, start_group, stop_group, wait_for
@@ -213,7 +214,7 @@ def declared_outputs(project: Path, pipeline: str) -> dict[str, dict]:
     bootstrap_project(project)
     with KedroSession.create(project_path=project, runtime_params=QUICK_RUN_PARAMS) as session:
         catalog = session.load_context().catalog
-    resolved = {name: tracked.declaration_of(catalog.config_resolver.resolve_pattern(name))
+    resolved = {name: declarations.declaration_of(catalog.config_resolver.resolve_pattern(name))
                 for name in pipelines[pipeline].all_outputs()}
     return {name: declaration for name, declaration in resolved.items() if declaration is not None}
 
@@ -224,22 +225,22 @@ def test_every_declared_metric_and_artifact_is_in_the_runs_record(tracked, rerun
     declared = declared_outputs(project, "__default__")
     trained = set(histories(project))  # an ordering skipped for want of its metric's weights trains nothing
     expected = {name: d for name, d in declared.items() if d.get("label") is None or d["label"] in trained}
-    assert {d["log"] for d in expected.values()} == set(tracked.TRACKED) - {
+    assert {d["log"] for d in expected.values()} == set(declarations.TRACKED) - {
         "selection_curves", "selection_results", "table"}  # batch_selection is not part of the default run
     assert sum(d["log"] == "training_history" for d in expected.values()) == len(trained) >= 8
-    assert {name: tracked.missing_from_record(client, run.info.run_id, d) for name, d in expected.items()} == {
+    assert {name: declarations.missing_from_record(client, run.info.run_id, d) for name, d in expected.items()} == {
         name: [] for name in expected}
     selection_project, selection_client, selection_run, _ = rerun
     selection = declared_outputs(selection_project, "batch_selection")
     assert {d["log"] for d in selection.values()} == {"selection_curves", "selection_results", "table", "file"}
-    assert {name: tracked.missing_from_record(selection_client, selection_run.info.run_id, d)
+    assert {name: declarations.missing_from_record(selection_client, selection_run.info.run_id, d)
             for name, d in selection.items()} == {name: [] for name in selection}
     # What the check reports when a declared value is not in the record.
-    assert tracked.missing_from_record(client, run.info.run_id, {"log": "selection_results"}) == [
-        f"metric {metric} of a nested run" for metric in tracked.CURVE_METRICS + tracked.RESULT_METRICS]
-    assert tracked.missing_from_record(client, run.info.run_id, {"log": "training_history", "label": "renamed"}) \
+    assert declarations.missing_from_record(client, run.info.run_id, {"log": "selection_results"}) == [
+        f"metric {metric} of a nested run" for metric in declarations.CURVE_METRICS + declarations.RESULT_METRICS]
+    assert declarations.missing_from_record(client, run.info.run_id, {"log": "training_history", "label": "renamed"}) \
         == [f"metric {column}/renamed" for column in HISTORY_COLUMNS]
-    assert tracked.missing_from_record(client, run.info.run_id, {"log": "file", "artifact_path": "figures/renamed"}) \
+    assert declarations.missing_from_record(client, run.info.run_id, {"log": "file", "artifact_path": "figures/renamed"}) \
         == ["artifact figures/renamed"]
 
 
@@ -509,22 +510,22 @@ def pipeline_outputs() -> set[str]:
 
 def test_every_kind_is_declared_by_a_catalog_entry_that_a_pipeline_writes():
     conf, outputs = project_catalog_conf(), pipeline_outputs()
-    assert tracked.declaration_problems(conf, outputs) == []
-    declared = tracked.tracked_entries(conf)
-    assert {d["log"] for d in declared.values()} == set(tracked.TRACKED)
+    assert declarations.declaration_problems(conf, outputs) == []
+    declared = declarations.tracked_entries(conf)
+    assert {d["log"] for d in declared.values()} == set(declarations.TRACKED)
     assert declared["{ordering}.training_history"] == {"log": "training_history", "label": "{ordering}"}
     assert declared["report_html"] == {"log": "file", "artifact_path": "report"}
     # An entry renamed away from the dataset the pipeline writes: the declaration names nothing saved.
     renamed = {("claim_results" if name == "claim_verdicts" else name): entry for name, entry in conf.items()}
-    assert tracked.declaration_problems(renamed, outputs) == [
+    assert declarations.declaration_problems(renamed, outputs) == [
         "'claim_results' declares tracking but no pipeline writes a dataset of that name"]
     # The pipeline's output renamed instead: the pattern entry no longer matches anything written.
     outputs_renamed = {name.replace(".training_history", ".history") for name in outputs}
-    assert tracked.declaration_problems(conf, outputs_renamed) == [
+    assert declarations.declaration_problems(conf, outputs_renamed) == [
         "'{ordering}.training_history' declares tracking but no pipeline writes a dataset of that name"]
     # An entry removed, or its declaration dropped: the kind it declared is left behind.
     without = {name: entry for name, entry in conf.items() if name != "distance_noise_units"}
-    problems = tracked.declaration_problems(without, outputs)
+    problems = declarations.declaration_problems(without, outputs)
     assert len(problems) == 1 and problems[0].startswith("no catalog entry declares tracking 'noise_units'")
 
 
@@ -534,11 +535,11 @@ def test_a_tracking_declaration_with_an_unknown_kind_or_a_missing_key_is_named()
         conf["report_html"] = {**conf["report_html"], "metadata": {"tracking": declaration}}
         return conf
 
-    assert tracked.declaration_problems(catalog({"log": "files", "artifact_path": "report"}))[0].startswith(
+    assert declarations.declaration_problems(catalog({"log": "files", "artifact_path": "report"}))[0].startswith(
         "'report_html' declares tracking 'files', which is not a kind of TRACKED")
-    assert tracked.declaration_problems(catalog({"log": "file"})) == [
+    assert declarations.declaration_problems(catalog({"log": "file"})) == [
         "'report_html' is tracked as 'file', which needs ['artifact_path']"]
-    assert tracked.declaration_problems(catalog({"log": "file", "artifact_path": "report", "path": "x"})) == [
+    assert declarations.declaration_problems(catalog({"log": "file", "artifact_path": "report", "path": "x"})) == [
         "'report_html' declares unknown tracking keys ['path'] (known: log, label, artifact_path)"]
 
 
