@@ -127,7 +127,7 @@ def test_a_refusal_prints_its_message_alone_and_the_traceback_only_when_asked(tm
     assert message[-1] == (f"(RunCheckError. The full traceback is in {project / 'logs/errors.log'}; run again "
                            "with --verbose to print it.)")
     log = (project / "logs/errors.log").read_text()
-    assert "Traceback (most recent call last)" in log and "raise validation.RunCheckError(problems)" in log
+    assert "Traceback (most recent call last)" in log and "raise run_checks.RunCheckError(problems)" in log
     assert not (project / "data/02_intermediate").exists() or not any((project / "data/02_intermediate").iterdir())
 
     verbose = kedro_run(project, "--params=sort_batches.batch_size=0", "--verbose")
