@@ -1,5 +1,5 @@
 """One parameter style for every section: each bad key is refused naming ``<section>.<key>`` and the fix,
-and every problem of a section is listed together (the run checks, ``validation.run_problems``)."""
+and every problem of a section is listed together (the run checks, ``kedro_glue.run_checks.run_problems``)."""
 
 from __future__ import annotations
 
