@@ -9,7 +9,10 @@ training histories) and its disk use (every file the run wrote). The section bet
 everything else is replaced. The paper's fixed-order procedure has its own page,
 docs/results/full_cifar10_fixed_order.md.
 
-Run:  .venv/bin/python scripts/full_results_page.py [--run-id ID] [--env full] [--page PATH]
+Run:  .venv/bin/python scripts/full_results_page.py [--run-id ID] [--env full] [--page PATH] [--project DIR]
+
+``--project``: the checkout whose ``data/`` holds the run (default: this one), e.g. a worktree
+that ran it on a frozen commit; the page and its figures are written here.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from best_minibatch.services.run_manifest import Manifest, ManifestStore  # noqa
 
 PAGE = PROJECT_ROOT / "docs" / "results" / "full_cifar10.md"
 FIGURES = PAGE.with_suffix("")  # docs/results/full_cifar10/
-MANIFESTS = PROJECT_ROOT / "data" / "runs" / "run_manifest.json"
+#: The checkout whose data/ holds the run (``--project``).
+RUN_ROOT = PROJECT_ROOT
 BEGIN, END = "<!-- conclusion: written by hand, kept on regeneration -->", "<!-- end of conclusion -->"
 
 
@@ -46,7 +50,7 @@ def batch_order(manifest: Manifest) -> str:
 
 def completed_full_run(run_id: str | None, order: str = "fixed", env: str = "full") -> Manifest:
     """The named run's manifest, or the last completed run of environment ``env`` with that batch order."""
-    store = ManifestStore(MANIFESTS)
+    store = ManifestStore(RUN_ROOT / "data" / "runs" / "run_manifest.json")
     if run_id is not None:
         manifest = store.read(run_id)
     else:
@@ -55,14 +59,14 @@ def completed_full_run(run_id: str | None, order: str = "fixed", env: str = "ful
     if manifest is None:
         command = f"kedro run --env {env} --params gradient_training.batch_order={order}"
         raise SystemExit(f"No {'run ' + run_id if run_id else f'completed run of --env {env} in the {order} order'} "
-                         f"under {MANIFESTS}. Run `{command}` first (it resumes where it stopped).")
+                         f"under {RUN_ROOT / 'data' / 'runs'}. Run `{command}` first (it resumes where it stopped).")
     return manifest
 
 
 def dataset_file(manifest: Manifest, name: str) -> Path:
     """The file of ``name``'s version in the run's state (a versioned dataset: <path>/<version>/<file name>)."""
     entry = manifest.datasets[name]
-    path = PROJECT_ROOT / entry.path
+    path = RUN_ROOT / entry.path
     return path / entry.version / path.name
 
 
@@ -126,8 +130,8 @@ def disk_use(manifest: Manifest, histories: dict[str, pd.DataFrame]) -> pd.DataF
         rows.append({"what": f"versioned outputs in data/{layer}", "bytes": size})
     params = manifest.parameters.get("gradient_training", {})
     run_names = sorted({str(name) for h in histories.values() if "run_name" in h for name in h["run_name"].unique()})
-    gradients = PROJECT_ROOT / str(params.get("gradients_dir", "data/07_model_output/gradients"))
-    checkpoints = PROJECT_ROOT / str(params.get("checkpoint_dir", "data/06_models/checkpoints"))
+    gradients = RUN_ROOT / str(params.get("gradients_dir", "data/07_model_output/gradients"))
+    checkpoints = RUN_ROOT / str(params.get("checkpoint_dir", "data/06_models/checkpoints"))
     if run_names:
         rows.append({"what": f"spilled gradients ({len(run_names)} runs)",
                      "bytes": sum(folder_bytes(gradients / n) for n in run_names)})
@@ -159,8 +163,12 @@ def main() -> None:
     parser.add_argument("--page", type=Path, default=PAGE, help="where to write the page (figures beside it)")
     parser.add_argument("--model-choice", type=Path, default=PROJECT_ROOT / "docs/results/full_cifar10_model_choice.json")
     parser.add_argument("--calibration", type=Path, default=PROJECT_ROOT / "docs/results/calibration.json")
+    parser.add_argument("--project", type=Path, default=PROJECT_ROOT,
+                        help="the checkout whose data/ holds the run (default: this one)")
     args = parser.parse_args()
-    os.chdir(PROJECT_ROOT)
+    global RUN_ROOT
+    RUN_ROOT = args.project.resolve()
+    os.chdir(RUN_ROOT)
     page, figures_root = args.page.resolve(), args.page.resolve().with_suffix("")
     manifest = completed_full_run(args.run_id, order="shuffled", env=args.env)
     params = manifest.parameters
