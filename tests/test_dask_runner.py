@@ -356,6 +356,7 @@ def cpu_and_gpu_workers():
         cluster.close()
 
 
+@pytest.mark.slow  # a Dask cluster
 def test_gpu_tagged_nodes_and_the_trainings_they_hand_out_run_only_where_a_gpu_is(cpu_and_gpu_workers):
     tagged = [node(worker_name, "a", f"gpu_{i}", name=f"gpu_{i}", tags=[parallel.GPU_TAG]) for i in range(6)]
     plain = [node(worker_name, "a", f"cpu_{i}", name=f"cpu_{i}") for i in range(6)]
@@ -368,6 +369,7 @@ def test_gpu_tagged_nodes_and_the_trainings_they_hand_out_run_only_where_a_gpu_i
     assert {ran[f"cpu_{i}"] for i in range(6)} <= {"cpu", "gpu"}
 
 
+@pytest.mark.slow  # a Dask cluster
 def test_map_tasks_hands_every_task_the_shared_object(cpu_and_gpu_workers):
     """``shared`` travels to the workers once (broadcast) and reaches every task beside its item."""
     handing = node(hand_out_with_shared, "a", "handed", name="hand_out")
@@ -401,6 +403,7 @@ def log_from_worker(x):
     return x
 
 
+@pytest.mark.slow  # a Dask cluster
 def test_worker_log_records_reach_this_process(caplog, monkeypatch):
     """Forwarded to this process's loggers, even though Kedro configures logging on the worker when a task
     first imports it (from the project folder: conf/logging.yml)."""

