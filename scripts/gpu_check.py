@@ -71,7 +71,7 @@ import best_minibatch  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch is 
 from best_minibatch.config import deep_merge  # noqa: E402
 from best_minibatch.data.cifar import read_image_dataset  # noqa: E402
 from best_minibatch.data.images import to_model_input  # noqa: E402
-from best_minibatch.data.tensor_io import write_text_atomically  # noqa: E402
+from best_minibatch.data.tensor_io import GIB, write_text_atomically  # noqa: E402
 from best_minibatch.gradient_training import (  # noqa: E402
     SPILL_DTYPES,
     GradientProbeRun,
@@ -86,7 +86,6 @@ from best_minibatch.training.probing import EpochGradients  # noqa: E402
 SAMPLE_ZIP = PROJECT_ROOT / "data" / "01_raw" / "cifar10-sample.zip"
 CONF_DIR = PROJECT_ROOT / "conf"
 DEFAULT_OUT = PROJECT_ROOT / "data" / "08_reporting" / "gpu_check.json"
-GIB = 2**30
 
 # The paper's full run, for the time estimate (docs/paper_setup.md): 150 epochs of all of
 # CIFAR-10 (195 batches of 256 = 49,920 images) per ordering, five orderings.

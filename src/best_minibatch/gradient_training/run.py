@@ -293,15 +293,7 @@ class GradientProbeRun:
         return inputs.to(self.device), data.train_labels[rows].to(self.device)
 
     def _record_null(self, plan: EpochPlan, measures: Mapping[str, Any], progress: Progress) -> None:
-        null, count = measures["null"], len(measures["null"]["distance"])
-        rows = progress.null
-        rows["epoch"] += [plan.epoch] * count
-        rows["phase"] += [plan.phase] * count
-        rows["learning_rate"] += [plan.learning_rate] * count
-        rows["draw"] += list(range(count))
-        for c in GRADIENT_MEASURES:
-            rows[c] += null[c].tolist()
-        rows["full_grad_norm"] += [measures["full_grad_norm"]] * count
+        progress.append_epoch(progress.null, plan, "draw", measures["null"], measures["full_grad_norm"])
 
     def _divergence_message(self, plan: EpochPlan, step: int | None, what: str) -> str:
         batch = None if step is None else int(self.epoch_order(plan.epoch)[step])
@@ -341,18 +333,10 @@ class GradientProbeRun:
     def _record(self, plan: EpochPlan, measures: dict | None, train_loss: float, train_accuracy: float,
                 test_loss: float, test_accuracy: float, seconds: float, kept: bool, progress: Progress,
                 gradient_variance_trace: float = math.nan) -> None:
-        k_count = self.data.num_batches
         mean_distance = full_norm = float("nan")
         if measures is not None:
-            rows = progress.distances
-            rows["epoch"] += [plan.epoch] * k_count
-            rows["phase"] += [plan.phase] * k_count
-            rows["learning_rate"] += [plan.learning_rate] * k_count
-            rows["batch"] += list(range(k_count))
-            for c in GRADIENT_MEASURES:
-                rows[c] += measures[c].tolist()
-            rows["full_grad_norm"] += [measures["full_grad_norm"]] * k_count
-            rows["position"] += measures["position"].tolist()
+            progress.append_epoch(progress.distances, plan, "batch", measures, measures["full_grad_norm"])
+            progress.distances["position"] += measures["position"].tolist()
             mean_distance = float(np.mean(measures["distance"]))
             full_norm = measures["full_grad_norm"]
         history = progress.history

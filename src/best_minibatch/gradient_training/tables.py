@@ -71,6 +71,20 @@ class Progress:
             progress.gradient_checksums[int(e)] = v.tolist()
         return progress
 
+    @staticmethod
+    def append_epoch(rows: dict[str, list], plan: Any, index: str, measures: Mapping[str, Any],
+                     full_grad_norm: float) -> None:
+        """Add one epoch's rows to ``rows`` (distances or null): ``index`` numbers them 0..n-1 (``batch``,
+        ``draw``), ``measures`` holds each of GRADIENT_MEASURES per row."""
+        count = len(measures["distance"])
+        rows["epoch"] += [plan.epoch] * count
+        rows["phase"] += [plan.phase] * count
+        rows["learning_rate"] += [plan.learning_rate] * count
+        rows[index] += list(range(count))
+        for c in GRADIENT_MEASURES:
+            rows[c] += measures[c].tolist()
+        rows["full_grad_norm"] += [full_grad_norm] * count
+
     @classmethod
     def missing_keys(cls, state: Mapping[str, Any]) -> list[str]:
         """What a checkpoint lacks of the progress this version writes (one written by an older version)."""

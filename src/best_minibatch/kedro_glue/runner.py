@@ -33,7 +33,6 @@ run). What it adds to the guide's pattern, and why (docs/scaling.md):
 from __future__ import annotations
 
 import graphlib
-import inspect
 import logging
 import pickle
 import traceback
@@ -253,9 +252,6 @@ class _HookRelay:
         kwargs = dict(kwargs)
         kwargs.pop("catalog", None)  # the driver passes its own catalog
         node = kwargs.pop("node", None)
-        if name == "after_node_run" and node is not None and inspect.isgeneratorfunction(node.func):
-            # A generator node's outputs are the streams Kedro saves chunk by chunk: they cannot travel.
-            kwargs["outputs"] = {key: None for key in kwargs.get("outputs", {})}
         self.calls.append((name, node.name if node is not None else None, kwargs))
         return [] if name == "before_node_run" else None
 
