@@ -167,6 +167,18 @@ def test_parameters_that_change_no_result_are_ignored():
         ("gradient_training.phases", [1, 2], [1, 3])]
 
 
+def test_a_parameter_added_later_matches_runs_recorded_before_it_only_at_its_old_behaviour():
+    # training.probe_chunk came after some runs were recorded; 0 (the sequential probe) is what they did.
+    before = {"epochs": 3}
+    assert rm.parameter_differences(before, {"epochs": 3, "probe_chunk": 0}, "training") == []
+    assert rm.parameter_differences(before, {"epochs": 3, "probe_chunk": "auto"}, "training") == [
+        ("training.probe_chunk", "(absent)", "auto")]
+    assert rm.parameter_differences(before, {"epochs": 3, "other_new_key": 0}, "training") == [
+        ("training.other_new_key", "(absent)", 0)]
+    assert rm.parameter_differences(rm.ABSENT, 0, "training.probe_chunk") == []
+    assert rm.parameter_differences(rm.ABSENT, 8, "training.probe_chunk") == [("training.probe_chunk", "(absent)", 8)]
+
+
 # --------------------------------------------------------------------------- the lock
 
 

@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - Windows
 FORMAT = 1
 MANIFEST_DATASET = "run_manifest"
 COMPLETED, FAILED, RUNNING = "completed", "failed", "running"
+ABSENT = "(absent)"  # how a parameter a run did not have is shown and compared
 
 #: Parameters that change where or how fast a run works, never what it computes. A
 #: difference in these between a run and its inputs is not a reason to refuse.
@@ -66,6 +67,13 @@ NOT_AFFECTING_RESULTS = (
     "score_metrics.perceptual.strict",     # whether a missing weights file fails or skips
     "score_metrics.perceptual.batch_size",
 )
+
+#: Parameters added after some runs were recorded, with the value that reproduces what every run did
+#: before the parameter existed. A run recorded without one counts as having had this value, so its
+#: outputs stay usable; any other value is a difference like any other.
+VALUE_WHEN_ABSENT = {
+    "training.probe_chunk": 0,  # 0: the sequential probe, the only one there was
+}
 
 
 class RunInputsError(ValueError):
@@ -111,11 +119,18 @@ def parameter_differences(recorded: Any, current: Any, path: str) -> list[tuple[
             if _ignored(sub):
                 continue
             if key not in recorded or key not in current:
-                differences.append((sub, recorded.get(key, "(absent)"), current.get(key, "(absent)")))
+                old, new = recorded.get(key, ABSENT), current.get(key, ABSENT)
+                if not _same(_as_before(old, sub), _as_before(new, sub)):
+                    differences.append((sub, old, new))
             else:
                 differences.extend(parameter_differences(recorded[key], current[key], sub))
         return differences
-    return [] if _same(recorded, current) else [(path, recorded, current)]
+    return [] if _same(_as_before(recorded, path), _as_before(current, path)) else [(path, recorded, current)]
+
+
+def _as_before(value: Any, path: str) -> Any:
+    """An absent parameter as the value that reproduces what runs did before it existed (``VALUE_WHEN_ABSENT``)."""
+    return VALUE_WHEN_ABSENT.get(path, ABSENT) if value == ABSENT else value
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -560,7 +575,7 @@ def _at_or_absent(parameters: Mapping[str, Any], key: str) -> Any:
     try:
         return parameter_at(parameters, key)
     except KeyError:
-        return "(absent)"
+        return ABSENT
 
 
 def _names(names: Iterable[str], limit: int = 6) -> str:
